@@ -1,0 +1,1 @@
+//! `comatching-appliance`: the replica of matching features and the matcher. (Being built.)

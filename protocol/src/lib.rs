@@ -1,0 +1,27 @@
+//! `comatching-protocol`: the vocabulary both services share.
+//!
+//! It owns the domain types (validated on construction, so nothing past a boundary is a raw
+//! string), the match cost function, the order-independent replica digest, and the wire
+//! messages with their bounded MessagePack codec. It must never perform I/O: no sockets, no
+//! files, no clocks.
+
+pub mod digest;
+pub mod domain;
+pub mod error;
+pub mod ids;
+pub mod options;
+pub mod wire;
+
+pub use digest::Digest;
+pub use domain::{Age, ContactFrequency, Features, Gender, Hobby, HobbySet, Major, Mbti};
+pub use error::ValidationError;
+pub use ids::{ApplianceId, Epoch, RequestId, UserId};
+pub use options::{
+    AgePreference, ContactPreference, CostTable, Criterion, HobbyPreference, Important,
+    MatchOptions, MbtiPreference,
+};
+pub use wire::{
+    Candidate, DecodeError, Envelope, Hello, MatchReply, MatchRequest, Message, ReplicaPosition,
+    ReplyStatus, Requester, SnapshotBegin, SnapshotChunk, SnapshotEnd, SnapshotUser, SyncEvent,
+    SyncOp, WireLimits,
+};

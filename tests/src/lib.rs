@@ -1,0 +1,1 @@
+//! Test harness: brokers, vhosts, processes. (Being built.)
