@@ -5,6 +5,7 @@
 //! messages with their bounded MessagePack codec. It must never perform I/O: no sockets, no
 //! files, no clocks.
 
+pub mod config;
 pub mod digest;
 pub mod domain;
 pub mod error;

@@ -1,0 +1,126 @@
+//! Layered configuration shared by both binaries: a TOML document overlaid with environment
+//! variables named `PREFIX__SECTION__KEY`. Pure: the caller passes the file text and the
+//! variables, so the rule is testable without touching the process environment.
+
+use toml::{Table, Value};
+
+/// Why a configuration could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file is not valid TOML: {0}")]
+    Parse(String),
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Parses `file` (may be empty) and applies every `PREFIX__SECTION__KEY=value` from `vars`.
+/// A value is read as a TOML value when it parses as one (`8080`, `true`, `"x"`), otherwise as
+/// a plain string, so `COMATCHING_RELAY__BROKER__URL=amqp://…` needs no quoting.
+pub fn overlay<I>(file: &str, prefix: &str, vars: I) -> Result<Table, ConfigError>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let mut table: Table = file
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+    let lead = format!("{prefix}__");
+    let mut vars: Vec<_> = vars
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&lead))
+        .collect();
+    vars.sort();
+    for (var, raw) in vars {
+        let path: Vec<String> = var[lead.len()..]
+            .split("__")
+            .map(|p| p.to_ascii_lowercase())
+            .collect();
+        if path.len() != 2 || path.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::Env {
+                var,
+                message: format!("expected {prefix}__SECTION__KEY"),
+            });
+        }
+        let value = parse_scalar(&raw);
+        let section = table
+            .entry(path[0].clone())
+            .or_insert_with(|| Value::Table(Table::new()));
+        let Value::Table(section) = section else {
+            return Err(ConfigError::Env {
+                var,
+                message: format!("[{}] is not a section", path[0]),
+            });
+        };
+        section.insert(path[1].clone(), value);
+    }
+    Ok(table)
+}
+
+fn parse_scalar(raw: &str) -> Value {
+    let probe = format!("v = {raw}");
+    match probe.parse::<Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| Value::String(raw.to_owned())),
+        Err(_) => Value::String(raw.to_owned()),
+    }
+}
+
+/// Replaces the password in a URL like `amqp://user:secret@host/` with `***`, for logging.
+pub fn mask_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}://{}:***{}",
+            &url[..scheme_end],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file_and_types_values() {
+        let t = overlay(
+            "[http]\nlisten = \"0.0.0.0:1\"\n",
+            "APP",
+            vec![
+                ("APP__HTTP__LISTEN".into(), "127.0.0.1:9".into()),
+                ("APP__MATCHING__DEADLINE_MS".into(), "1500".into()),
+                ("APP__BROKER__URL".into(), "amqp://a:b@h/%2f".into()),
+                ("OTHER__X__Y".into(), "1".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(t["http"]["listen"].as_str(), Some("127.0.0.1:9"));
+        assert_eq!(t["matching"]["deadline_ms"].as_integer(), Some(1500));
+        assert_eq!(t["broker"]["url"].as_str(), Some("amqp://a:b@h/%2f"));
+        assert!(!t.contains_key("x"));
+    }
+
+    #[test]
+    fn malformed_env_names_are_errors() {
+        assert!(overlay("", "APP", vec![("APP__X".into(), "1".into())]).is_err());
+        assert!(overlay("x = 1", "APP", vec![("APP__X__Y".into(), "1".into())]).is_err());
+    }
+
+    #[test]
+    fn masks_passwords() {
+        assert_eq!(
+            mask_url_password("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(mask_url_password("amqp://h/"), "amqp://h/");
+    }
+}
