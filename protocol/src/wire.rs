@@ -302,7 +302,12 @@ impl Envelope {
             return Err(DecodeError::UnknownVersion(bytes[2]));
         }
         let mut body = &bytes[3..];
-        let mut de = rmp_serde::Deserializer::from_read_ref(&mut body);
+        // `Deserializer::new` over `&mut &[u8]` advances `body` as it reads, so what is left
+        // afterwards really is the trailing part. (`from_read_ref(&mut body)` copies the slice
+        // and never advances it, which made every well-formed message look like trailing
+        // bytes.) Strings and binaries are read through `Read::take`, so their buffers grow
+        // only with the bytes actually present, never with a declared length.
+        let mut de = rmp_serde::Deserializer::new(&mut body);
         de.set_max_depth(limits.max_depth);
         let msg =
             Message::deserialize(&mut de).map_err(|e| DecodeError::Malformed(e.to_string()))?;
