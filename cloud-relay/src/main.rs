@@ -1,1 +1,120 @@
-fn main() {}
+//! `comatching-relay` — the cloud relay's command line: `serve`, `migrate`, `admin`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use comatching_relay::config::Config;
+use comatching_relay::db::Db;
+use comatching_relay::server;
+
+#[derive(Parser)]
+#[command(
+    name = "comatching-relay",
+    version,
+    about = "COMAtching Edge cloud relay"
+)]
+struct Cli {
+    /// TOML configuration file; every key may also be set as COMATCHING_RELAY__SECTION__KEY.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP API, the outbox publisher, the match RPC client and the hold sweeper.
+    Serve,
+    /// Create or upgrade the database, then exit.
+    Migrate,
+    /// Operator helpers.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Give an existing account the operator role.
+    GrantOperator { username: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,lapin=warn,amq_protocol=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("comatching-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Serve => {
+            tracing::info!(config = %cfg.masked(), "effective configuration");
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("comatching-relay: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(server::serve(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("comatching-relay: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Migrate => match Db::open(&cfg.storage.db_path()) {
+            Ok(_) => {
+                println!("database ready at {}", cfg.storage.db_path().display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("comatching-relay: migrate failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Admin {
+            command: AdminCommand::GrantOperator { username },
+        } => {
+            let db = match Db::open(&cfg.storage.db_path()) {
+                Ok(db) => db,
+                Err(e) => {
+                    eprintln!("comatching-relay: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let changed = db.run_sync(|c| {
+                Ok(c.execute(
+                    "UPDATE accounts SET role = 'operator' WHERE username = ?1 AND withdrawn_ms IS NULL",
+                    [&username],
+                )?)
+            });
+            match changed {
+                Ok(1) => {
+                    println!("{username} is now an operator");
+                    ExitCode::SUCCESS
+                }
+                Ok(_) => {
+                    eprintln!("comatching-relay: no active account named {username}");
+                    ExitCode::from(3)
+                }
+                Err(e) => {
+                    eprintln!("comatching-relay: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -60,7 +60,9 @@ where
 fn parse_scalar(raw: &str) -> Value {
     let probe = format!("v = {raw}");
     match probe.parse::<Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| Value::String(raw.to_owned())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| Value::String(raw.to_owned())),
         Err(_) => Value::String(raw.to_owned()),
     }
 }

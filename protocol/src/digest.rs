@@ -68,7 +68,10 @@ mod tests {
     fn pinned_value() {
         // Pins the hash: changing it breaks every deployed replica's digest comparison.
         assert_eq!(entry_hash(uid(1), 1), entry_hash(uid(1), 1));
-        assert_eq!(format!("{:016x}", entry_hash(uid(0), 0)), "f3a335ff0989cac6");
+        assert_eq!(
+            format!("{:016x}", entry_hash(uid(0), 0)),
+            "f3a335ff0989cac6"
+        );
     }
 
     proptest! {

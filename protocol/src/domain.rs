@@ -124,7 +124,10 @@ pub(crate) fn parse_mbti_letters(
     for c in s.chars() {
         n += 1;
         if n > max {
-            return Err(ValidationError::new(field, format!("at most {max} letters")));
+            return Err(ValidationError::new(
+                field,
+                format!("at most {max} letters"),
+            ));
         }
         let (axis, bit) = mbti_letter(c).ok_or_else(|| {
             ValidationError::new(field, "letters must be from E/I, S/N, T/F, J/P")
@@ -267,7 +270,10 @@ impl<'de> Deserialize<'de> for HobbySet {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a list of hobby categories")
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<HobbySet, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<HobbySet, A::Error> {
                 let mut bits = 0u8;
                 let mut n = 0usize;
                 while let Some(h) = seq.next_element::<Hobby>()? {
@@ -330,7 +336,10 @@ impl Major {
             ));
         }
         if normalised.chars().any(char::is_control) {
-            return Err(ValidationError::new("major", "must not contain control characters"));
+            return Err(ValidationError::new(
+                "major",
+                "must not contain control characters",
+            ));
         }
         Ok(Major(normalised))
     }

@@ -39,11 +39,11 @@ impl Default for WireLimits {
 }
 
 /// Most user ids a match request may exclude (pairs already made with the requester).
-pub const MAX_EXCLUSIONS: usize = 4096;
+pub const MAX_EXCLUSIONS: usize = 1024;
 /// Most candidates a request may ask for or a reply may carry.
 pub const MAX_K: u16 = 64;
 /// Most users in one snapshot chunk.
-pub const MAX_CHUNK_USERS: usize = 512;
+pub const MAX_CHUNK_USERS: usize = 200;
 
 /// Why bytes from the broker were refused. Each variant maps to a stable code (`code()`), used
 /// in logs and dead-letter counters.
@@ -236,8 +236,7 @@ impl Message {
                 if r.relaxed.len() > 4 {
                     return invalid("too many relaxed criteria");
                 }
-                if r
-                    .candidates
+                if r.candidates
                     .iter()
                     .any(|c| !c.score.is_finite() || !(0.0..=1.0).contains(&c.score))
                 {

@@ -1,0 +1,167 @@
+//! Accounts' credentials and sessions: argon2id password hashes, opaque session tokens stored
+//! only as SHA-256 hashes, and the extractor that turns a request's bearer token (or
+//! `__Host-session` cookie) into an authenticated `Caller`.
+//!
+//! Password hashing is deliberately slow and memory-hungry; on a 1 GiB box only a few may run at
+//! once (`HASH_PERMITS`), and they run on blocking threads.
+
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use argon2::{Algorithm, Argon2, Params, Version};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use comatching_protocol::UserId;
+use rand::RngCore;
+use rusqlite::{OptionalExtension, params};
+use sha2::{Digest as _, Sha256};
+
+use crate::db::now_ms;
+use crate::error::{ApiError, ErrorCode};
+use crate::http::AppState;
+
+/// Concurrent argon2 computations allowed (each uses ~19 MiB).
+pub const HASH_PERMITS: usize = 2;
+/// Sessions last the festival and then some.
+pub const SESSION_TTL_MS: i64 = 14 * 24 * 3600 * 1000;
+
+fn argon2() -> Argon2<'static> {
+    // OWASP's argon2id baseline: 19 MiB, 2 iterations, 1 lane.
+    let params = Params::new(19 * 1024, 2, 1, None).expect("static argon2 parameters");
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+pub fn hash_password(password: &str) -> Result<String, ApiError> {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    PasswordHasher::<PasswordHash>::hash_password_with_salt(&argon2(), password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| ApiError::internal(format!("hashing: {e}")))
+}
+
+pub fn verify_password(password: &str, stored: &str) -> bool {
+    PasswordHash::new(stored)
+        .map(|h| argon2().verify_password(password.as_bytes(), &h).is_ok())
+        .unwrap_or(false)
+}
+
+/// A fresh opaque token: 32 random bytes as hex. Only its hash is stored.
+pub fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+pub fn create_session(conn: &rusqlite::Connection, user: UserId) -> Result<String, ApiError> {
+    let token = new_token();
+    let now = now_ms();
+    conn.execute(
+        "INSERT INTO sessions(token_hash, user_id, created_ms, expires_ms) VALUES (?1, ?2, ?3, ?4)",
+        params![token_hash(&token), user.to_hex(), now, now + SESSION_TTL_MS],
+    )?;
+    Ok(token)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    User,
+    Operator,
+}
+
+/// The authenticated caller of a request.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub user_id: UserId,
+    pub role: Role,
+    pub token_hash: String,
+}
+
+impl Caller {
+    pub fn require_operator(&self) -> Result<(), ApiError> {
+        if self.role == Role::Operator {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "this route is for operators",
+            ))
+        }
+    }
+}
+
+fn token_from(parts: &Parts) -> Option<String> {
+    if let Some(h) = parts.headers.get(axum::http::header::AUTHORIZATION) {
+        let v = h.to_str().ok()?;
+        let t = v.strip_prefix("Bearer ")?.trim();
+        return (!t.is_empty() && t.len() <= 128).then(|| t.to_owned());
+    }
+    for h in parts.headers.get_all(axum::http::header::COOKIE) {
+        let Ok(v) = h.to_str() else { continue };
+        for kv in v.split(';') {
+            if let Some(t) = kv.trim().strip_prefix("__Host-session=")
+                && !t.is_empty()
+                && t.len() <= 128
+            {
+                return Some(t.to_owned());
+            }
+        }
+    }
+    None
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = token_from(parts).ok_or_else(ApiError::unauthorized)?;
+        let hash = token_hash(&token);
+        let caller = state
+            .db
+            .run(move |c| {
+                let row: Option<(String, String)> = c
+                    .query_row(
+                        "SELECT a.user_id, a.role FROM sessions s JOIN accounts a ON a.user_id = s.user_id \
+                         WHERE s.token_hash = ?1 AND s.expires_ms > ?2 AND a.withdrawn_ms IS NULL",
+                        params![hash, now_ms()],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let Some((user, role)) = row else {
+                    return Err(ApiError::unauthorized());
+                };
+                Ok(Caller {
+                    user_id: user.parse().map_err(|_| ApiError::internal("stored user id"))?,
+                    role: if role == "operator" { Role::Operator } else { Role::User },
+                    token_hash: hash,
+                })
+            })
+            .await?;
+        state.limits.check_user(caller.user_id)?;
+        Ok(caller)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_verify_only_themselves() {
+        let h = hash_password("correct horse battery").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse battery", &h));
+        assert!(!verify_password("correct horse battery!", &h));
+        assert!(!verify_password("x", "not a hash"));
+    }
+
+    #[test]
+    fn tokens_are_random_and_stored_hashed() {
+        let a = new_token();
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, new_token());
+        assert_ne!(token_hash(&a), a);
+    }
+}

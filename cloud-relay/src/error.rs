@@ -1,0 +1,130 @@
+//! The relay's one error type. Each `ErrorCode` maps to exactly one HTTP status and one stable
+//! code string; `internal` errors keep their detail for the log and never show it to clients.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use comatching_protocol::ValidationError;
+use serde_json::json;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    ValidationFailed,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    UsernameTaken,
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
+    InsufficientPoints,
+    NoCandidate,
+    MatcherUnavailable,
+    RateLimited,
+    PayloadTooLarge,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::ValidationFailed => "validation_failed",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::UsernameTaken => "username_taken",
+            ErrorCode::IdempotencyInProgress => "idempotency_in_progress",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
+            ErrorCode::InsufficientPoints => "insufficient_points",
+            ErrorCode::NoCandidate => "no_candidate",
+            ErrorCode::MatcherUnavailable => "matcher_unavailable",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::ValidationFailed => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::NotFound | ErrorCode::NoCandidate => StatusCode::NOT_FOUND,
+            ErrorCode::UsernameTaken | ErrorCode::IdempotencyInProgress => StatusCode::CONFLICT,
+            ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InsufficientPoints => StatusCode::PAYMENT_REQUIRED,
+            ErrorCode::MatcherUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{}: {message}", code.as_str())]
+pub struct ApiError {
+    pub code: ErrorCode,
+    /// Shown to the client, except for `internal`.
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+    pub fn field(code: ErrorCode, field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            field: Some(field.into()),
+        }
+    }
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::field(ErrorCode::ValidationFailed, field, message)
+    }
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, detail)
+    }
+    pub fn unauthorized() -> Self {
+        Self::new(ErrorCode::Unauthorized, "a valid session token is required")
+    }
+
+    /// The JSON body clients see.
+    pub fn body(&self) -> serde_json::Value {
+        let message = if self.code == ErrorCode::Internal {
+            "internal error".to_owned()
+        } else {
+            self.message.clone()
+        };
+        let mut err = json!({ "code": self.code.as_str(), "message": message });
+        if let Some(f) = &self.field {
+            err["field"] = json!(f);
+        }
+        json!({ "error": err })
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        ApiError::validation(e.field, e.message)
+    }
+}
+
+impl From<rusqlite::Error> for ApiError {
+    fn from(e: rusqlite::Error) -> Self {
+        ApiError::internal(format!("database: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.code == ErrorCode::Internal {
+            tracing::error!(detail = %self.message, "internal error");
+        }
+        (self.code.status(), axum::Json(self.body())).into_response()
+    }
+}

@@ -1,0 +1,24 @@
+//! `comatching-relay`: the cloud relay. It owns the truth (accounts, profiles, the points
+//! ledger, match history) in SQLite, serves the web app's API, publishes every change to the
+//! matchable pool through the outbox, and asks appliances for matches over the broker.
+//!
+//! Module map: `config` (settings), `db` (SQLite, schema), `error` (codes ↔ HTTP), `auth`
+//! (passwords, sessions), `profiles` (profile validation + pool membership), `ledger` (points),
+//! `outbox` (ordered change log + publisher), `broker` (connection supervisor), `rpc` (match
+//! request/reply client), `matching` (the match flow + sweeper), `limits` (rate limits),
+//! `metrics` (Prometheus text), `http` (routes), `server` (wiring it all together).
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod http;
+pub mod ledger;
+pub mod limits;
+pub mod matching;
+pub mod metrics;
+pub mod outbox;
+pub mod profiles;
+pub mod rpc;
+pub mod server;

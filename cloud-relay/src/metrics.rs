@@ -1,0 +1,121 @@
+//! Prometheus text metrics, hand-rolled: request counts by route and status, a match latency
+//! histogram, and gauges read from the database at scrape time (open holds, outbox lag).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+const BUCKETS_S: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS_S.len()],
+    total: u64,
+    sum: f64,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    matches: Mutex<BTreeMap<u16, u64>>,
+    latency: Mutex<Histogram>,
+}
+
+impl Metrics {
+    pub fn count_request(&self, route: &str, status: u16) {
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((route.to_owned(), status))
+            .or_default() += 1;
+    }
+
+    pub fn observe_match(&self, took: Duration, status: u16) {
+        *self
+            .matches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(status)
+            .or_default() += 1;
+        let s = took.as_secs_f64();
+        let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, b) in BUCKETS_S.iter().enumerate() {
+            if s <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.total += 1;
+        h.sum += s;
+    }
+
+    /// Renders everything; `gauges` are (name, help, value) read by the caller.
+    pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP comatching_http_requests_total HTTP requests by route and status.\n");
+        out.push_str("# TYPE comatching_http_requests_total counter\n");
+        for ((route, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "comatching_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP comatching_matches_total Match requests by final HTTP status.\n");
+        out.push_str("# TYPE comatching_matches_total counter\n");
+        for (status, n) in self
+            .matches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "comatching_matches_total{{status=\"{status}\"}} {n}");
+        }
+        let h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        out.push_str("# HELP comatching_match_duration_seconds Time from request to settlement.\n");
+        out.push_str("# TYPE comatching_match_duration_seconds histogram\n");
+        for (i, b) in BUCKETS_S.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "comatching_match_duration_seconds_bucket{{le=\"{b}\"}} {}",
+                h.counts[i]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "comatching_match_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            h.total
+        );
+        let _ = writeln!(out, "comatching_match_duration_seconds_sum {}", h.sum);
+        let _ = writeln!(out, "comatching_match_duration_seconds_count {}", h.total);
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histogram_and_gauges() {
+        let m = Metrics::default();
+        m.count_request("/api/v1/me", 200);
+        m.count_request("/api/v1/me", 200);
+        m.observe_match(Duration::from_millis(30), 201);
+        let text = m.render(&[("comatching_open_holds", "Open holds.", 2.0)]);
+        assert!(
+            text.contains("comatching_http_requests_total{route=\"/api/v1/me\",status=\"200\"} 2")
+        );
+        assert!(text.contains("comatching_match_duration_seconds_bucket{le=\"0.05\"} 1"));
+        assert!(text.contains("comatching_match_duration_seconds_bucket{le=\"0.025\"} 0"));
+        assert!(text.contains("comatching_open_holds 2"));
+    }
+}

@@ -1,0 +1,362 @@
+//! Profiles: validating what a student submits, storing it, and keeping the matchable pool's
+//! outbox in step in the same transaction.
+//!
+//! A user is *in the pool* (replicated to appliances) while they have a profile, have not
+//! withdrawn, and have been picked fewer than `max_picked` times. Every change to that — a
+//! profile written, a withdrawal, reaching the pick cap — bumps the profile's `version` and
+//! appends an outbox row in the caller's transaction, so the replica can never see a change the
+//! database rolled back (the original service's CSV could).
+
+use comatching_protocol::{
+    Age, ContactFrequency, Features, Gender, Hobby, HobbySet, Major, Mbti, UserId,
+};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::db::now_ms;
+use crate::error::ApiError;
+use crate::outbox::{self, OutboxOp};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContactKind {
+    Kakao,
+    Instagram,
+}
+
+impl ContactKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ContactKind::Kakao => "kakao",
+            ContactKind::Instagram => "instagram",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "kakao" => Some(ContactKind::Kakao),
+            "instagram" => Some(ContactKind::Instagram),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contact {
+    pub kind: ContactKind,
+    pub handle: String,
+}
+
+/// `PUT /api/v1/me/profile`'s body. Domain fields validate while deserialising; display fields
+/// are checked by `validate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileInput {
+    pub nickname: String,
+    pub gender: Gender,
+    pub age: Age,
+    pub mbti: Mbti,
+    pub hobbies: HobbySet,
+    pub contact_frequency: ContactFrequency,
+    pub major: Major,
+    #[serde(default)]
+    pub song: String,
+    #[serde(default)]
+    pub comment: String,
+    pub contact: Contact,
+    #[serde(default)]
+    pub dont_pick_me: bool,
+}
+
+/// A validated profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Profile {
+    pub features: Features,
+    pub nickname: String,
+    pub song: String,
+    pub comment: String,
+    pub contact: Contact,
+}
+
+fn text(field: &'static str, raw: &str, min: usize, max: usize) -> Result<String, ApiError> {
+    let t = raw.trim();
+    let n = t.chars().count();
+    if n < min || n > max {
+        return Err(ApiError::validation(
+            field,
+            if min > 0 {
+                format!("must be {min} to {max} characters")
+            } else {
+                format!("must be at most {max} characters")
+            },
+        ));
+    }
+    if t.chars().any(|c| c.is_control()) {
+        return Err(ApiError::validation(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(t.to_owned())
+}
+
+impl ProfileInput {
+    pub fn validate(self) -> Result<Profile, ApiError> {
+        Ok(Profile {
+            nickname: text("nickname", &self.nickname, 1, 20)?,
+            song: text("song", &self.song, 0, 100)?,
+            comment: text("comment", &self.comment, 0, 200)?,
+            contact: Contact {
+                kind: self.contact.kind,
+                handle: text("contact.handle", &self.contact.handle, 1, 64)?,
+            },
+            features: Features {
+                gender: self.gender,
+                age: self.age,
+                mbti: self.mbti,
+                hobbies: self.hobbies,
+                contact_frequency: self.contact_frequency,
+                major: self.major,
+                dont_pick_me: self.dont_pick_me,
+            },
+        })
+    }
+}
+
+/// How the API shows a profile (to its owner, or to a matched partner without `version` and
+/// `dont_pick_me`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ProfileView {
+    pub user_id: String,
+    pub version: i64,
+    pub nickname: String,
+    pub gender: Gender,
+    pub age: Age,
+    pub mbti: Mbti,
+    pub hobbies: Vec<Hobby>,
+    pub contact_frequency: ContactFrequency,
+    pub major: String,
+    pub song: String,
+    pub comment: String,
+    pub contact: Contact,
+    pub dont_pick_me: bool,
+}
+
+impl ProfileView {
+    /// What a requester learns of their partner.
+    pub fn partner_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "user_id": self.user_id,
+            "nickname": self.nickname,
+            "gender": self.gender,
+            "age": self.age,
+            "mbti": self.mbti,
+            "hobbies": self.hobbies,
+            "contact_frequency": self.contact_frequency,
+            "major": self.major,
+            "song": self.song,
+            "comment": self.comment,
+            "contact": self.contact,
+        })
+    }
+}
+
+/// A stored profile's row, as the matcher's hard filters need it.
+#[derive(Clone, Debug)]
+pub struct PoolEntry {
+    pub features: Features,
+    pub picked_count: u32,
+    pub in_pool: bool,
+    pub version: u64,
+}
+
+const SELECT: &str = "SELECT p.user_id, p.version, p.nickname, p.gender, p.age, p.mbti, p.hobbies, \
+    p.contact_frequency, p.major, p.song, p.comment, p.contact_kind, p.contact_handle, p.dont_pick_me, \
+    p.picked_count, p.in_pool FROM profiles p";
+
+fn corrupt(user: &str, what: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("profile {user}: stored {what} is invalid").into(),
+    )
+}
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ProfileView, PoolEntry)> {
+    let user: String = r.get(0)?;
+    let gender: Gender = r
+        .get::<_, String>(3)?
+        .parse()
+        .map_err(|_| corrupt(&user, "gender"))?;
+    let age = Age::new(r.get(4)?).map_err(|_| corrupt(&user, "age"))?;
+    let mbti: Mbti = r
+        .get::<_, String>(5)?
+        .parse()
+        .map_err(|_| corrupt(&user, "mbti"))?;
+    let hobbies =
+        HobbySet::from_bits(r.get::<_, i64>(6)? as u8).map_err(|_| corrupt(&user, "hobbies"))?;
+    let cf: String = r.get(7)?;
+    let contact_frequency = ContactFrequency::ALL
+        .into_iter()
+        .find(|c| c.as_str() == cf)
+        .ok_or_else(|| corrupt(&user, "contact_frequency"))?;
+    let major_raw: String = r.get(8)?;
+    let major = Major::new(&major_raw).map_err(|_| corrupt(&user, "major"))?;
+    let kind = ContactKind::parse(&r.get::<_, String>(11)?)
+        .ok_or_else(|| corrupt(&user, "contact kind"))?;
+    let dont_pick_me: bool = r.get(13)?;
+    let version: i64 = r.get(1)?;
+    let view = ProfileView {
+        user_id: user.clone(),
+        version,
+        nickname: r.get(2)?,
+        gender,
+        age,
+        mbti,
+        hobbies: hobbies.iter().collect(),
+        contact_frequency,
+        major: major.as_str().to_owned(),
+        song: r.get(9)?,
+        comment: r.get(10)?,
+        contact: Contact {
+            kind,
+            handle: r.get(12)?,
+        },
+        dont_pick_me,
+    };
+    let entry = PoolEntry {
+        features: Features {
+            gender,
+            age,
+            mbti,
+            hobbies,
+            contact_frequency,
+            major,
+            dont_pick_me,
+        },
+        picked_count: r.get::<_, i64>(14)? as u32,
+        in_pool: r.get(15)?,
+        version: version as u64,
+    };
+    Ok((view, entry))
+}
+
+pub fn load(conn: &Connection, user: UserId) -> Result<Option<(ProfileView, PoolEntry)>, ApiError> {
+    Ok(conn
+        .query_row(
+            &format!("{SELECT} WHERE p.user_id = ?1"),
+            [user.to_hex()],
+            read_row,
+        )
+        .optional()?)
+}
+
+/// Creates or replaces the caller's profile; returns the stored view.
+pub fn upsert(
+    conn: &Connection,
+    user: UserId,
+    p: &Profile,
+    max_picked: u32,
+) -> Result<ProfileView, ApiError> {
+    let now = now_ms();
+    let existing: Option<(i64, i64, bool)> = conn
+        .query_row(
+            "SELECT version, picked_count, in_pool FROM profiles WHERE user_id = ?1",
+            [user.to_hex()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let (version, in_pool) = match existing {
+        Some((v, picked, _)) => (v + 1, picked < i64::from(max_picked)),
+        None => (1, true),
+    };
+    let f = &p.features;
+    conn.execute(
+        "INSERT INTO profiles(user_id, version, nickname, gender, age, mbti, hobbies, contact_frequency, major, \
+             song, comment, contact_kind, contact_handle, dont_pick_me, picked_count, in_pool, updated_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15, ?16) \
+         ON CONFLICT(user_id) DO UPDATE SET version = excluded.version, nickname = excluded.nickname, \
+             gender = excluded.gender, age = excluded.age, mbti = excluded.mbti, hobbies = excluded.hobbies, \
+             contact_frequency = excluded.contact_frequency, major = excluded.major, song = excluded.song, \
+             comment = excluded.comment, contact_kind = excluded.contact_kind, \
+             contact_handle = excluded.contact_handle, dont_pick_me = excluded.dont_pick_me, \
+             in_pool = excluded.in_pool, updated_ms = excluded.updated_ms",
+        params![
+            user.to_hex(),
+            version,
+            p.nickname,
+            f.gender.as_str(),
+            f.age.years(),
+            f.mbti.to_string(),
+            f.hobbies.bits(),
+            f.contact_frequency.as_str(),
+            f.major.as_str(),
+            p.song,
+            p.comment,
+            p.contact.kind.as_str(),
+            p.contact.handle,
+            f.dont_pick_me,
+            in_pool,
+            now,
+        ],
+    )?;
+    if in_pool {
+        outbox::append(conn, user, version as u64, OutboxOp::Upsert(f.clone()))?;
+    }
+    Ok(load(conn, user)?
+        .ok_or_else(|| ApiError::internal("profile vanished after write"))?
+        .0)
+}
+
+/// Takes a user out of the pool (withdrawal). No-op when already out.
+pub fn leave_pool(conn: &Connection, user: UserId) -> Result<(), ApiError> {
+    let row: Option<(i64, bool)> = conn
+        .query_row(
+            "SELECT version, in_pool FROM profiles WHERE user_id = ?1",
+            [user.to_hex()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    if let Some((version, true)) = row {
+        let version = version + 1;
+        conn.execute(
+            "UPDATE profiles SET version = ?2, in_pool = 0, updated_ms = ?3 WHERE user_id = ?1",
+            params![user.to_hex(), version, now_ms()],
+        )?;
+        outbox::append(conn, user, version as u64, OutboxOp::Delete)?;
+    }
+    Ok(())
+}
+
+/// Counts one more pick of `partner`; at the cap they leave the pool.
+pub fn record_pick(conn: &Connection, partner: UserId, max_picked: u32) -> Result<(), ApiError> {
+    conn.execute(
+        "UPDATE profiles SET picked_count = picked_count + 1 WHERE user_id = ?1",
+        [partner.to_hex()],
+    )?;
+    let picked: i64 = conn.query_row(
+        "SELECT picked_count FROM profiles WHERE user_id = ?1",
+        [partner.to_hex()],
+        |r| r.get(0),
+    )?;
+    if picked >= i64::from(max_picked) {
+        leave_pool(conn, partner)?;
+    }
+    Ok(())
+}
+
+/// Every user in the pool with their version and features (for snapshots and digests).
+pub fn pool(conn: &Connection) -> Result<Vec<(UserId, PoolEntry)>, ApiError> {
+    let mut stmt = conn.prepare(&format!("{SELECT} WHERE p.in_pool = 1 ORDER BY p.user_id"))?;
+    let rows = stmt.query_map([], read_row)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (view, entry) = row?;
+        let id = view
+            .user_id
+            .parse()
+            .map_err(|_| ApiError::internal(format!("stored user id {}", view.user_id)))?;
+        out.push((id, entry));
+    }
+    Ok(out)
+}

@@ -1,0 +1,251 @@
+//! The match RPC client: sends a `MatchRequest` to the shared `comatching.match` queue and waits,
+//! until the request's deadline and no longer, for the `MatchReply` on direct reply-to.
+//!
+//! Direct reply-to ties replies to the channel that published the request, so each broker
+//! session gets one reply consumer (no-ack, on the session's `rpc` channel) started before any
+//! request goes out on it. Replies are routed by correlation id to the waiting caller; replies
+//! nobody waits for any more (late, duplicate, forged) are counted and dropped. When a session
+//! ends, every call waiting on it fails at once instead of waiting out its deadline.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use comatching_protocol::{Envelope, MatchReply, MatchRequest, Message, WireLimits};
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation};
+use tokio::sync::{oneshot, watch};
+
+use crate::broker::{BrokerHandle, MATCH_QUEUE, Session};
+
+const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("no broker connection before the deadline")]
+    NoBroker,
+    #[error("the broker did not accept the request: {0}")]
+    NotAccepted(String),
+    #[error("no reply before the deadline")]
+    Timeout,
+    #[error("the broker connection was lost while waiting")]
+    ConnectionLost,
+}
+
+struct Waiter {
+    session: u64,
+    tx: oneshot::Sender<MatchReply>,
+}
+
+pub struct MatchRpc {
+    broker: BrokerHandle,
+    /// Sessions whose reply consumer is running.
+    ready: watch::Receiver<Option<Arc<Session>>>,
+    pending: Arc<Mutex<HashMap<String, Waiter>>>,
+    pub stray_replies: Arc<AtomicU64>,
+}
+
+impl MatchRpc {
+    /// Starts the reply dispatcher; it follows the broker's sessions for the process lifetime.
+    pub fn start(broker: BrokerHandle) -> Arc<MatchRpc> {
+        let (ready_tx, ready_rx) = watch::channel(None);
+        let pending: Arc<Mutex<HashMap<String, Waiter>>> = Arc::default();
+        let stray = Arc::new(AtomicU64::new(0));
+        let rpc = Arc::new(MatchRpc {
+            broker: broker.clone(),
+            ready: ready_rx,
+            pending: pending.clone(),
+            stray_replies: stray.clone(),
+        });
+        tokio::spawn(dispatch(broker, ready_tx, pending, stray));
+        rpc
+    }
+
+    pub fn connected(&self) -> bool {
+        self.broker.connected() && self.ready.borrow().is_some()
+    }
+
+    /// Sends `req` and waits for its reply until `deadline`.
+    pub async fn call(
+        &self,
+        req: &MatchRequest,
+        deadline: Instant,
+    ) -> Result<MatchReply, RpcError> {
+        let session = {
+            let mut ready = self.ready.clone();
+            let wait = async {
+                loop {
+                    if let Some(s) = ready.borrow_and_update().clone() {
+                        return Some(s);
+                    }
+                    if ready.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            };
+            match tokio::time::timeout_at(deadline.into(), wait).await {
+                Ok(Some(s)) => s,
+                _ => return Err(RpcError::NoBroker),
+            }
+        };
+        let correlation = req.request_id.to_hex();
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                correlation.clone(),
+                Waiter {
+                    session: session.id,
+                    tx,
+                },
+            );
+        let result = self
+            .send_and_wait(&session, req, &correlation, deadline, rx)
+            .await;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&correlation);
+        result
+    }
+
+    async fn send_and_wait(
+        &self,
+        session: &Session,
+        req: &MatchRequest,
+        correlation: &str,
+        deadline: Instant,
+        rx: oneshot::Receiver<MatchReply>,
+    ) -> Result<MatchReply, RpcError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left < Duration::from_millis(1) {
+            return Err(RpcError::Timeout);
+        }
+        let body = Envelope::encode(&Message::MatchRequest(req.clone()));
+        let props = BasicProperties::default()
+            .with_correlation_id(correlation.into())
+            .with_reply_to(REPLY_TO.into())
+            .with_expiration(left.as_millis().to_string().into())
+            .with_delivery_mode(2)
+            .with_content_type("application/x-comatching".into());
+        let publish = async {
+            let confirm = session
+                .rpc
+                .basic_publish(
+                    "".into(),
+                    MATCH_QUEUE.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await
+                .map_err(|e| RpcError::NotAccepted(e.to_string()))?;
+            match confirm.await {
+                Ok(Confirmation::Ack(None)) => Ok(()),
+                Ok(other) => Err(RpcError::NotAccepted(format!("{other:?}"))),
+                Err(e) => Err(RpcError::NotAccepted(e.to_string())),
+            }
+        };
+        match tokio::time::timeout_at(deadline.into(), publish).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                session.mark_broken("match request publish failed");
+                return Err(e);
+            }
+            Err(_) => return Err(RpcError::Timeout),
+        }
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(RpcError::ConnectionLost),
+            Err(_) => Err(RpcError::Timeout),
+        }
+    }
+}
+
+async fn dispatch(
+    broker: BrokerHandle,
+    ready: watch::Sender<Option<Arc<Session>>>,
+    pending: Arc<Mutex<HashMap<String, Waiter>>>,
+    stray: Arc<AtomicU64>,
+) {
+    let mut sessions = broker.subscribe();
+    loop {
+        let Some(session) = sessions.borrow_and_update().clone() else {
+            let _ = ready.send(None);
+            if sessions.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let consumer = session
+            .rpc
+            .basic_consume(
+                REPLY_TO.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let mut consumer = match consumer {
+            Ok(c) => c,
+            Err(e) => {
+                session.mark_broken(&format!("reply consumer: {e}"));
+                let _ = sessions.changed().await;
+                continue;
+            }
+        };
+        let _ = ready.send(Some(session.clone()));
+        loop {
+            tokio::select! {
+                delivery = consumer.next() => {
+                    let Some(Ok(delivery)) = delivery else {
+                        session.mark_broken("reply consumer ended");
+                        break;
+                    };
+                    let correlation = delivery
+                        .properties
+                        .correlation_id()
+                        .as_ref()
+                        .map(|c| c.to_string())
+                        .unwrap_or_default();
+                    let reply = match Envelope::decode(&delivery.data, &WireLimits::default()) {
+                        Ok(Message::MatchReply(r)) if r.request_id.to_hex() == correlation => r,
+                        Ok(other) => {
+                            tracing::warn!(kind = other.kind(), "unexpected message on the reply channel");
+                            stray.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(code = e.code(), error = %e, "undecodable match reply");
+                            stray.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                    };
+                    let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&correlation);
+                    match waiter {
+                        Some(w) => { let _ = w.tx.send(reply); }
+                        None => { stray.fetch_add(1, Ordering::Relaxed); }
+                    }
+                }
+                changed = sessions.changed() => {
+                    if changed.is_err() { return; }
+                    let same = sessions.borrow().as_ref().map(|s| s.id) == Some(session.id);
+                    if !same { break; }
+                }
+            }
+        }
+        let _ = ready.send(None);
+        // Calls waiting on the dead session can never get their reply: fail them now.
+        pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, w| w.session != session.id);
+    }
+}

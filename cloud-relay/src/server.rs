@@ -1,0 +1,111 @@
+//! Wires the relay's long-running parts together and runs them until shutdown: the broker
+//! supervisor, the match RPC dispatcher, the outbox publisher, the hold sweeper and the HTTP
+//! server. Each is a small struct or function with `run(shutdown)`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::auth::HASH_PERMITS;
+use crate::broker;
+use crate::config::Config;
+use crate::db::Db;
+use crate::http::{AppState, router};
+use crate::limits::RateLimits;
+use crate::matching::Matcher;
+use crate::metrics::Metrics;
+use crate::outbox::OutboxPublisher;
+use crate::rpc::MatchRpc;
+
+pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
+    let db = Db::open(&cfg.storage.db_path()).map_err(|e| {
+        anyhow_like::err(format!("opening {}: {e}", cfg.storage.db_path().display()))
+    })?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (supervisor, broker) = broker::supervisor(cfg.broker.clone());
+    let supervisor_task = tokio::spawn(supervisor.run(shutdown_rx.clone()));
+    let rpc = MatchRpc::start(broker.clone());
+    let outbox_wake = Arc::new(Notify::new());
+    let metrics = Arc::new(Metrics::default());
+    let publisher = OutboxPublisher {
+        db: db.clone(),
+        broker: broker.clone(),
+        wake: outbox_wake.clone(),
+    };
+    let publisher_task = tokio::spawn(publisher.run(shutdown_rx.clone()));
+    let matcher = Matcher::new(
+        db.clone(),
+        rpc.clone(),
+        cfg.clone(),
+        metrics.clone(),
+        outbox_wake.clone(),
+    );
+    let sweeper_task = tokio::spawn(matcher.clone().run_sweeper(shutdown_rx.clone()));
+    let state = AppState {
+        db,
+        cfg: Arc::new(cfg.clone()),
+        rpc,
+        matcher,
+        metrics,
+        limits: Arc::new(RateLimits::new(
+            cfg.rate_limit.per_ip_per_minute,
+            cfg.rate_limit.per_user_per_minute,
+        )),
+        outbox_wake,
+        hashing: Arc::new(Semaphore::new(HASH_PERMITS)),
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+        .await
+        .map_err(|e| anyhow_like::err(format!("binding {}: {e}", cfg.http.listen)))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| anyhow_like::err(e.to_string()))?;
+    tracing::info!(address = %local, "comatching-relay listening");
+    println!("comatching-relay listening on http://{local}");
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let mut stop = shutdown_rx.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stop.changed().await;
+    });
+    let signals = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = shutdown_tx.send(true);
+    });
+    server.await.map_err(|e| anyhow_like::err(e.to_string()))?;
+    signals.abort();
+    let _ = tokio::join!(supervisor_task, publisher_task, sweeper_task);
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// A tiny boxed error for the binary's top level.
+pub mod anyhow_like {
+    pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+    pub fn err(msg: String) -> Box<dyn std::error::Error + Send + Sync> {
+        msg.into()
+    }
+}
