@@ -1323,7 +1323,12 @@ proptest! {
             bytes.truncate(at);
             bytes.extend_from_slice(header);
         }
-        prop_assert!(decode_checked(&bytes).is_err());
+        // The header's bytes can complete a fixed-width number cut in half (a u64 digest cut
+        // after 3 bytes plus a 5-byte header), making a genuinely valid message; anything that
+        // decodes must then be exactly what it re-encodes to.
+        if let Ok(m) = decode_checked(&bytes) {
+            prop_assert_eq!(Envelope::encode(&m), bytes);
+        }
     }
 }
 
