@@ -1,4 +1,131 @@
-fn main() {
-    eprintln!("comatching-appliance: not built yet");
-    std::process::exit(2);
+//! `comatching-appliance`: the appliance's command line. Each subcommand is a thin shell over the
+//! library; `run`, `status`, `resync` and `doctor` join `bench` here as they are built.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use comatching_appliance::bench;
+use comatching_appliance::engine::EngineKind;
+use comatching_appliance::engine::hnsw::HnswConfig;
+use comatching_appliance::store::StoreBackend;
+
+#[derive(Parser)]
+#[command(
+    name = "comatching-appliance",
+    version,
+    about = "COMAtching Edge appliance"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure the matching engine or the replica store; prints one JSON object.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+    /// Crash-test child: applies a seeded sync history to a store until done or killed.
+    #[command(hide = true)]
+    SyncDrill {
+        #[arg(long)]
+        backend: StoreBackend,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    Engine {
+        #[arg(long, default_value_t = 100_000)]
+        users: usize,
+        #[arg(long, default_value_t = 1_000)]
+        queries: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value = "hnsw")]
+        engine: EngineKind,
+        /// Planner threshold: pools up to this size are answered by exact class enumeration.
+        #[arg(long)]
+        exact_below: Option<usize>,
+        #[arg(long)]
+        ef_search: Option<usize>,
+        #[arg(long)]
+        knbn: Option<usize>,
+    },
+    Store {
+        #[arg(long, default_value = "sqlite")]
+        backend: StoreBackend,
+        #[arg(long, default_value_t = 100_000)]
+        users: usize,
+        /// Changes per durable commit.
+        #[arg(long, default_value_t = 1_000)]
+        batch: usize,
+        /// Parent directory for the scratch store (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Bench { what } => match what {
+            BenchCommand::Engine {
+                users,
+                queries,
+                seed,
+                engine,
+                exact_below,
+                ef_search,
+                knbn,
+            } => {
+                let mut cfg = HnswConfig::default();
+                cfg.exact_below_users = exact_below.unwrap_or(cfg.exact_below_users);
+                cfg.ef_search = ef_search.unwrap_or(cfg.ef_search);
+                cfg.knbn = knbn.unwrap_or(cfg.knbn);
+                let report = bench::engine_bench(users, queries, seed, engine, cfg);
+                println!("{}", serde_json::to_string(&report).expect("plain numbers"));
+                ExitCode::SUCCESS
+            }
+            BenchCommand::Store {
+                backend,
+                users,
+                batch,
+                dir,
+            } => {
+                let parent = dir.unwrap_or_else(std::env::temp_dir);
+                let scratch = parent.join(format!(
+                    "comatching-bench-{}-{}",
+                    backend.as_str(),
+                    std::process::id()
+                ));
+                let result = bench::store_bench(backend, users, batch, &scratch);
+                let _ = std::fs::remove_dir_all(&scratch);
+                match result {
+                    Ok(report) => {
+                        println!("{}", serde_json::to_string(&report).expect("plain numbers"));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("bench store failed ({}): {e}", e.code());
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        },
+        Command::SyncDrill { backend, dir, seed } => match bench::sync_drill(backend, &dir, seed) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sync drill failed ({}): {e}", e.code());
+                ExitCode::FAILURE
+            }
+        },
+    }
 }

@@ -1,0 +1,391 @@
+//! Engine semantics, fairness and the original service's regressions, for both engines.
+
+use std::collections::HashMap;
+
+use comatching_protocol::{
+    AgePreference, ContactFrequency, ContactPreference, Features, Gender, Hobby, HobbyPreference,
+    HobbySet, Important, Major, MatchOptions, MatchRequest, Mbti, ReplicaPosition, ReplyStatus,
+    RequestId, Requester, UserId,
+};
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::exact::ExactEngine;
+use super::hnsw::{HnswConfig, HnswEngine};
+use super::*;
+use crate::synth;
+
+fn person(gender: Gender, age: i64, mbti: &str, hobby: Hobby, major: &str) -> Features {
+    Features {
+        gender,
+        age: comatching_protocol::Age::new(age).unwrap(),
+        mbti: mbti.parse::<Mbti>().unwrap(),
+        hobbies: HobbySet::from_hobbies(&[hobby]).unwrap(),
+        contact_frequency: ContactFrequency::Normal,
+        major: Major::new(major).unwrap(),
+        dont_pick_me: false,
+    }
+}
+
+fn request(me: (UserId, Features), options: MatchOptions, k: u16) -> MatchRequest {
+    MatchRequest {
+        request_id: RequestId::from_uuid(uuid::Uuid::from_u128(42)).unwrap(),
+        deadline_unix_ms: 1_000,
+        requester: Requester {
+            user_id: me.0,
+            features: me.1,
+        },
+        options,
+        exclusions: Vec::new(),
+        k,
+    }
+}
+
+/// Graph path forced even for tiny pools.
+fn graph_cfg() -> HnswConfig {
+    HnswConfig {
+        exact_below_users: 0,
+        ..HnswConfig::default()
+    }
+}
+
+fn engines(users: &[(UserId, Features)]) -> Vec<(&'static str, Box<dyn MatchEngine>)> {
+    let it = || users.iter().map(|(u, f)| (*u, f));
+    vec![
+        (
+            "exact",
+            Box::new(ExactEngine::from_users(it())) as Box<dyn MatchEngine>,
+        ),
+        (
+            "hnsw-planned",
+            Box::new(HnswEngine::from_users(it(), HnswConfig::default())),
+        ),
+        (
+            "hnsw-graph",
+            Box::new(HnswEngine::from_users(it(), graph_cfg())),
+        ),
+    ]
+}
+
+fn me() -> (UserId, Features) {
+    (
+        synth::user_id(1_000_000),
+        person(Gender::Male, 22, "ISTJ", Hobby::Sports, "Computer Science"),
+    )
+}
+
+#[test]
+fn two_mbti_letters_raise_candidates_having_them() {
+    // The original compared "EN" with four-letter types and scored everyone 0.
+    let users: Vec<_> = ["ISTJ", "ESTJ", "INTJ", "ENTJ", "ENFP", "ISFP"]
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            (
+                synth::user_id(i as u64),
+                person(Gender::Female, 22, m, Hobby::Arts, "Law"),
+            )
+        })
+        .collect();
+    let mut o = MatchOptions::any();
+    o.mbti = "EN".parse().unwrap();
+    for (name, e) in engines(&users) {
+        let r = e.rank(&request(me(), o, 6), &mut ChaCha8Rng::seed_from_u64(1));
+        let ids: Vec<UserId> = r.candidates.iter().map(|c| c.user_id).collect();
+        assert_eq!(r.candidates[0].score, 1.0, "{name}");
+        assert_eq!(r.candidates[1].score, 1.0, "{name}");
+        let top: Vec<UserId> = ids[..2].to_vec();
+        assert!(
+            top.contains(&users[3].0) && top.contains(&users[4].0),
+            "{name}: {ids:?}"
+        );
+        assert!(r.candidates[5].score < r.candidates[2].score, "{name}");
+    }
+}
+
+#[test]
+fn same_major_exclusion_excludes_ignoring_case_and_spacing() {
+    let users = vec![
+        (
+            synth::user_id(1),
+            person(
+                Gender::Female,
+                22,
+                "ISTJ",
+                Hobby::Sports,
+                "computer  science",
+            ),
+        ),
+        (
+            synth::user_id(2),
+            person(Gender::Female, 30, "ENFP", Hobby::Arts, "Law"),
+        ),
+    ];
+    let mut o = MatchOptions::any();
+    o.exclude_same_major = true;
+    for (name, e) in engines(&users) {
+        let r = e.rank(&request(me(), o, 8), &mut ChaCha8Rng::seed_from_u64(1));
+        let ids: Vec<UserId> = r.candidates.iter().map(|c| c.user_id).collect();
+        assert_eq!(ids, vec![synth::user_id(2)], "{name}");
+    }
+}
+
+#[test]
+fn hard_filters_hold() {
+    let mut users = vec![
+        (
+            synth::user_id(1),
+            person(Gender::Male, 22, "ISTJ", Hobby::Sports, "Law"),
+        ),
+        (
+            synth::user_id(2),
+            person(Gender::Female, 22, "ISTJ", Hobby::Sports, "Law"),
+        ),
+        (
+            synth::user_id(3),
+            person(Gender::Female, 22, "ISTJ", Hobby::Sports, "Law"),
+        ),
+        (
+            synth::user_id(4),
+            person(Gender::Female, 22, "ISTJ", Hobby::Sports, "Law"),
+        ),
+    ];
+    users[3].1.dont_pick_me = true;
+    let mut req = request(me(), MatchOptions::any(), 8);
+    req.exclusions = vec![synth::user_id(2)];
+    for (name, mut e) in engines(&users) {
+        e.upsert(me().0, &me().1); // the requester is in the replica too
+        let r = e.rank(&req, &mut ChaCha8Rng::seed_from_u64(1));
+        let ids: Vec<UserId> = r.candidates.iter().map(|c| c.user_id).collect();
+        assert_eq!(ids, vec![synth::user_id(3)], "{name}");
+        e.remove(synth::user_id(3));
+        assert!(
+            e.rank(&req, &mut ChaCha8Rng::seed_from_u64(1))
+                .candidates
+                .is_empty(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn important_option_filters_when_met_and_is_reported_when_relaxed() {
+    let users = vec![
+        (
+            synth::user_id(1),
+            person(Gender::Female, 25, "ISTJ", Hobby::Sports, "Law"),
+        ),
+        (
+            synth::user_id(2),
+            person(Gender::Female, 20, "ENFP", Hobby::Game, "Law"),
+        ),
+    ];
+    let mut o = MatchOptions::any();
+    o.age = AgePreference::Older;
+    o.mbti = "EN".parse().unwrap();
+    o.hobby = HobbyPreference::Category(Hobby::Game);
+    o.important = Important::Age;
+    // User 2 scores higher overall but is younger: age is important and user 1 meets it.
+    for (name, e) in engines(&users) {
+        let r = e.rank(&request(me(), o, 8), &mut ChaCha8Rng::seed_from_u64(1));
+        let ids: Vec<UserId> = r.candidates.iter().map(|c| c.user_id).collect();
+        assert_eq!(ids, vec![synth::user_id(1)], "{name}");
+        assert!(r.relaxed.is_empty());
+    }
+    o.contact_frequency = ContactPreference::Frequency(ContactFrequency::Rare);
+    o.important = Important::ContactFrequency; // nobody is Rare
+    for (name, e) in engines(&users) {
+        let r = e.rank(&request(me(), o, 8), &mut ChaCha8Rng::seed_from_u64(1));
+        assert_eq!(r.candidates.len(), 2, "{name}");
+        assert_eq!(r.candidates[0].user_id, synth::user_id(2), "{name}");
+        assert_eq!(
+            r.relaxed,
+            vec![comatching_protocol::Criterion::ContactFrequency]
+        );
+    }
+}
+
+#[test]
+fn empty_pool_is_no_candidate_and_late_requests_expire() {
+    let users = vec![(
+        synth::user_id(1),
+        person(Gender::Male, 22, "ISTJ", Hobby::Sports, "Law"),
+    )];
+    for (name, e) in engines(&users) {
+        let req = request(me(), MatchOptions::any(), 8);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let pos = ReplicaPosition::default();
+        let r = answer(&*e, &req, 999, pos, &mut rng);
+        assert_eq!(r.status, ReplyStatus::NoCandidate, "{name}");
+        assert!(r.candidates.is_empty() && r.relaxed.is_empty());
+        assert_eq!(
+            answer(&*e, &req, 1_001, pos, &mut rng).status,
+            ReplyStatus::Expired
+        );
+        let mut zero = req.clone();
+        zero.k = 0;
+        assert_eq!(
+            answer(&*e, &zero, 0, pos, &mut rng).status,
+            ReplyStatus::Invalid
+        );
+    }
+}
+
+/// Pearson chi-square of `counts` against a uniform distribution.
+fn chi_square(counts: &[u32]) -> f64 {
+    let n: u32 = counts.iter().sum();
+    let expected = f64::from(n) / counts.len() as f64;
+    counts
+        .iter()
+        .map(|&c| (f64::from(c) - expected).powi(2) / expected)
+        .sum()
+}
+
+#[test]
+fn ties_are_uniform_not_earliest_registered() {
+    // 12 tied best candidates spread over several buckets, plus worse ones; k = 1.
+    let mut users = Vec::new();
+    let hobbies = [Hobby::Sports, Hobby::Arts, Hobby::Culture];
+    for i in 0..12u64 {
+        let mut f = person(Gender::Female, 22, "ENFP", Hobby::Game, "Law");
+        f.hobbies = HobbySet::from_hobbies(&[Hobby::Game, hobbies[i as usize % 3]]).unwrap();
+        users.push((synth::user_id(i), f));
+    }
+    for i in 12..40u64 {
+        users.push((
+            synth::user_id(i),
+            person(Gender::Female, 22, "ISTJ", Hobby::Arts, "Law"),
+        ));
+    }
+    let mut o = MatchOptions::any();
+    o.mbti = "EN".parse().unwrap();
+    o.hobby = HobbyPreference::Category(Hobby::Game);
+    let req = request(me(), o, 1);
+    let draws = 6_000;
+    for (name, e) in engines(&users) {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut counts = vec![0u32; 12];
+        for _ in 0..draws {
+            let r = e.rank(&req, &mut rng);
+            let pos = users
+                .iter()
+                .position(|(u, _)| *u == r.candidates[0].user_id)
+                .unwrap();
+            assert!(pos < 12, "{name}: picked a worse candidate");
+            counts[pos] += 1;
+        }
+        // df = 11; the 0.999 quantile is 31.26.
+        let chi = chi_square(&counts);
+        assert!(
+            chi < 31.26,
+            "{name}: chi-square {chi:.1}, counts {counts:?}"
+        );
+        // The earliest-registered user gets about 1/12 of the picks, not all of them.
+        assert!(counts[0] < draws / 6, "{name}: {counts:?}");
+    }
+}
+
+#[test]
+fn order_within_a_tie_is_uniform_for_k_above_one() {
+    let users: Vec<_> = (0..5u64)
+        .map(|i| {
+            (
+                synth::user_id(i),
+                person(Gender::Female, 22, "ENFP", Hobby::Game, "Law"),
+            )
+        })
+        .collect();
+    let req = request(me(), MatchOptions::any(), 5);
+    for (name, e) in engines(&users) {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut first = vec![0u32; 5];
+        for _ in 0..3_000 {
+            let r = e.rank(&req, &mut rng);
+            assert_eq!(r.candidates.len(), 5);
+            let pos = users
+                .iter()
+                .position(|(u, _)| *u == r.candidates[0].user_id)
+                .unwrap();
+            first[pos] += 1;
+        }
+        // df = 4; the 0.999 quantile is 18.47.
+        assert!(chi_square(&first) < 18.47, "{name}: {first:?}");
+    }
+}
+
+#[test]
+fn hnsw_rebuilds_in_the_background_past_the_tombstone_threshold() {
+    let users = synth::population(3_000, 5);
+    let cfg = HnswConfig {
+        exact_below_users: 0,
+        rebuild_min_dead: 16,
+        ..HnswConfig::default()
+    };
+    let mut e = HnswEngine::from_users(users.iter().map(|(u, f)| (*u, f)), cfg);
+    let before = e.stats();
+    assert!(before.graph_points > 0);
+    for (u, _) in users.iter().take(2_500) {
+        e.remove(*u);
+    }
+    e.finish_rebuilds();
+    let after = e.stats();
+    assert!(after.rebuilds >= 1, "{after:?}");
+    assert!(
+        after.graph_points < before.graph_points,
+        "{before:?} {after:?}"
+    );
+    // Still answers correctly afterwards.
+    let live: HashMap<UserId, &Features> = users[2_500..].iter().map(|(u, f)| (*u, f)).collect();
+    let oracle = ExactEngine::from_users(live.iter().map(|(u, f)| (*u, *f)));
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for _ in 0..50 {
+        let req = synth::request(&mut rng, &users[2_500..], 8);
+        let got = e.rank(&req, &mut rng);
+        let want = oracle.rank(&req, &mut rng);
+        assert_eq!(filter_violations(&req, &got, |u| live.get(&u).copied()), 0);
+        let scores = |r: &Ranking| r.candidates.iter().map(|c| c.score).collect::<Vec<_>>();
+        assert_eq!(scores(&got), scores(&want));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn hnsw_top_k_scores_equal_exact(seed in any::<u64>(), n in 0usize..400, churn in 0usize..100) {
+        let mut users = synth::population(n, seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 1);
+        let mut oracle = ExactEngine::from_users(users.iter().map(|(u, f)| (*u, f)));
+        let mut planned = HnswEngine::from_users(users.iter().map(|(u, f)| (*u, f)), HnswConfig::default());
+        let mut graph = HnswEngine::from_users(users.iter().map(|(u, f)| (*u, f)), graph_cfg());
+        // Live updates after the build: changes and deletes.
+        #[allow(clippy::needless_range_loop)] // users[i] is read and written across engines
+        for i in 0..churn.min(n) {
+            let e: [&mut dyn MatchEngine; 3] = [&mut oracle, &mut planned, &mut graph];
+            if i % 3 == 0 {
+                for x in e { x.remove(users[i].0); }
+                users[i].1.dont_pick_me = true; // keep the requester pool simple: hidden now
+                for x in [&mut oracle as &mut dyn MatchEngine, &mut planned, &mut graph] {
+                    x.upsert(users[i].0, &users[i].1);
+                }
+            } else {
+                users[i].1 = synth::features(&mut rng);
+                for x in e { x.upsert(users[i].0, &users[i].1); }
+            }
+        }
+        prop_assume!(!users.is_empty());
+        let live: HashMap<UserId, &Features> = users.iter().map(|(u, f)| (*u, f)).collect();
+        for _ in 0..10 {
+            let req = synth::request(&mut rng, &users, 8);
+            let want = oracle.rank(&req, &mut rng);
+            prop_assert_eq!(filter_violations(&req, &want, |u| live.get(&u).copied()), 0);
+            for e in [&planned as &dyn MatchEngine, &graph] {
+                let got = e.rank(&req, &mut rng);
+                prop_assert_eq!(filter_violations(&req, &got, |u| live.get(&u).copied()), 0);
+                let scores = |r: &Ranking| r.candidates.iter().map(|c| c.score).collect::<Vec<_>>();
+                prop_assert_eq!(scores(&got), scores(&want));
+                prop_assert_eq!(&got.relaxed, &want.relaxed);
+            }
+        }
+    }
+}

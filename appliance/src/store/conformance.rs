@@ -1,0 +1,290 @@
+//! One conformance suite, run against every backend on real files in temp dirs.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use comatching_protocol::{Digest, Epoch, SnapshotUser, SyncEvent, SyncOp, UserId};
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::{ReplicaStore, StoreBackend, StoreError, apply_batch, open};
+use crate::sync::{Change, ReplicaCursor, UserState};
+use crate::synth;
+
+const EPOCH: Epoch = Epoch(0xfeed);
+
+fn live(u: u64, version: u64, seed: u64) -> Change {
+    Change {
+        user_id: synth::user_id(u),
+        version,
+        state: UserState::Live(synth::features(&mut ChaCha8Rng::seed_from_u64(seed))),
+    }
+}
+
+fn cursor(seq: u64) -> ReplicaCursor {
+    ReplicaCursor {
+        epoch: Some(EPOCH),
+        applied_seq: seq,
+    }
+}
+
+fn assert_consistent(s: &dyn ReplicaStore) {
+    let meta = s.meta().unwrap();
+    assert_eq!(s.recount().unwrap(), (meta.count, meta.digest));
+}
+
+/// The relay's projection: live users and versions after the whole history.
+fn projection(history: &[SyncEvent]) -> HashMap<UserId, u64> {
+    let mut m = HashMap::new();
+    for e in history {
+        match e.op {
+            SyncOp::Upsert(_) => m.insert(e.user_id, e.version),
+            SyncOp::Delete => m.remove(&e.user_id),
+        };
+    }
+    m
+}
+
+fn fresh_store_is_empty(b: StoreBackend) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(b, dir.path()).unwrap();
+    assert_eq!(s.backend(), b);
+    let m = s.meta().unwrap();
+    assert_eq!(m.cursor, ReplicaCursor::default());
+    assert_eq!((m.count, m.digest), (0, Digest::default()));
+    assert!(s.live_users().unwrap().is_empty());
+}
+
+fn commit_survives_reopen(b: StoreBackend) {
+    let dir = tempfile::tempdir().unwrap();
+    let changes = vec![live(1, 1, 1), live(2, 4, 2), live(3, 1, 3)];
+    {
+        let mut s = open(b, dir.path()).unwrap();
+        s.commit(&changes, cursor(3)).unwrap();
+    }
+    let s = open(b, dir.path()).unwrap();
+    let m = s.meta().unwrap();
+    assert_eq!(m.cursor, cursor(3));
+    assert_eq!(m.count, 3);
+    assert_consistent(&*s);
+    let got = s.get(synth::user_id(2)).unwrap().unwrap();
+    assert_eq!(got.version, 4);
+    let UserState::Live(f) = &changes[1].state else {
+        unreachable!()
+    };
+    assert_eq!(got.features.as_ref(), Some(f));
+    assert!(s.get(synth::user_id(9)).unwrap().is_none());
+}
+
+fn tombstones_and_versions_never_go_back(b: StoreBackend) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(b, dir.path()).unwrap();
+    s.commit(&[live(1, 1, 1), live(2, 1, 2)], cursor(2))
+        .unwrap();
+    let tomb = Change {
+        user_id: synth::user_id(1),
+        version: 2,
+        state: UserState::Tombstone,
+    };
+    s.commit(&[tomb], cursor(3)).unwrap();
+    assert_eq!(s.meta().unwrap().count, 1);
+    let v = s.versions(&[synth::user_id(1), synth::user_id(5)]).unwrap();
+    assert_eq!(v.len(), 1);
+    assert!(v[&synth::user_id(1)].tombstone);
+    assert_eq!(v[&synth::user_id(1)].version, 2);
+    // An older write is ignored by the store too.
+    s.commit(&[live(1, 1, 9), live(2, 1, 9)], cursor(4))
+        .unwrap();
+    assert!(
+        s.get(synth::user_id(1))
+            .unwrap()
+            .unwrap()
+            .features
+            .is_none()
+    );
+    assert_eq!(s.meta().unwrap().count, 1);
+    assert_consistent(&*s);
+    // Resurrection by a newer version is allowed.
+    s.commit(&[live(1, 3, 9)], cursor(5)).unwrap();
+    assert_eq!(s.meta().unwrap().count, 2);
+    assert_eq!(s.all_rows().unwrap().len(), 2);
+    assert_consistent(&*s);
+}
+
+fn sync_history_matches_projection(b: StoreBackend) {
+    let dir = tempfile::tempdir().unwrap();
+    let history = synth::relay_history(EPOCH, 20, 200, 11);
+    {
+        let mut s = open(b, dir.path()).unwrap();
+        for chunk in history.chunks(17) {
+            let p = apply_batch(&mut *s, chunk).unwrap();
+            assert!(p.caught_up());
+        }
+    }
+    let s = open(b, dir.path()).unwrap();
+    assert_eq!(s.meta().unwrap().cursor, cursor(200));
+    let got: HashMap<UserId, u64> = s
+        .live_users()
+        .unwrap()
+        .into_iter()
+        .map(|u| (u.user_id, u.version))
+        .collect();
+    assert_eq!(got, projection(&history));
+    assert_consistent(&*s);
+}
+
+fn replace_all_swaps_everything(b: StoreBackend) {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot: Vec<SnapshotUser> = synth::population(50, 5)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (user_id, features))| SnapshotUser {
+            user_id,
+            version: i as u64 + 1,
+            features,
+        })
+        .collect();
+    {
+        let mut s = open(b, dir.path()).unwrap();
+        s.commit(&[live(1000, 1, 1), live(1001, 1, 2)], cursor(2))
+            .unwrap();
+        s.replace_all(Epoch(99), 500, &snapshot).unwrap();
+        assert_eq!(s.meta().unwrap().count, 50);
+    }
+    let mut s = open(b, dir.path()).unwrap();
+    let m = s.meta().unwrap();
+    assert_eq!(m.cursor.epoch, Some(Epoch(99)));
+    assert_eq!(m.cursor.applied_seq, 500);
+    assert_eq!(m.count, 50);
+    assert!(s.get(synth::user_id(1000)).unwrap().is_none());
+    assert_eq!(
+        m.digest,
+        Digest::of(snapshot.iter().map(|u| (u.user_id, u.version)))
+    );
+    assert_consistent(&*s);
+    // And again (the sled backend switches generations each time).
+    s.replace_all(Epoch(100), 7, &snapshot[..10]).unwrap();
+    drop(s);
+    let s = open(b, dir.path()).unwrap();
+    assert_eq!(s.meta().unwrap().count, 10);
+    assert_consistent(&*s);
+}
+
+fn corrupt_row_is_an_error(b: StoreBackend, corrupt: fn(&Path, UserId)) {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut s = open(b, dir.path()).unwrap();
+        s.commit(&[live(1, 1, 1), live(2, 1, 2)], cursor(2))
+            .unwrap();
+    }
+    corrupt(dir.path(), synth::user_id(2));
+    let s = open(b, dir.path()).unwrap();
+    let e = s.get(synth::user_id(2)).unwrap_err();
+    assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    assert!(e.to_string().contains(&synth::user_id(2).to_hex()), "{e}");
+    assert_eq!(e.code(), "store_corrupt");
+    assert!(s.live_users().is_err());
+    assert!(s.get(synth::user_id(1)).unwrap().is_some());
+}
+
+fn corrupt_sqlite(dir: &Path, user: UserId) {
+    let c = rusqlite::Connection::open(dir.join("replica.sqlite3")).unwrap();
+    c.execute(
+        "UPDATE users SET features = x'c1c1' WHERE user_id = ?1",
+        [&super::user_key(user)[..]],
+    )
+    .unwrap();
+}
+
+fn corrupt_sled(dir: &Path, user: UserId) {
+    let db = ::sled::open(dir.join("replica.sled")).unwrap();
+    let tree = db.open_tree("replica-0").unwrap();
+    let mut key = vec![1u8];
+    key.extend_from_slice(&super::user_key(user));
+    let mut v = tree.get(&key).unwrap().unwrap().to_vec();
+    v.truncate(12);
+    tree.insert(key, v).unwrap();
+    db.flush().unwrap();
+}
+
+fn faulty_delivery_converges(b: StoreBackend, seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let history = synth::relay_history(EPOCH, 8, 40, seed);
+    let mut s = open(b, dir.path()).unwrap();
+    // Deliver every other event shuffled, in batches of 3: gaps everywhere.
+    let mut stream: Vec<SyncEvent> = history.iter().step_by(2).cloned().collect();
+    stream.reverse();
+    for chunk in stream.chunks(3) {
+        apply_batch(&mut *s, chunk).unwrap();
+    }
+    while s.meta().unwrap().cursor.applied_seq < history.len() as u64 {
+        let from = s.meta().unwrap().cursor.applied_seq as usize;
+        let p = apply_batch(&mut *s, &history[from..(from + 7).min(history.len())]).unwrap();
+        assert!(p.resync.is_none());
+    }
+    let got: HashMap<UserId, u64> = s
+        .live_users()
+        .unwrap()
+        .into_iter()
+        .map(|u| (u.user_id, u.version))
+        .collect();
+    assert_eq!(got, projection(&history), "seed {seed}");
+    assert_consistent(&*s);
+}
+
+macro_rules! conformance {
+    ($modname:ident, $backend:expr, $corrupt:expr) => {
+        mod $modname {
+            use super::*;
+            #[test]
+            fn fresh_store_is_empty() {
+                super::fresh_store_is_empty($backend);
+            }
+            #[test]
+            fn commit_survives_reopen() {
+                super::commit_survives_reopen($backend);
+            }
+            #[test]
+            fn tombstones_and_versions_never_go_back() {
+                super::tombstones_and_versions_never_go_back($backend);
+            }
+            #[test]
+            fn sync_history_matches_projection() {
+                super::sync_history_matches_projection($backend);
+            }
+            #[test]
+            fn replace_all_swaps_everything() {
+                super::replace_all_swaps_everything($backend);
+            }
+            #[test]
+            fn corrupt_row_is_an_error() {
+                super::corrupt_row_is_an_error($backend, $corrupt);
+            }
+            proptest! {
+                #![proptest_config(ProptestConfig::with_cases(12))]
+                #[test]
+                fn faulty_delivery_converges(seed in any::<u64>()) {
+                    super::faulty_delivery_converges($backend, seed);
+                }
+            }
+        }
+    };
+}
+
+conformance!(sqlite, StoreBackend::Sqlite, corrupt_sqlite);
+conformance!(sled, StoreBackend::Sled, corrupt_sled);
+
+#[test]
+fn backend_names_are_lowercase() {
+    assert_eq!(
+        serde_json::to_string(&StoreBackend::Sled).unwrap(),
+        "\"sled\""
+    );
+    assert_eq!(
+        serde_json::from_str::<StoreBackend>("\"sqlite\"").unwrap(),
+        StoreBackend::Sqlite
+    );
+    assert_eq!("sled".parse::<StoreBackend>().unwrap(), StoreBackend::Sled);
+    assert!("rocks".parse::<StoreBackend>().is_err());
+}
