@@ -1,0 +1,372 @@
+//! The relay under test: the real `comatching-relay` binary as a child process.
+//!
+//! Each [`RelayProcess`] has its own temp dir (config file, database, logs) and its own port.
+//! It can be killed with SIGKILL and restarted on the same database and port, which is how the
+//! crash tests work. When a test panics, the tail of the relay's logs is printed so the failure
+//! explains itself.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::PATIENCE;
+
+/// Environment variable naming the relay binary, overriding the lookup next to the tests.
+pub const RELAY_BIN_ENV: &str = "COMATCHING_RELAY_BIN";
+
+/// The relay's configuration file, as the tests write it. Field names are the relay's TOML keys;
+/// defaults are the relay's own, except rate limits (generous, so only the rate-limit test
+/// meets them) and the listen address (a free port).
+#[derive(Clone, Debug, Serialize)]
+pub struct RelayConfig {
+    pub http: HttpSection,
+    pub storage: StorageSection,
+    pub broker: BrokerSection,
+    pub matching: MatchingSection,
+    pub ledger: LedgerSection,
+    pub points: PointsSection,
+    pub rate_limit: RateLimitSection,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HttpSection {
+    pub listen: String,
+    pub max_body_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StorageSection {
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BrokerSection {
+    pub url: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MatchingSection {
+    pub deadline_ms: u64,
+    pub max_picked: u32,
+    pub k: u16,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LedgerSection {
+    pub sweep_interval_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PointsSection {
+    pub base: u64,
+    pub exclude_same_major: u64,
+    pub important: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RateLimitSection {
+    pub per_ip_per_minute: u32,
+    pub per_user_per_minute: u32,
+}
+
+impl RelayConfig {
+    /// The relay's defaults, with the broker at `amqp_url` and generous rate limits. The listen
+    /// address and data dir are filled in by [`RelayProcess::start`].
+    pub fn new(amqp_url: impl Into<String>) -> RelayConfig {
+        RelayConfig {
+            http: HttpSection {
+                listen: String::new(),
+                max_body_bytes: 16 * 1024,
+            },
+            storage: StorageSection {
+                data_dir: PathBuf::new(),
+            },
+            broker: BrokerSection {
+                url: amqp_url.into(),
+            },
+            matching: MatchingSection {
+                deadline_ms: 5_000,
+                max_picked: 5,
+                k: 8,
+            },
+            ledger: LedgerSection {
+                sweep_interval_ms: 2_000,
+            },
+            points: PointsSection {
+                base: 1000,
+                exclude_same_major: 200,
+                important: 300,
+            },
+            rate_limit: RateLimitSection {
+                per_ip_per_minute: 1_000_000,
+                per_user_per_minute: 1_000_000,
+            },
+        }
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// Where the relay binary is: `$COMATCHING_RELAY_BIN`, or `target/debug/comatching-relay` next
+/// to this test executable (`target/debug/deps/<test>`).
+pub fn relay_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os(RELAY_BIN_ENV) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join(format!("comatching-relay{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "relay binary not found at {}: run `cargo build --bins` first (scripts/test.sh does), \
+         or set {RELAY_BIN_ENV}",
+        bin.display()
+    );
+    bin
+}
+
+/// One relay process and its private directory. Killed (SIGKILL) on drop.
+pub struct RelayProcess {
+    dir: tempfile::TempDir,
+    config: RelayConfig,
+    child: Option<Child>,
+    base_url: String,
+    http: reqwest::Client,
+}
+
+impl RelayProcess {
+    /// Writes `config` (with a free port and a data dir in a fresh temp dir), spawns
+    /// `comatching-relay serve`, and waits for `/healthz`.
+    pub async fn start(mut config: RelayConfig) -> RelayProcess {
+        let dir = tempfile::Builder::new()
+            .prefix("comatching-relay-test-")
+            .tempdir()
+            .expect("temp dir");
+        config.http.listen = format!("127.0.0.1:{}", free_port());
+        config.storage.data_dir = dir.path().join("data");
+        let base_url = format!("http://{}", config.http.listen);
+        let mut relay = RelayProcess {
+            dir,
+            config,
+            child: None,
+            base_url,
+            http: reqwest::Client::new(),
+        };
+        relay.spawn();
+        relay.wait_healthy().await;
+        relay
+    }
+
+    /// The relay's base URL, `http://127.0.0.1:PORT`.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("relay.toml")
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.storage.data_dir
+    }
+
+    fn stdout_path(&self) -> PathBuf {
+        self.dir.path().join("relay.stdout.log")
+    }
+
+    fn stderr_path(&self) -> PathBuf {
+        self.dir.path().join("relay.stderr.log")
+    }
+
+    fn write_config(&self) {
+        let text = toml::to_string(&self.config).expect("config serialises");
+        std::fs::write(self.config_path(), text).expect("write relay config");
+    }
+
+    /// A `comatching-relay` command with this relay's config and a clean environment (no stray
+    /// `COMATCHING_RELAY__*` overrides from the caller's shell).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(relay_binary());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("COMATCHING_RELAY__") {
+                cmd.env_remove(k);
+            }
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        cmd.current_dir(self.dir.path());
+        cmd
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "relay already running");
+        self.write_config();
+        let append = |p: PathBuf| -> File {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .expect("open relay log")
+        };
+        let child = self
+            .command()
+            .arg("serve")
+            .arg("--config")
+            .arg(self.config_path())
+            .stdin(Stdio::null())
+            .stdout(append(self.stdout_path()))
+            .stderr(append(self.stderr_path()))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", relay_binary().display()));
+        self.child = Some(child);
+    }
+
+    /// Panics (with the logs) if the process has exited.
+    fn assert_running(&mut self) {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            self.child = None;
+            panic!("relay exited early with {status}\n{}", self.log_tail());
+        }
+    }
+
+    async fn probe(&self, path: &str) -> Option<u16> {
+        self.http
+            .get(format!("{}{path}", self.base_url))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
+    /// Waits until `GET /healthz` answers 200.
+    pub async fn wait_healthy(&mut self) {
+        self.wait_status("/healthz", 200).await;
+    }
+
+    /// Waits until `GET /readyz` answers 200 (HTTP up, database and broker connected).
+    pub async fn wait_ready(&mut self) {
+        self.wait_status("/readyz", 200).await;
+    }
+
+    async fn wait_status(&mut self, path: &str, want: u16) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            self.assert_running();
+            let got = self.probe(path).await;
+            if got == Some(want) {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "timed out after {PATIENCE:?} waiting for GET {path} = {want} (last: {got:?})\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown hooks, no flushing — a crash.
+    pub fn kill_9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the process again on the same database, port and (possibly edited) config, and
+    /// waits for `/healthz`. Kills the running process first if there is one.
+    pub async fn restart(&mut self) {
+        self.kill_9();
+        self.spawn();
+        // The old socket may linger for a moment; healthz only answers once the new one listens.
+        self.wait_healthy().await;
+    }
+
+    /// Changes the broker URL for the next (re)start.
+    pub fn set_broker_url(&mut self, url: impl Into<String>) {
+        self.config.broker.url = url.into();
+        self.write_config();
+    }
+
+    /// Runs `comatching-relay admin grant-operator USERNAME --config FILE` (works while `serve`
+    /// runs) and panics with its output unless it succeeds.
+    pub fn grant_operator(&self, username: &str) {
+        let out = self
+            .command()
+            .args(["admin", "grant-operator", username, "--config"])
+            .arg(self.config_path())
+            .output()
+            .expect("run comatching-relay admin grant-operator");
+        assert!(
+            out.status.success(),
+            "admin grant-operator {username} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Waits until the relay's own readiness says the broker is not connected (`/readyz` 503)
+    /// while `/healthz` is 200.
+    pub async fn wait_not_ready(&mut self) {
+        self.wait_status("/readyz", 503).await;
+    }
+
+    /// The last lines of the relay's stdout and stderr, for failure messages.
+    pub fn log_tail(&self) -> String {
+        format!(
+            "--- relay stdout ({}) ---\n{}\n--- relay stderr ({}) ---\n{}",
+            self.stdout_path().display(),
+            tail(&self.stdout_path(), 60),
+            self.stderr_path().display(),
+            tail(&self.stderr_path(), 60)
+        )
+    }
+}
+
+/// The last `lines` lines of a file (reading at most its last 64 KiB).
+fn tail(path: &Path, lines: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return "(no log)".into();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(64 * 1024);
+    let _ = f.seek(SeekFrom::Start(start));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tail());
+        }
+        self.kill_9();
+    }
+}
