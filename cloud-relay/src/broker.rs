@@ -38,6 +38,8 @@ pub struct Session {
     /// Confirm mode; publishes match requests and consumes direct replies on the same channel,
     /// as direct reply-to requires.
     pub rpc: Channel,
+    /// Confirm mode; consumes hellos and publishes replays and snapshots.
+    pub control: Channel,
     broken: Notify,
     is_broken: AtomicBool,
 }
@@ -160,7 +162,21 @@ async fn declare_topology(ch: &Channel) -> lapin::Result<()> {
         ]),
     )
     .await?;
+    ch.queue_declare(CONTROL_QUEUE.into(), durable_q, control_queue_args())
+        .await?;
     Ok(())
+}
+
+/// The control queue's arguments; the appliance declares it with exactly these too.
+pub fn control_queue_args() -> FieldTable {
+    args(&[
+        ("x-queue-type", long_str("quorum")),
+        (
+            "x-delivery-limit",
+            AMQPValue::LongLongInt(MATCH_DELIVERY_LIMIT),
+        ),
+        ("x-dead-letter-exchange", long_str(DEAD_EXCHANGE)),
+    ])
 }
 
 async fn connect(url: &str, id: u64) -> lapin::Result<Session> {
@@ -174,11 +190,16 @@ async fn connect(url: &str, id: u64) -> lapin::Result<Session> {
         .await?;
     let rpc = connection.create_channel().await?;
     rpc.confirm_select(ConfirmSelectOptions::default()).await?;
+    let control = connection.create_channel().await?;
+    control
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     Ok(Session {
         id,
         connection,
         outbox,
         rpc,
+        control,
         broken: Notify::new(),
         is_broken: AtomicBool::new(false),
     })

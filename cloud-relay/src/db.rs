@@ -14,7 +14,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::error::ApiError;
 
 /// Ordered, append-only. Each entry runs once, in a transaction, and bumps `user_version`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -126,7 +127,21 @@ CREATE TABLE outbox (
     features   BLOB,
     created_ms INTEGER NOT NULL
 ) STRICT;
-"#];
+"#,
+    r#"
+-- Each appliance's last reported position (from its hellos).
+CREATE TABLE appliances (
+    appliance_id  TEXT PRIMARY KEY,
+    epoch         TEXT,
+    applied_seq   INTEGER NOT NULL,
+    count         INTEGER NOT NULL,
+    digest        TEXT NOT NULL,
+    epoch_matches INTEGER NOT NULL,
+    last_seen_ms  INTEGER NOT NULL,
+    last_action   TEXT NOT NULL
+) STRICT;
+"#,
+];
 
 #[derive(Clone)]
 pub struct Db {

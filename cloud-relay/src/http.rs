@@ -57,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/matches", post(create_match).get(list_matches))
         .route("/api/v1/admin/points", post(grant_points))
         .route("/api/v1/admin/stats", get(stats))
+        .route("/api/v1/admin/appliances", get(appliances))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -493,6 +494,12 @@ async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Response, Ap
             }))
         })
         .await?;
+    Ok(axum::Json(body).into_response())
+}
+
+async fn appliances(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require_operator()?;
+    let body = s.db.run(|db| crate::control::appliances_json(db)).await?;
     Ok(axum::Json(body).into_response())
 }
 

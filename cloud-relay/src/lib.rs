@@ -4,13 +4,15 @@
 //!
 //! Module map: `config` (settings), `db` (SQLite, schema), `error` (codes ↔ HTTP), `auth`
 //! (passwords, sessions), `profiles` (profile validation + pool membership), `ledger` (points),
-//! `outbox` (ordered change log + publisher), `broker` (connection supervisor), `rpc` (match
+//! `outbox` (ordered change log + publisher), `control` (hellos → replay/snapshot, appliance
+//! tracking, outbox trimming), `broker` (connection supervisor), `rpc` (match
 //! request/reply client), `matching` (the match flow + sweeper), `limits` (rate limits),
 //! `metrics` (Prometheus text), `http` (routes), `server` (wiring it all together).
 
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod control;
 pub mod db;
 pub mod error;
 pub mod http;

@@ -10,6 +10,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use crate::auth::HASH_PERMITS;
 use crate::broker;
 use crate::config::Config;
+use crate::control::{ControlConsumer, trim};
 use crate::db::Db;
 use crate::http::{AppState, router};
 use crate::limits::RateLimits;
@@ -42,6 +43,12 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         outbox_wake.clone(),
     );
     let sweeper_task = tokio::spawn(matcher.clone().run_sweeper(shutdown_rx.clone()));
+    let control = ControlConsumer {
+        db: db.clone(),
+        broker: broker.clone(),
+    };
+    let control_task = tokio::spawn(control.run(shutdown_rx.clone()));
+    let trimmer_task = tokio::spawn(run_trimmer(db.clone(), shutdown_rx.clone()));
     let state = AppState {
         db,
         cfg: Arc::new(cfg.clone()),
@@ -75,8 +82,29 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
     });
     server.await.map_err(|e| anyhow_like::err(e.to_string()))?;
     signals.abort();
-    let _ = tokio::join!(supervisor_task, publisher_task, sweeper_task);
+    let _ = tokio::join!(
+        supervisor_task,
+        publisher_task,
+        sweeper_task,
+        control_task,
+        trimmer_task
+    );
     Ok(())
+}
+
+/// Trims the outbox once a minute (see `control::trim`).
+async fn run_trimmer(db: Db, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        match db.run(|c| trim(c)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "outbox trimmed"),
+            Err(e) => tracing::warn!(error = %e, "outbox trim failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -1,0 +1,538 @@
+//! The relay's side of replica sync: answering appliances' `Hello`s on `comatching.control`
+//! with a replay or a snapshot, tracking each appliance's position, and trimming the outbox.
+//!
+//! `decide` is the pure rule; `ControlConsumer` is the thin I/O shell around it. A replay sends
+//! outbox rows `seq > applied_seq` straight to the appliance's own queue. A snapshot sends every
+//! live user stamped with the high-water seq H (read in one transaction with the users), framed
+//! begin / chunks / end with count and digest, then the rows after H. Live rows keep flowing
+//! through the fanout meanwhile; the appliance drops what it already has by version.
+
+use std::time::Duration;
+
+use comatching_protocol::wire::MAX_CHUNK_USERS;
+use comatching_protocol::{
+    Digest, Envelope, Epoch, Hello, Message, SnapshotBegin, SnapshotChunk, SnapshotEnd,
+    SnapshotUser, SyncEvent, WireLimits,
+};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::broker::{BrokerHandle, CONTROL_QUEUE, Session};
+use crate::db::{Db, meta_u64, now_ms};
+use crate::error::ApiError;
+use crate::{outbox, profiles};
+
+/// Outbox rows kept below the slowest appliance's position, so a briefly lagging or new
+/// appliance can catch up by replay instead of a snapshot.
+pub const RETENTION_ROWS: u64 = 50_000;
+/// An appliance not heard from for this long no longer holds the outbox back.
+pub const STALE_APPLIANCE_MS: i64 = 24 * 3600 * 1000;
+/// An appliance is reported ready when its last hello is this fresh and it was caught up.
+pub const READY_FRESH_MS: i64 = 60_000;
+
+/// Where the relay's truth stands, read in one transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayPosition {
+    pub epoch: Epoch,
+    pub last_seq: u64,
+    /// The smallest seq still in the outbox (None when it is empty).
+    pub oldest_retained: Option<u64>,
+    pub count: u64,
+    pub digest: Digest,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Same lineage, same content: nothing to send.
+    InSync,
+    /// Same lineage, behind: send rows from this seq on.
+    Replay { from: u64 },
+    /// Anything else: send everything.
+    Snapshot { reason: &'static str },
+}
+
+/// The rule, in order: another lineage (or none yet) → snapshot; claims to be ahead of us →
+/// snapshot; at our position, equal content → in sync, else snapshot; behind and the outbox
+/// still reaches back → replay, else snapshot.
+pub fn decide(hello: &Hello, relay: &RelayPosition) -> CatchUp {
+    if hello.epoch != Some(relay.epoch) {
+        return CatchUp::Snapshot {
+            reason: if hello.epoch.is_none() {
+                "empty replica"
+            } else {
+                "different epoch"
+            },
+        };
+    }
+    if hello.applied_seq > relay.last_seq {
+        return CatchUp::Snapshot {
+            reason: "replica ahead of the relay",
+        };
+    }
+    if hello.applied_seq == relay.last_seq {
+        return if hello.count == relay.count && hello.digest == relay.digest {
+            CatchUp::InSync
+        } else {
+            CatchUp::Snapshot {
+                reason: "digest mismatch",
+            }
+        };
+    }
+    let from = hello.applied_seq + 1;
+    match relay.oldest_retained {
+        Some(oldest) if oldest <= from => CatchUp::Replay { from },
+        _ => CatchUp::Snapshot {
+            reason: "outbox trimmed past the replica",
+        },
+    }
+}
+
+fn position(c: &Connection) -> Result<(RelayPosition, Vec<SnapshotUser>), ApiError> {
+    let epoch = outbox::epoch(c)?;
+    let last_seq = meta_u64(c, "last_seq")?;
+    let oldest: Option<i64> = c.query_row("SELECT MIN(seq) FROM outbox", [], |r| r.get(0))?;
+    let pool = profiles::pool(c)?;
+    let digest = Digest::of(pool.iter().map(|(u, e)| (*u, e.version)));
+    let users = pool
+        .into_iter()
+        .map(|(user_id, e)| SnapshotUser {
+            user_id,
+            version: e.version,
+            features: e.features,
+        })
+        .collect::<Vec<_>>();
+    Ok((
+        RelayPosition {
+            epoch,
+            last_seq,
+            oldest_retained: oldest.map(|s| s as u64),
+            count: users.len() as u64,
+            digest,
+        },
+        users,
+    ))
+}
+
+/// The relay's live pool digest and position (for tests and the admin view).
+pub fn relay_position(c: &Connection) -> Result<RelayPosition, ApiError> {
+    Ok(position(c)?.0)
+}
+
+pub fn queue_for(appliance: &str) -> String {
+    format!("comatching.sync.{appliance}")
+}
+
+pub struct ControlConsumer {
+    pub db: Db,
+    pub broker: BrokerHandle,
+}
+
+impl ControlConsumer {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let session = tokio::select! {
+                s = self.broker.wait() => s,
+                _ = shutdown.changed() => return,
+            };
+            if let Err(e) = self.consume(&session, &mut shutdown).await {
+                tracing::warn!(error = %e, "control consumer stopped");
+                session.mark_broken("control consumer failed");
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn consume(
+        &self,
+        session: &Session,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let ch = &session.control;
+        ch.basic_qos(1, BasicQosOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut consumer = ch
+            .basic_consume(
+                CONTROL_QUEUE.into(),
+                "relay-control".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            let delivery = tokio::select! {
+                d = consumer.next() => d,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let Some(delivery) = delivery else {
+                return Err("control consumer ended".into());
+            };
+            let delivery = delivery.map_err(|e| e.to_string())?;
+            let hello = match Envelope::decode(&delivery.data, &WireLimits::default()) {
+                Ok(Message::Hello(h)) => h,
+                Ok(other) => {
+                    tracing::warn!(
+                        kind = other.kind(),
+                        "unexpected message on the control queue; dead-lettering"
+                    );
+                    delivery
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(code = e.code(), error = %e, "undecodable control message; dead-lettering");
+                    delivery
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    continue;
+                }
+            };
+            match self.answer(ch, &hello).await {
+                Err(e) if e.starts_with(UNROUTABLE) => {
+                    // The appliance's queue is gone (deleted, or a wiped broker): it redeclares
+                    // it and says hello again, so this hello is done with.
+                    tracing::warn!(appliance = %hello.appliance_id, error = %e, "hello answer unroutable");
+                    delivery
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(()) => {
+                    delivery
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Err(e) => {
+                    // Redelivered (up to the queue's delivery limit) on a fresh session.
+                    tracing::warn!(appliance = %hello.appliance_id, error = %e, "answering hello failed");
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn answer(&self, ch: &Channel, hello: &Hello) -> Result<(), String> {
+        let (pos, users) = self
+            .db
+            .run(|c| {
+                let tx = c.transaction()?;
+                let out = position(&tx)?;
+                tx.commit()?;
+                Ok(out)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let action = decide(hello, &pos);
+        let queue = queue_for(hello.appliance_id.as_str());
+        tracing::info!(appliance = %hello.appliance_id, applied_seq = hello.applied_seq, relay_seq = pos.last_seq, ?action, "hello");
+        let action_name = match action {
+            CatchUp::InSync => "in_sync".to_owned(),
+            CatchUp::Replay { from } => format!("replay from {from}"),
+            CatchUp::Snapshot { reason } => format!("snapshot ({reason})"),
+        };
+        self.track(hello, &pos, &action_name)
+            .await
+            .map_err(|e| e.to_string())?;
+        match action {
+            CatchUp::InSync => Ok(()),
+            CatchUp::Replay { from } => self.replay(ch, &queue, from).await,
+            CatchUp::Snapshot { .. } => {
+                drop_into_snapshot(ch, &queue, &pos, users).await?;
+                self.replay(ch, &queue, pos.last_seq + 1).await
+            }
+        }
+    }
+
+    async fn replay(&self, ch: &Channel, queue: &str, from: u64) -> Result<(), String> {
+        let mut after = from.saturating_sub(1);
+        loop {
+            let rows: Vec<SyncEvent> = self
+                .db
+                .run(move |c| outbox::read_after(c, after, 500))
+                .await
+                .map_err(|e| e.to_string())?;
+            let Some(last) = rows.last() else {
+                return Ok(());
+            };
+            after = last.seq;
+            let msgs: Vec<Message> = rows.into_iter().map(Message::SyncEvent).collect();
+            publish_all(ch, queue, &msgs).await?;
+        }
+    }
+
+    async fn track(
+        &self,
+        hello: &Hello,
+        pos: &RelayPosition,
+        action: &str,
+    ) -> Result<(), ApiError> {
+        let h = hello.clone();
+        let relay_epoch = pos.epoch;
+        let action = action.to_owned();
+        self.db
+            .run(move |c| {
+                c.execute(
+                    "INSERT INTO appliances(appliance_id, epoch, applied_seq, count, digest, epoch_matches, last_seen_ms, last_action) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                     ON CONFLICT(appliance_id) DO UPDATE SET epoch = excluded.epoch, applied_seq = excluded.applied_seq, \
+                       count = excluded.count, digest = excluded.digest, epoch_matches = excluded.epoch_matches, \
+                       last_seen_ms = excluded.last_seen_ms, last_action = excluded.last_action",
+                    params![
+                        h.appliance_id.as_str(),
+                        h.epoch.map(|e| e.0.to_string()),
+                        h.applied_seq as i64,
+                        h.count as i64,
+                        h.digest.to_string(),
+                        h.epoch == Some(relay_epoch),
+                        now_ms(),
+                        action
+                    ],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+}
+
+async fn drop_into_snapshot(
+    ch: &Channel,
+    queue: &str,
+    pos: &RelayPosition,
+    users: Vec<SnapshotUser>,
+) -> Result<(), String> {
+    let snapshot_id: u64 = rand::random();
+    let mut msgs = Vec::with_capacity(users.len() / MAX_CHUNK_USERS + 2);
+    msgs.push(Message::SnapshotBegin(SnapshotBegin {
+        epoch: pos.epoch,
+        snapshot_id,
+        high_water_seq: pos.last_seq,
+    }));
+    let mut chunks = 0u32;
+    for (i, chunk) in users.chunks(MAX_CHUNK_USERS).enumerate() {
+        chunks += 1;
+        msgs.push(Message::SnapshotChunk(SnapshotChunk {
+            epoch: pos.epoch,
+            snapshot_id,
+            index: i as u32,
+            users: chunk.to_vec(),
+        }));
+    }
+    msgs.push(Message::SnapshotEnd(SnapshotEnd {
+        epoch: pos.epoch,
+        snapshot_id,
+        high_water_seq: pos.last_seq,
+        chunks,
+        count: pos.count,
+        digest: pos.digest,
+    }));
+    for batch in msgs.chunks(256) {
+        publish_all(ch, queue, batch).await?;
+    }
+    tracing::info!(
+        queue,
+        users = pos.count,
+        chunks,
+        high_water_seq = pos.last_seq,
+        "snapshot sent"
+    );
+    Ok(())
+}
+
+const UNROUTABLE: &str = "unroutable";
+
+/// Publishes to one queue (default exchange) and waits for every confirm.
+async fn publish_all(ch: &Channel, queue: &str, msgs: &[Message]) -> Result<(), String> {
+    let mut confirms = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let body = Envelope::encode(m);
+        let c = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/x-comatching".into()),
+            )
+            .await
+            .map_err(|e| format!("publish to {queue}: {e}"))?;
+        confirms.push(c);
+    }
+    for c in confirms {
+        match c.await {
+            Ok(Confirmation::Ack(None)) => {}
+            Ok(Confirmation::Ack(Some(_))) => {
+                return Err(format!("{UNROUTABLE}: queue {queue} does not exist"));
+            }
+            Ok(other) => return Err(format!("publish to {queue} not confirmed: {other:?}")),
+            Err(e) => return Err(format!("confirm from {queue}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// `GET /api/v1/admin/appliances`.
+pub fn appliances_json(c: &Connection) -> Result<Value, ApiError> {
+    let last_seq = meta_u64(c, "last_seq")?;
+    let now = now_ms();
+    let mut stmt = c.prepare(
+        "SELECT appliance_id, epoch, applied_seq, count, digest, epoch_matches, last_seen_ms, last_action \
+         FROM appliances ORDER BY appliance_id",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, bool>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, String>(7)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let list: Vec<Value> = rows
+        .into_iter()
+        .map(|(id, epoch, applied, count, digest, epoch_ok, seen, action)| {
+            let lag = last_seq.saturating_sub(applied as u64);
+            json!({
+                "appliance_id": id,
+                "epoch": epoch.and_then(|e| e.parse::<u64>().ok()).map(|e| Epoch(e).to_string()),
+                "applied_seq": applied,
+                "lag": lag,
+                "count": count,
+                "digest": digest,
+                "last_seen_unix_ms": seen,
+                "ready": epoch_ok && now - seen <= READY_FRESH_MS,
+                "last_action": action,
+            })
+        })
+        .collect();
+    Ok(json!({ "relay_seq": last_seq, "appliances": list }))
+}
+
+/// Deletes outbox rows nobody can need: already published, below every recently seen
+/// appliance's position, and older than the retention window. Returns rows deleted.
+pub fn trim(c: &Connection) -> Result<usize, ApiError> {
+    let published = meta_u64(c, "published_upto")?;
+    let slowest: Option<i64> = c
+        .query_row(
+            "SELECT MIN(applied_seq) FROM appliances WHERE epoch_matches = 1 AND last_seen_ms > ?1",
+            [now_ms() - STALE_APPLIANCE_MS],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    let floor = slowest
+        .map(|s| s as u64)
+        .unwrap_or(published)
+        .min(published);
+    let below = floor.saturating_sub(RETENTION_ROWS);
+    if below == 0 {
+        return Ok(0);
+    }
+    Ok(c.execute("DELETE FROM outbox WHERE seq <= ?1", [below as i64])?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comatching_protocol::ApplianceId;
+    use proptest::prelude::*;
+
+    fn hello(epoch: Option<u64>, applied: u64, count: u64, digest: u64) -> Hello {
+        Hello {
+            appliance_id: "box-1".parse::<ApplianceId>().unwrap(),
+            epoch: epoch.map(Epoch),
+            applied_seq: applied,
+            count,
+            digest: Digest(digest),
+        }
+    }
+
+    fn relay(last: u64, oldest: Option<u64>) -> RelayPosition {
+        RelayPosition {
+            epoch: Epoch(7),
+            last_seq: last,
+            oldest_retained: oldest,
+            count: 10,
+            digest: Digest(99),
+        }
+    }
+
+    #[test]
+    fn the_rule_table() {
+        let r = relay(100, Some(1));
+        assert!(matches!(
+            decide(&hello(None, 0, 0, 0), &r),
+            CatchUp::Snapshot { .. }
+        ));
+        assert!(matches!(
+            decide(&hello(Some(8), 100, 10, 99), &r),
+            CatchUp::Snapshot { .. }
+        ));
+        assert!(matches!(
+            decide(&hello(Some(7), 101, 10, 99), &r),
+            CatchUp::Snapshot { .. }
+        ));
+        assert_eq!(decide(&hello(Some(7), 100, 10, 99), &r), CatchUp::InSync);
+        assert!(matches!(
+            decide(&hello(Some(7), 100, 10, 98), &r),
+            CatchUp::Snapshot { .. }
+        ));
+        assert_eq!(
+            decide(&hello(Some(7), 40, 3, 1), &r),
+            CatchUp::Replay { from: 41 }
+        );
+        let trimmed = relay(100, Some(50));
+        assert!(matches!(
+            decide(&hello(Some(7), 40, 3, 1), &trimmed),
+            CatchUp::Snapshot { .. }
+        ));
+        assert_eq!(
+            decide(&hello(Some(7), 49, 3, 1), &trimmed),
+            CatchUp::Replay { from: 50 }
+        );
+    }
+
+    proptest! {
+        /// A replay is only ever asked for rows the outbox still holds, and never for a replica
+        /// of another lineage.
+        #[test]
+        fn replay_only_from_retained_rows(epoch in proptest::option::of(0u64..3), applied in 0u64..200,
+                                          last in 0u64..200, oldest in proptest::option::of(1u64..200)) {
+            let mut r = relay(last, oldest);
+            r.epoch = Epoch(1);
+            if let CatchUp::Replay { from } = decide(&hello(epoch, applied, 0, 0), &r) {
+                prop_assert_eq!(epoch, Some(1));
+                prop_assert!(from <= last);
+                prop_assert!(oldest.is_some_and(|o| o <= from));
+                prop_assert_eq!(from, applied + 1);
+            }
+        }
+    }
+}
