@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use comatching_protocol::wire::MAX_CHUNK_USERS;
 use comatching_protocol::{
-    Digest, Envelope, Epoch, Hello, Message, SnapshotBegin, SnapshotChunk, SnapshotEnd,
+    Digest, Envelope, Epoch, Hello, HelloAck, Message, SnapshotBegin, SnapshotChunk, SnapshotEnd,
     SnapshotUser, SyncEvent, WireLimits,
 };
 use futures_util::StreamExt;
@@ -251,17 +251,27 @@ impl ControlConsumer {
         self.track(hello, &pos, &action_name)
             .await
             .map_err(|e| e.to_string())?;
-        match action {
-            CatchUp::InSync => Ok(()),
-            CatchUp::Replay { from } => self.replay(ch, &queue, from).await,
+        let relay_seq = match action {
+            CatchUp::InSync => pos.last_seq,
+            CatchUp::Replay { from } => self.replay(ch, &queue, from).await?,
             CatchUp::Snapshot { .. } => {
                 drop_into_snapshot(ch, &queue, &pos, users).await?;
-                self.replay(ch, &queue, pos.last_seq + 1).await
+                self.replay(ch, &queue, pos.last_seq + 1)
+                    .await?
+                    .max(pos.last_seq)
             }
-        }
+        };
+        let ack = Message::HelloAck(HelloAck {
+            appliance_id: hello.appliance_id.clone(),
+            epoch: pos.epoch,
+            relay_seq,
+        });
+        publish_all(ch, &queue, &[ack]).await
     }
 
-    async fn replay(&self, ch: &Channel, queue: &str, from: u64) -> Result<(), String> {
+    /// Sends rows from `from` to the end of the outbox; returns the last seq sent (or
+    /// `from - 1` when there was nothing).
+    async fn replay(&self, ch: &Channel, queue: &str, from: u64) -> Result<u64, String> {
         let mut after = from.saturating_sub(1);
         loop {
             let rows: Vec<SyncEvent> = self
@@ -270,7 +280,7 @@ impl ControlConsumer {
                 .await
                 .map_err(|e| e.to_string())?;
             let Some(last) = rows.last() else {
-                return Ok(());
+                return Ok(after);
             };
             after = last.seq;
             let msgs: Vec<Message> = rows.into_iter().map(Message::SyncEvent).collect();

@@ -22,7 +22,7 @@ pub use options::{
     MatchOptions, MbtiPreference,
 };
 pub use wire::{
-    Candidate, DecodeError, Envelope, Hello, MatchReply, MatchRequest, Message, ReplicaPosition,
-    ReplyStatus, Requester, SnapshotBegin, SnapshotChunk, SnapshotEnd, SnapshotUser, SyncEvent,
-    SyncOp, WireLimits,
+    Candidate, DecodeError, Envelope, Hello, HelloAck, MatchReply, MatchRequest, Message,
+    ReplicaPosition, ReplyStatus, Requester, SnapshotBegin, SnapshotChunk, SnapshotEnd,
+    SnapshotUser, SyncEvent, SyncOp, WireLimits,
 };

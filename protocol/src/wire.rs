@@ -162,6 +162,17 @@ pub struct Hello {
     pub digest: Digest,
 }
 
+/// The relay's answer to a `Hello`, sent to the appliance's own queue *after* whatever replay or
+/// snapshot the hello called for (same channel, same queue, so it arrives after them). An
+/// appliance that has applied up to `relay_seq` of `epoch` when it reads this is caught up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    pub appliance_id: ApplianceId,
+    pub epoch: Epoch,
+    /// The relay's last outbox seq when it answered.
+    pub relay_seq: u64,
+}
+
 /// Opens a snapshot: every live user follows, stamped as of `high_water_seq`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotBegin {
@@ -208,6 +219,7 @@ pub enum Message {
     SnapshotBegin(SnapshotBegin),
     SnapshotChunk(SnapshotChunk),
     SnapshotEnd(SnapshotEnd),
+    HelloAck(HelloAck),
 }
 
 impl Message {
@@ -255,7 +267,7 @@ impl Message {
                     return invalid("versions start at 1");
                 }
             }
-            Message::SnapshotEnd(_) => {}
+            Message::SnapshotEnd(_) | Message::HelloAck(_) => {}
         }
         Ok(())
     }
@@ -270,6 +282,7 @@ impl Message {
             Message::SnapshotBegin(_) => "snapshot_begin",
             Message::SnapshotChunk(_) => "snapshot_chunk",
             Message::SnapshotEnd(_) => "snapshot_end",
+            Message::HelloAck(_) => "hello_ack",
         }
     }
 }
