@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use comatching_protocol::{Epoch, Features, SyncEvent, SyncOp, UserId};
+use comatching_protocol::{Epoch, Features, SnapshotUser, SyncEvent, SyncOp, UserId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -152,7 +152,7 @@ pub fn engine_bench(
         users,
         queries,
         engine: kind.as_str(),
-        build_s: round2(build_s * 100.0) / 100.0,
+        build_s: (build_s * 1000.0).round() / 1000.0,
         p50_us: round2(p50),
         p99_us: round2(percentile(&lat, 0.99)),
         qps: round2(q / total.max(1e-9)),
@@ -240,8 +240,30 @@ pub fn drill_history(seed: u64) -> Vec<SyncEvent> {
     synth::relay_history(Epoch(0xd1), 64, 4_000, seed)
 }
 
+/// The live users of the relay's projection of `history` at `upto`, as a snapshot would carry them.
+pub fn snapshot_at(history: &[SyncEvent], upto: u64) -> Vec<SnapshotUser> {
+    let mut m: HashMap<UserId, (u64, Option<Features>)> = HashMap::new();
+    for e in history.iter().take_while(|e| e.seq <= upto) {
+        let f = match &e.op {
+            SyncOp::Upsert(f) => Some(f.clone()),
+            SyncOp::Delete => None,
+        };
+        m.insert(e.user_id, (e.version, f));
+    }
+    m.into_iter()
+        .filter_map(|(user_id, (version, f))| {
+            f.map(|features| SnapshotUser {
+                user_id,
+                version,
+                features,
+            })
+        })
+        .collect()
+}
+
 /// The crash test's child: resumes from the store's cursor and applies the drill history in
-/// small batches (with some redelivered old events mixed in), printing `committed <seq>` after
+/// small batches (with some redelivered old events mixed in, and now and then a snapshot swap
+/// through `replace_all`), printing `committed <seq>` after
 /// each durable commit, until the history ends. Runs until done or killed.
 pub fn sync_drill(backend: StoreBackend, dir: &Path, seed: u64) -> Result<(), StoreError> {
     let history = drill_history(seed);
@@ -254,6 +276,16 @@ pub fn sync_drill(backend: StoreBackend, dir: &Path, seed: u64) -> Result<(), St
             break;
         }
         let n = rng.random_range(1..=8);
+        if rng.random_range(0..40) == 0 {
+            // Now and then a full resync: the snapshot of the projection a few seqs ahead.
+            let upto = (from + n).min(history.len()) as u64;
+            let users = snapshot_at(&history, upto);
+            s.replace_all(history[0].epoch, upto, &users)?;
+            let mut out = stdout.lock();
+            let _ = writeln!(out, "committed {upto}");
+            let _ = out.flush();
+            continue;
+        }
         let mut batch: Vec<SyncEvent> = history[from..(from + n).min(history.len())].to_vec();
         if from > 0 && rng.random_range(0..4) == 0 {
             batch.push(history[rng.random_range(0..from)].clone()); // a redelivery

@@ -51,9 +51,9 @@ enum BenchCommand {
         seed: u64,
         #[arg(long, default_value = "hnsw")]
         engine: EngineKind,
-        /// Planner threshold: pools up to this size are answered by exact class enumeration.
+        /// Planner threshold: pools larger than this use the HNSW graph (default: never).
         #[arg(long)]
-        exact_below: Option<usize>,
+        graph_above: Option<usize>,
         #[arg(long)]
         ef_search: Option<usize>,
         #[arg(long)]
@@ -82,12 +82,12 @@ fn main() -> ExitCode {
                 queries,
                 seed,
                 engine,
-                exact_below,
+                graph_above,
                 ef_search,
                 knbn,
             } => {
                 let mut cfg = HnswConfig::default();
-                cfg.exact_below_users = exact_below.unwrap_or(cfg.exact_below_users);
+                cfg.graph_above_users = graph_above.unwrap_or(cfg.graph_above_users);
                 cfg.ef_search = ef_search.unwrap_or(cfg.ef_search);
                 cfg.knbn = knbn.unwrap_or(cfg.knbn);
                 let report = bench::engine_bench(users, queries, seed, engine, cfg);

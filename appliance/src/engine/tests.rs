@@ -45,7 +45,7 @@ fn request(me: (UserId, Features), options: MatchOptions, k: u16) -> MatchReques
 /// Graph path forced even for tiny pools.
 fn graph_cfg() -> HnswConfig {
     HnswConfig {
-        exact_below_users: 0,
+        graph_above_users: 0,
         ..HnswConfig::default()
     }
 }
@@ -318,7 +318,7 @@ fn order_within_a_tie_is_uniform_for_k_above_one() {
 fn hnsw_rebuilds_in_the_background_past_the_tombstone_threshold() {
     let users = synth::population(3_000, 5);
     let cfg = HnswConfig {
-        exact_below_users: 0,
+        graph_above_users: 0,
         rebuild_min_dead: 16,
         ..HnswConfig::default()
     };
@@ -339,14 +339,29 @@ fn hnsw_rebuilds_in_the_background_past_the_tombstone_threshold() {
     let live: HashMap<UserId, &Features> = users[2_500..].iter().map(|(u, f)| (*u, f)).collect();
     let oracle = ExactEngine::from_users(live.iter().map(|(u, f)| (*u, *f)));
     let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut exact_hits = 0;
     for _ in 0..50 {
         let req = synth::request(&mut rng, &users[2_500..], 8);
         let got = e.rank(&req, &mut rng);
         let want = oracle.rank(&req, &mut rng);
         assert_eq!(filter_violations(&req, &got, |u| live.get(&u).copied()), 0);
-        let scores = |r: &Ranking| r.candidates.iter().map(|c| c.score).collect::<Vec<_>>();
-        assert_eq!(scores(&got), scores(&want));
+        assert!(never_better_than_exact(&got, &want));
+        exact_hits += usize::from(scores(&got) == scores(&want));
     }
+    // The graph is approximate (and its parallel build is not deterministic): most, not all.
+    assert!(exact_hits >= 40, "{exact_hits}/50");
+}
+
+fn scores(r: &Ranking) -> Vec<f32> {
+    r.candidates.iter().map(|c| c.score).collect()
+}
+
+/// An approximate answer has as many candidates as the exact one, none scoring higher at any
+/// rank, and the same relaxation.
+fn never_better_than_exact(got: &Ranking, want: &Ranking) -> bool {
+    got.candidates.len() == want.candidates.len()
+        && scores(got).iter().zip(scores(want)).all(|(g, w)| *g <= w)
+        && got.relaxed == want.relaxed
 }
 
 proptest! {
@@ -379,13 +394,15 @@ proptest! {
             let req = synth::request(&mut rng, &users, 8);
             let want = oracle.rank(&req, &mut rng);
             prop_assert_eq!(filter_violations(&req, &want, |u| live.get(&u).copied()), 0);
-            for e in [&planned as &dyn MatchEngine, &graph] {
-                let got = e.rank(&req, &mut rng);
-                prop_assert_eq!(filter_violations(&req, &got, |u| live.get(&u).copied()), 0);
-                let scores = |r: &Ranking| r.candidates.iter().map(|c| c.score).collect::<Vec<_>>();
-                prop_assert_eq!(scores(&got), scores(&want));
-                prop_assert_eq!(&got.relaxed, &want.relaxed);
-            }
+            // The planner answers small pools exactly: same scores, rank by rank.
+            let got = planned.rank(&req, &mut rng);
+            prop_assert_eq!(filter_violations(&req, &got, |u| live.get(&u).copied()), 0);
+            prop_assert_eq!(scores(&got), scores(&want));
+            prop_assert_eq!(&got.relaxed, &want.relaxed);
+            // The forced graph path is approximate: never better, never a violation.
+            let got = graph.rank(&req, &mut rng);
+            prop_assert_eq!(filter_violations(&req, &got, |u| live.get(&u).copied()), 0);
+            prop_assert!(never_better_than_exact(&got, &want));
         }
     }
 }

@@ -1,0 +1,211 @@
+//! The appliance's one `Config`: a TOML file (optional) overlaid with
+//! `COMATCHING_APPLIANCE__SECTION__KEY` environment variables; defaults work on a laptop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use comatching_protocol::ApplianceId;
+use comatching_protocol::config::{ConfigError, mask_url_password, overlay};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineKind;
+use crate::store::StoreBackend;
+
+pub const ENV_PREFIX: &str = "COMATCHING_APPLIANCE";
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub appliance: Appliance,
+    pub http: Http,
+    pub storage: Storage,
+    pub broker: Broker,
+    pub sync: Sync,
+    pub matching: Matching,
+    pub tailscale: Tailscale,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Appliance {
+    /// Names this appliance's own sync queue, `comatching.sync.<id>`.
+    pub id: ApplianceId,
+}
+
+impl Default for Appliance {
+    fn default() -> Self {
+        Appliance {
+            id: "appliance-1".parse().expect("literal id"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http {
+    /// The status page, health and metrics (keep it on loopback or the tailnet).
+    pub listen: SocketAddr,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            listen: "127.0.0.1:8081".parse().expect("literal address"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    pub data_dir: PathBuf,
+    pub backend: StoreBackend,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            data_dir: PathBuf::from("./var/appliance"),
+            backend: StoreBackend::Sqlite,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Broker {
+    pub url: String,
+    pub heartbeat_s: u16,
+    pub max_backoff_ms: u64,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            heartbeat_s: 10,
+            max_backoff_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sync {
+    /// Most events applied in one durable commit.
+    pub batch_max: usize,
+    /// How long a batch waits for more events before committing.
+    pub batch_wait_ms: u64,
+    /// A hello is sent at least this often, so the relay's view stays fresh and a lost tail
+    /// event is noticed.
+    pub hello_interval_ms: u64,
+    /// Deliveries of one sync message before the broker dead-letters it.
+    pub delivery_limit: i64,
+}
+
+impl Default for Sync {
+    fn default() -> Self {
+        Sync {
+            batch_max: 1000,
+            batch_wait_ms: 5,
+            hello_interval_ms: 10_000,
+            delivery_limit: 5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Matching {
+    pub engine: EngineKind,
+    /// Match requests taken from the broker at once.
+    pub prefetch: u16,
+    /// Match requests computed at once (off the async reactor).
+    pub workers: usize,
+}
+
+impl Default for Matching {
+    fn default() -> Self {
+        Matching {
+            engine: EngineKind::Hnsw,
+            prefetch: 32,
+            workers: 2,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tailscale {
+    /// The `tailscale` CLI; a missing binary is reported, not fatal.
+    pub cli: PathBuf,
+    pub timeout_ms: u64,
+}
+
+impl Default for Tailscale {
+    fn default() -> Self {
+        Tailscale {
+            cli: PathBuf::from("tailscale"),
+            timeout_ms: 2_000,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| ConfigError::Parse(format!("{}: {e}", p.display())))?,
+            None => String::new(),
+        };
+        Self::from_parts(&text, std::env::vars())
+    }
+
+    pub fn from_parts<I>(file: &str, vars: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let table = overlay(file, ENV_PREFIX, vars)?;
+        let cfg: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        if cfg.sync.batch_max == 0 || cfg.matching.workers == 0 || cfg.matching.prefetch == 0 {
+            return Err(ConfigError::Invalid(
+                "sync.batch_max, matching.workers and matching.prefetch must be positive".into(),
+            ));
+        }
+        Ok(cfg)
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.storage.data_dir.join("replica")
+    }
+
+    pub fn masked(&self) -> String {
+        let mut shown = self.clone();
+        shown.broker.url = mask_url_password(&shown.broker.url);
+        toml::to_string(&shown).unwrap_or_else(|e| format!("<unprintable: {e}>"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::from_parts(
+            "[storage]\nbackend = \"sled\"\n",
+            vec![
+                ("COMATCHING_APPLIANCE__APPLIANCE__ID".into(), "box-7".into()),
+                ("COMATCHING_APPLIANCE__HTTP__LISTEN".into(), "127.0.0.1:9".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.appliance.id.as_str(), "box-7");
+        assert_eq!(c.storage.backend, StoreBackend::Sled);
+        assert_eq!(c.http.listen.port(), 9);
+        assert!(c.masked().contains("guest:***@"));
+        assert!(Config::from_parts("[appliance]\nid = \"Bad Id\"\n", Vec::new()).is_err());
+    }
+}

@@ -1,0 +1,629 @@
+//! The appliance's link to the relay, over the broker only: it dials out, so NAT does not matter.
+//!
+//! One loop owns the connection (no reliance on the client's automatic recovery): connect with
+//! a heartbeat → declare the topology → consume this appliance's sync queue → say hello → apply
+//! sync batches (durable commit first, then ack) → take match requests only while caught up →
+//! on any failure, back off and start again. Malformed messages are rejected without requeue, so
+//! the broker dead-letters them and the queue keeps flowing; a batch the store cannot commit is
+//! requeued, so a message that always fails is dead-lettered after the delivery limit.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use comatching_protocol::{
+    Digest, Envelope, Epoch, Hello, HelloAck, Message, SnapshotBegin, SnapshotChunk, SnapshotEnd,
+    SnapshotUser, SyncEvent, WireLimits,
+};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use tokio::sync::{Semaphore, watch};
+
+use super::config::Config;
+use super::replica::Replica;
+
+pub const SYNC_EXCHANGE: &str = "comatching.sync";
+pub const DEAD_EXCHANGE: &str = "comatching.dead";
+pub const DEAD_QUEUE: &str = "comatching.dead";
+pub const CONTROL_QUEUE: &str = "comatching.control";
+pub const MATCH_QUEUE: &str = "comatching.match";
+/// Must equal the relay's: both declare the shared queues, and RabbitMQ refuses a redeclare
+/// with other arguments.
+const SHARED_DELIVERY_LIMIT: i64 = 5;
+/// At most one gap- or error-driven hello per this interval.
+const HELLO_MIN_GAP: Duration = Duration::from_secs(1);
+
+pub fn sync_queue(cfg: &Config) -> String {
+    format!("comatching.sync.{}", cfg.appliance.id)
+}
+
+fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+fn s(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v))
+}
+
+fn shared_quorum_args() -> FieldTable {
+    args(&[
+        ("x-queue-type", s("quorum")),
+        ("x-delivery-limit", AMQPValue::LongLongInt(SHARED_DELIVERY_LIMIT)),
+        ("x-dead-letter-exchange", s(DEAD_EXCHANGE)),
+    ])
+}
+
+async fn declare_topology(ch: &Channel, cfg: &Config) -> lapin::Result<()> {
+    let durable_x = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_q = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(SYNC_EXCHANGE.into(), ExchangeKind::Fanout, durable_x, FieldTable::default())
+        .await?;
+    ch.exchange_declare(DEAD_EXCHANGE.into(), ExchangeKind::Fanout, durable_x, FieldTable::default())
+        .await?;
+    ch.queue_declare(DEAD_QUEUE.into(), durable_q, FieldTable::default())
+        .await?;
+    ch.queue_bind(DEAD_QUEUE.into(), DEAD_EXCHANGE.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await?;
+    ch.queue_declare(CONTROL_QUEUE.into(), durable_q, shared_quorum_args())
+        .await?;
+    ch.queue_declare(MATCH_QUEUE.into(), durable_q, shared_quorum_args())
+        .await?;
+    let own = sync_queue(cfg);
+    ch.queue_declare(
+        own.as_str().into(),
+        durable_q,
+        args(&[
+            ("x-queue-type", s("quorum")),
+            ("x-single-active-consumer", AMQPValue::Boolean(true)),
+            ("x-delivery-limit", AMQPValue::LongLongInt(cfg.sync.delivery_limit)),
+            ("x-dead-letter-exchange", s(DEAD_EXCHANGE)),
+        ]),
+    )
+    .await?;
+    ch.queue_bind(own.as_str().into(), SYNC_EXCHANGE.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await?;
+    Ok(())
+}
+
+fn with_heartbeat(url: &str, heartbeat_s: u16) -> String {
+    if url.contains("heartbeat=") {
+        return url.to_owned();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}heartbeat={heartbeat_s}&connection_timeout=5000")
+}
+
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A snapshot being received: checked chunk by chunk, swapped in only when complete and equal
+/// to the relay's count and digest.
+struct Staging {
+    epoch: Epoch,
+    snapshot_id: u64,
+    high_water_seq: u64,
+    next_index: u32,
+    users: Vec<SnapshotUser>,
+}
+
+pub struct Link {
+    pub cfg: Arc<Config>,
+    pub replica: Arc<Replica>,
+}
+
+/// Per-session mutable state of the sync consumer.
+struct SessionState {
+    staging: Option<Staging>,
+    want_hello: bool,
+    last_hello: Option<Instant>,
+}
+
+impl Link {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let url = with_heartbeat(&self.cfg.broker.url, self.cfg.broker.heartbeat_s);
+        let mut backoff = Duration::from_millis(100);
+        let max_backoff = Duration::from_millis(self.cfg.broker.max_backoff_ms.max(100));
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let started = Instant::now();
+            let result = match tokio::time::timeout(
+                Duration::from_secs(10),
+                Connection::connect(&url, ConnectionProperties::default()),
+            )
+            .await
+            {
+                Ok(Ok(conn)) => {
+                    let r = self.session(&conn, &mut shutdown).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into())).await;
+                    r
+                }
+                Ok(Err(e)) => Err(format!("connect: {e}")),
+                Err(_) => Err("connect timed out".to_owned()),
+            };
+            {
+                let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
+                l.broker_connected = false;
+                l.hello_acked = false;
+                if let Err(e) = &result {
+                    l.last_error = Some(e.clone());
+                }
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            if let Err(e) = result {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker link down");
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => return,
+            }
+            backoff = (backoff * 2).min(max_backoff);
+        }
+    }
+
+    async fn session(&self, conn: &Connection, shutdown: &mut watch::Receiver<bool>) -> Result<(), String> {
+        let e = |what: &'static str| move |err: lapin::Error| format!("{what}: {err}");
+        let setup = conn.create_channel().await.map_err(e("channel"))?;
+        declare_topology(&setup, &self.cfg).await.map_err(e("declare topology"))?;
+        let _ = setup.close(200, "declared".into()).await;
+
+        let sync_ch = conn.create_channel().await.map_err(e("channel"))?;
+        let prefetch = (self.cfg.sync.batch_max * 2).min(u16::MAX as usize) as u16;
+        sync_ch.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(e("qos"))?;
+        let queue = sync_queue(&self.cfg);
+        let mut sync_consumer = sync_ch
+            .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .map_err(e("consume sync"))?;
+        let ctl = conn.create_channel().await.map_err(e("channel"))?;
+        ctl.confirm_select(ConfirmSelectOptions::default()).await.map_err(e("confirm"))?;
+        let match_ch = conn.create_channel().await.map_err(e("channel"))?;
+        match_ch
+            .basic_qos(self.cfg.matching.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(e("qos"))?;
+        let workers = Arc::new(Semaphore::new(self.cfg.matching.workers));
+        let mut match_consumer: Option<Consumer> = None;
+
+        {
+            let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
+            l.broker_connected = true;
+            l.hello_acked = false;
+        }
+        tracing::info!(queue, "broker link up");
+        let mut st = SessionState {
+            staging: None,
+            want_hello: true,
+            last_hello: None,
+        };
+        self.maybe_hello(&ctl, &mut st, true).await?;
+        let mut hello_tick = tokio::time::interval(Duration::from_millis(self.cfg.sync.hello_interval_ms.max(100)));
+        hello_tick.tick().await;
+        let mut ready_tick = tokio::time::interval(Duration::from_millis(100));
+        let mut events = conn.events_listener();
+        loop {
+            tokio::select! {
+                d = sync_consumer.next() => {
+                    let d = d.ok_or("sync consumer ended")?.map_err(e("sync delivery"))?;
+                    self.handle_sync_batch(d, &mut sync_consumer, &mut st).await?;
+                    self.maybe_hello(&ctl, &mut st, false).await?;
+                }
+                d = next_opt(&mut match_consumer) => {
+                    let d = d.ok_or("match consumer ended")?.map_err(e("match delivery"))?;
+                    let permit = workers.clone().acquire_owned().await.map_err(|_| "workers closed")?;
+                    let replica = self.replica.clone();
+                    let ch = match_ch.clone();
+                    tokio::spawn(async move {
+                        handle_match(replica, ch, d).await;
+                        drop(permit);
+                    });
+                }
+                _ = hello_tick.tick() => {
+                    st.want_hello = true;
+                    self.maybe_hello(&ctl, &mut st, true).await?;
+                }
+                _ = ready_tick.tick() => {
+                    let replica = self.replica.clone();
+                    let meta = tokio::task::spawn_blocking(move || replica.meta_blocking())
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    let ready = self.replica.ready(&meta);
+                    match (&match_consumer, ready) {
+                        (None, true) => {
+                            let c = match_ch
+                                .basic_consume(MATCH_QUEUE.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+                                .await
+                                .map_err(e("consume match"))?;
+                            tracing::info!(applied_seq = meta.cursor.applied_seq, "caught up: serving matches");
+                            match_consumer = Some(c);
+                        }
+                        (Some(c), false) => {
+                            match_ch
+                                .basic_cancel(c.tag(), BasicCancelOptions::default())
+                                .await
+                                .map_err(e("cancel match"))?;
+                            tracing::info!("behind the relay: stopped serving matches");
+                            match_consumer = None;
+                        }
+                        _ => {}
+                    }
+                }
+                ev = events.next() => {
+                    if let Some(lapin::Event::Error(err)) = ev {
+                        return Err(format!("connection: {err}"));
+                    }
+                    if !conn.status().connected() {
+                        return Err("connection closed".into());
+                    }
+                }
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+
+    /// Sends a hello when one is wanted and the last one is not too recent (or `force`).
+    async fn maybe_hello(&self, ctl: &Channel, st: &mut SessionState, force: bool) -> Result<(), String> {
+        if !st.want_hello {
+            return Ok(());
+        }
+        if !force && st.last_hello.is_some_and(|t| t.elapsed() < HELLO_MIN_GAP) {
+            return Ok(());
+        }
+        let replica = self.replica.clone();
+        let meta = tokio::task::spawn_blocking(move || replica.meta_blocking())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let hello = Hello {
+            appliance_id: self.cfg.appliance.id.clone(),
+            epoch: meta.cursor.epoch,
+            applied_seq: meta.cursor.applied_seq,
+            count: meta.count,
+            digest: meta.digest,
+        };
+        let body = Envelope::encode(&Message::Hello(hello));
+        let confirm = ctl
+            .basic_publish(
+                "".into(),
+                CONTROL_QUEUE.into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .map_err(|e| format!("hello: {e}"))?;
+        match confirm.await {
+            Ok(Confirmation::Ack(_)) => {}
+            other => return Err(format!("hello not confirmed: {other:?}")),
+        }
+        st.want_hello = false;
+        st.last_hello = Some(Instant::now());
+        self.replica.link.lock().unwrap_or_else(|p| p.into_inner()).hellos_sent += 1;
+        tracing::debug!(applied_seq = meta.cursor.applied_seq, "hello sent");
+        Ok(())
+    }
+
+    /// Takes `first` and whatever else is already waiting (up to the batch size), applies the
+    /// sync events in one durable commit, handles snapshot frames and acks in order.
+    async fn handle_sync_batch(&self, first: Delivery, consumer: &mut Consumer, st: &mut SessionState) -> Result<(), String> {
+        let mut deliveries = vec![first];
+        let wait = Duration::from_millis(self.cfg.sync.batch_wait_ms);
+        while deliveries.len() < self.cfg.sync.batch_max {
+            match tokio::time::timeout(wait, consumer.next()).await {
+                Ok(Some(Ok(d))) => deliveries.push(d),
+                Ok(Some(Err(err))) => return Err(format!("sync delivery: {err}")),
+                Ok(None) => return Err("sync consumer ended".into()),
+                Err(_) => break,
+            }
+        }
+        let limits = WireLimits::default();
+        let mut events: Vec<SyncEvent> = Vec::new();
+        let mut held: Vec<Delivery> = Vec::new();
+        for d in deliveries {
+            match Envelope::decode(&d.data, &limits) {
+                Err(err) => {
+                    tracing::warn!(code = err.code(), error = %err, "malformed sync message: dead-lettering");
+                    self.dead_letter(&d, &format!("malformed sync message: {err}")).await?;
+                }
+                Ok(Message::SyncEvent(ev)) => {
+                    if st.staging.is_some() {
+                        // Covered by the replay the relay sends after the snapshot.
+                        ack(&d).await?;
+                    } else {
+                        events.push(ev);
+                        held.push(d);
+                    }
+                }
+                Ok(Message::HelloAck(a)) => {
+                    self.flush(&mut events, &mut held, st).await?;
+                    if a.appliance_id == self.cfg.appliance.id {
+                        self.on_hello_ack(&a, st).await?;
+                    }
+                    ack(&d).await?;
+                }
+                Ok(Message::SnapshotBegin(b)) => {
+                    self.flush(&mut events, &mut held, st).await?;
+                    self.on_snapshot_begin(&b, st);
+                    ack(&d).await?;
+                }
+                Ok(Message::SnapshotChunk(c)) => {
+                    self.flush(&mut events, &mut held, st).await?;
+                    self.on_snapshot_chunk(c, st);
+                    ack(&d).await?;
+                }
+                Ok(Message::SnapshotEnd(end)) => {
+                    self.flush(&mut events, &mut held, st).await?;
+                    self.on_snapshot_end(&end, st).await?;
+                    ack(&d).await?;
+                }
+                Ok(other) => {
+                    let why = format!("unexpected {} on the sync queue", other.kind());
+                    tracing::warn!(why, "dead-lettering");
+                    self.dead_letter(&d, &why).await?;
+                }
+            }
+        }
+        self.flush(&mut events, &mut held, st).await
+    }
+
+    async fn dead_letter(&self, d: &Delivery, why: &str) -> Result<(), String> {
+        {
+            let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
+            l.dead_lettered += 1;
+            l.last_error = Some(why.to_owned());
+        }
+        d.reject(BasicRejectOptions { requeue: false })
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("reject: {e}"))
+    }
+
+    /// Commits the pending events durably, then acks them.
+    async fn flush(&self, events: &mut Vec<SyncEvent>, held: &mut Vec<Delivery>, st: &mut SessionState) -> Result<(), String> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(events);
+        let deliveries = std::mem::take(held);
+        let replica = self.replica.clone();
+        let max_seq = batch.iter().map(|e| e.seq).max().unwrap_or(0);
+        let batch_epoch = batch[0].epoch;
+        let result = tokio::task::spawn_blocking(move || replica.apply_blocking(&batch))
+            .await
+            .map_err(|e| e.to_string())?;
+        let plan = match result {
+            Ok(plan) => plan,
+            Err(err) => {
+                // Not acked: redelivered, and dead-lettered by the broker after the limit.
+                tracing::error!(code = err.code(), error = %err, "replica commit failed; requeueing the batch");
+                self.replica.set_error(format!("{}: {err}", err.code()));
+                for d in &deliveries {
+                    let _ = d.nack(BasicNackOptions { multiple: false, requeue: true }).await;
+                }
+                return Err(format!("replica commit failed: {err}"));
+            }
+        };
+        {
+            let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
+            l.events_applied += plan.changes.len() as u64;
+            l.gap = plan.gap.map(|g| (g.from, g.to));
+            if plan.resync.is_none() && l.relay_epoch == Some(batch_epoch) {
+                l.relay_seq = l.relay_seq.max(max_seq);
+            }
+        }
+        if let Some(r) = plan.resync {
+            tracing::warn!(?r, "sync batch needs a resync; asking the relay");
+            st.want_hello = true;
+        }
+        if let Some(g) = plan.gap {
+            tracing::info!(from = g.from, to = g.to, "gap in the sync stream; asking for a replay");
+            st.want_hello = true;
+        }
+        for d in &deliveries {
+            ack(d).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_hello_ack(&self, a: &HelloAck, st: &mut SessionState) -> Result<(), String> {
+        let replica = self.replica.clone();
+        let meta = tokio::task::spawn_blocking(move || replica.meta_blocking())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
+        l.relay_epoch = Some(a.epoch);
+        l.relay_seq = a.relay_seq;
+        l.hello_acked = true;
+        if meta.cursor.epoch != Some(a.epoch) || meta.cursor.applied_seq < a.relay_seq {
+            // The answer did not bring us there (a lost snapshot, say): ask again.
+            st.want_hello = true;
+        }
+        Ok(())
+    }
+
+    fn on_snapshot_begin(&self, b: &SnapshotBegin, st: &mut SessionState) {
+        tracing::info!(high_water_seq = b.high_water_seq, "snapshot begins");
+        st.staging = Some(Staging {
+            epoch: b.epoch,
+            snapshot_id: b.snapshot_id,
+            high_water_seq: b.high_water_seq,
+            next_index: 0,
+            users: Vec::new(),
+        });
+        self.replica.link.lock().unwrap_or_else(|p| p.into_inner()).snapshot_in_progress = Some(b.high_water_seq);
+    }
+
+    fn abort_snapshot(&self, st: &mut SessionState, why: &str) {
+        tracing::warn!(why, "snapshot abandoned; asking again");
+        st.staging = None;
+        st.want_hello = true;
+        let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
+        l.snapshot_in_progress = None;
+        l.last_error = Some(format!("snapshot abandoned: {why}"));
+    }
+
+    fn on_snapshot_chunk(&self, c: SnapshotChunk, st: &mut SessionState) {
+        let ok = st
+            .staging
+            .as_ref()
+            .is_some_and(|s| s.snapshot_id == c.snapshot_id && s.epoch == c.epoch && s.next_index == c.index);
+        if !ok {
+            if st.staging.is_some() {
+                self.abort_snapshot(st, "chunk out of order");
+            }
+            return;
+        }
+        if let Some(s) = st.staging.as_mut() {
+            s.next_index += 1;
+            s.users.extend(c.users);
+        }
+    }
+
+    async fn on_snapshot_end(&self, end: &SnapshotEnd, st: &mut SessionState) -> Result<(), String> {
+        let Some(staging) = st.staging.take() else {
+            return Ok(());
+        };
+        let digest = Digest::of(staging.users.iter().map(|u| (u.user_id, u.version)));
+        let mut ids: Vec<_> = staging.users.iter().map(|u| u.user_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let complete = end.snapshot_id == staging.snapshot_id
+            && end.epoch == staging.epoch
+            && end.high_water_seq == staging.high_water_seq
+            && end.chunks == staging.next_index
+            && end.count == staging.users.len() as u64
+            && ids.len() == staging.users.len()
+            && end.digest == digest;
+        if !complete {
+            st.staging = None;
+            self.abort_snapshot(st, "count, digest or framing does not match");
+            return Ok(());
+        }
+        let replica = self.replica.clone();
+        let (epoch, hw) = (staging.epoch, staging.high_water_seq);
+        let t = Instant::now();
+        let users = staging.users;
+        let n = users.len();
+        tokio::task::spawn_blocking(move || replica.replace_blocking(epoch, hw, &users))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("snapshot swap: {e}"))?;
+        {
+            let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
+            l.snapshot_in_progress = None;
+            l.snapshots_loaded += 1;
+            l.relay_epoch = Some(epoch);
+            l.relay_seq = hw;
+            l.gap = None;
+        }
+        tracing::info!(users = n, high_water_seq = hw, took_ms = t.elapsed().as_millis() as u64, "snapshot loaded");
+        Ok(())
+    }
+}
+
+async fn ack(d: &Delivery) -> Result<(), String> {
+    d.ack(BasicAckOptions::default())
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("ack: {e}"))
+}
+
+async fn next_opt(c: &mut Option<Consumer>) -> Option<lapin::Result<Delivery>> {
+    match c {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers one match request: expired ones are dropped unread (the relay stopped waiting),
+/// malformed ones dead-lettered, and requests that arrive while this appliance is not caught up
+/// are handed back to the queue for another appliance.
+async fn handle_match(replica: Arc<Replica>, ch: Channel, d: Delivery) {
+    let reject = |requeue: bool| async move {
+        let _ = d.reject(BasicRejectOptions { requeue }).await;
+    };
+    let req = match Envelope::decode(&d.data, &WireLimits::default()) {
+        Ok(Message::MatchRequest(r)) => r,
+        Ok(other) => {
+            tracing::warn!(kind = other.kind(), "unexpected message on the match queue");
+            replica.link.lock().unwrap_or_else(|p| p.into_inner()).dead_lettered += 1;
+            return reject(false).await;
+        }
+        Err(err) => {
+            tracing::warn!(code = err.code(), error = %err, "malformed match request");
+            replica.link.lock().unwrap_or_else(|p| p.into_inner()).dead_lettered += 1;
+            return reject(false).await;
+        }
+    };
+    let (Some(reply_to), Some(correlation)) = (d.properties.reply_to().clone(), d.properties.correlation_id().clone()) else {
+        tracing::warn!("match request without reply_to or correlation_id");
+        return reject(false).await;
+    };
+    if now_unix_ms() > req.deadline_unix_ms {
+        replica.link.lock().unwrap_or_else(|p| p.into_inner()).matches_expired += 1;
+        let _ = d.ack(BasicAckOptions::default()).await;
+        return;
+    }
+    let r = replica.clone();
+    let answered = tokio::task::spawn_blocking(move || {
+        let meta = r.meta_blocking()?;
+        if !r.ready(&meta) {
+            return Ok(None);
+        }
+        r.answer_blocking(&req, now_unix_ms()).map(Some)
+    })
+    .await;
+    let reply = match answered {
+        Ok(Ok(Some(reply))) => reply,
+        Ok(Ok(None)) => return reject(true).await,
+        Ok(Err(err)) => {
+            replica.set_error(format!("{}: {err}", err.code()));
+            return reject(true).await;
+        }
+        Err(_) => return reject(true).await,
+    };
+    let body = Envelope::encode(&Message::MatchReply(reply));
+    let published = ch
+        .basic_publish(
+            "".into(),
+            reply_to,
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default().with_correlation_id(correlation),
+        )
+        .await;
+    if let Err(err) = published {
+        tracing::warn!(error = %err, "could not publish a match reply");
+        return reject(true).await;
+    }
+    replica.link.lock().unwrap_or_else(|p| p.into_inner()).matches_answered += 1;
+    let _ = d.ack(BasicAckOptions::default()).await;
+}

@@ -1,0 +1,152 @@
+//! The running replica: the durable store, the in-memory match engine mirroring it, and the
+//! sync status that decides whether this appliance may answer matches.
+//!
+//! Writes go store first (durable commit), engine second; the engine is always rebuildable from
+//! the store. All store and engine work is blocking and runs on blocking threads; the async
+//! link code calls the `*_blocking` methods through `tokio::task::spawn_blocking`.
+
+use std::sync::{Mutex, RwLock};
+use std::time::Instant;
+
+use comatching_protocol::{
+    Digest, Epoch, MatchReply, MatchRequest, ReplicaPosition, SnapshotUser, SyncEvent,
+};
+use serde::Serialize;
+
+use crate::engine::{self, EngineKind, MatchEngine};
+use crate::store::{self, ReplicaMeta, ReplicaStore, StoreBackend, StoreError};
+use crate::sync::{Gap, SyncPlan};
+
+/// What the status page and the readiness rule need to know about the link.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LinkStatus {
+    pub broker_connected: bool,
+    /// The relay's epoch and seq as of its last `HelloAck` (or the newest event seen).
+    pub relay_epoch: Option<Epoch>,
+    pub relay_seq: u64,
+    /// A HelloAck for the current broker session has arrived.
+    pub hello_acked: bool,
+    pub gap: Option<(u64, u64)>,
+    /// A snapshot is being staged (high-water seq).
+    pub snapshot_in_progress: Option<u64>,
+    pub snapshots_loaded: u64,
+    pub events_applied: u64,
+    pub dead_lettered: u64,
+    pub matches_answered: u64,
+    pub matches_expired: u64,
+    pub hellos_sent: u64,
+    pub last_error: Option<String>,
+    pub index_rebuild_ms: u64,
+}
+
+pub struct Replica {
+    store: Mutex<Box<dyn ReplicaStore>>,
+    engine: RwLock<Box<dyn MatchEngine>>,
+    engine_kind: EngineKind,
+    backend: StoreBackend,
+    pub link: Mutex<LinkStatus>,
+    pub started: Instant,
+}
+
+impl Replica {
+    /// Opens the store and rebuilds the engine from it.
+    pub fn open(backend: StoreBackend, dir: &std::path::Path, kind: EngineKind) -> Result<Replica, StoreError> {
+        let store = store::open(backend, dir)?;
+        let t = Instant::now();
+        let live = store.live_users()?;
+        let engine = engine::build(kind, live.iter().map(|u| (u.user_id, &u.features)));
+        let rebuild_ms = t.elapsed().as_millis() as u64;
+        tracing::info!(users = live.len(), rebuild_ms, engine = kind.as_str(), "index rebuilt from the store");
+        Ok(Replica {
+            store: Mutex::new(store),
+            engine: RwLock::new(engine),
+            engine_kind: kind,
+            backend,
+            link: Mutex::new(LinkStatus {
+                index_rebuild_ms: rebuild_ms,
+                ..LinkStatus::default()
+            }),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn backend(&self) -> StoreBackend {
+        self.backend
+    }
+
+    pub fn engine_kind(&self) -> EngineKind {
+        self.engine_kind
+    }
+
+    pub fn meta_blocking(&self) -> Result<ReplicaMeta, StoreError> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).meta()
+    }
+
+    pub fn engine_len(&self) -> usize {
+        self.engine.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Applies a batch durably, then mirrors the decided changes into the engine.
+    pub fn apply_blocking(&self, events: &[SyncEvent]) -> Result<SyncPlan, StoreError> {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let plan = store::apply_batch(store.as_mut(), events)?;
+        if !plan.changes.is_empty() {
+            let mut engine = self.engine.write().unwrap_or_else(|p| p.into_inner());
+            engine::apply_changes(engine.as_mut(), &plan.changes);
+        }
+        Ok(plan)
+    }
+
+    /// Swaps in a verified snapshot and rebuilds the engine once.
+    pub fn replace_blocking(&self, epoch: Epoch, high_water_seq: u64, users: &[SnapshotUser]) -> Result<(), StoreError> {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.replace_all(epoch, high_water_seq, users)?;
+        let t = Instant::now();
+        let rebuilt = engine::build(self.engine_kind, users.iter().map(|u| (u.user_id, &u.features)));
+        *self.engine.write().unwrap_or_else(|p| p.into_inner()) = rebuilt;
+        self.link.lock().unwrap_or_else(|p| p.into_inner()).index_rebuild_ms = t.elapsed().as_millis() as u64;
+        Ok(())
+    }
+
+    /// Answers a match request from the engine (the caller checked readiness).
+    pub fn answer_blocking(&self, req: &MatchRequest, now_unix_ms: u64) -> Result<MatchReply, StoreError> {
+        let meta = self.meta_blocking()?;
+        let position = ReplicaPosition {
+            epoch: meta.cursor.epoch,
+            applied_seq: meta.cursor.applied_seq,
+        };
+        let engine = self.engine.read().unwrap_or_else(|p| p.into_inner());
+        let mut rng = rand::rng();
+        Ok(engine::answer(engine.as_ref(), req, now_unix_ms, position, &mut rng))
+    }
+
+    /// Count and digest recomputed from the rows, compared with the meta row.
+    pub fn integrity_blocking(&self) -> Result<(ReplicaMeta, u64, Digest), StoreError> {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let meta = store.meta()?;
+        let (count, digest) = store.recount()?;
+        Ok((meta, count, digest))
+    }
+
+    pub fn note_gap(&self, gap: Option<Gap>) {
+        self.link.lock().unwrap_or_else(|p| p.into_inner()).gap = gap.map(|g| (g.from, g.to));
+    }
+
+    pub fn set_error(&self, e: impl Into<String>) {
+        self.link.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(e.into());
+    }
+
+    /// May this appliance answer matches? Connected, acknowledged by the relay in this session,
+    /// same lineage, applied everything the relay had when it answered, no gap, no snapshot in
+    /// flight.
+    pub fn ready(&self, meta: &ReplicaMeta) -> bool {
+        let l = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        l.broker_connected
+            && l.hello_acked
+            && meta.cursor.epoch.is_some()
+            && l.relay_epoch == meta.cursor.epoch
+            && meta.cursor.applied_seq >= l.relay_seq
+            && l.gap.is_none()
+            && l.snapshot_in_progress.is_none()
+    }
+}

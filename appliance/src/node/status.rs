@@ -1,0 +1,163 @@
+//! The appliance's local HTTP port: `/healthz`, `/status` (JSON for machines, HTML for staff)
+//! and `/metrics` (Prometheus text). Read-only; it never changes the replica.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use super::config::Config;
+use super::replica::Replica;
+
+#[derive(Clone)]
+pub struct StatusState {
+    pub cfg: Arc<Config>,
+    pub replica: Arc<Replica>,
+    /// The last tailscale probe, refreshed in the background (the CLI can hang).
+    pub tailscale: Arc<std::sync::Mutex<Value>>,
+}
+
+pub fn router(state: StatusState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// The status document (also printed by `comatching-appliance status`).
+pub async fn status_json(s: &StatusState) -> Result<Value, String> {
+    let replica = s.replica.clone();
+    let (meta, engine_len) = tokio::task::spawn_blocking(move || {
+        replica.meta_blocking().map(|m| (m, replica.engine_len()))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let ready = s.replica.ready(&meta);
+    let link = s.replica.link.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let lag = link.relay_seq.saturating_sub(meta.cursor.applied_seq);
+    Ok(json!({
+        "appliance_id": s.cfg.appliance.id.as_str(),
+        "store_backend": s.replica.backend().as_str(),
+        "count": meta.count,
+        "digest": meta.digest.to_string(),
+        "epoch": meta.cursor.epoch.map(|e| e.to_string()),
+        "applied_seq": meta.cursor.applied_seq,
+        "relay_seq": link.relay_seq,
+        "lag": lag,
+        "ready": ready,
+        "broker_connected": link.broker_connected,
+        "index": {
+            "engine": s.replica.engine_kind().as_str(),
+            "users": engine_len,
+            "rebuild_ms": link.index_rebuild_ms,
+            "state": if link.snapshot_in_progress.is_some() { "loading_snapshot" } else { "ready" },
+        },
+        "sync": {
+            "hello_acked": link.hello_acked,
+            "gap": link.gap.map(|(a, b)| json!({"from": a, "to": b})),
+            "snapshot_in_progress": link.snapshot_in_progress,
+            "snapshots_loaded": link.snapshots_loaded,
+            "events_applied": link.events_applied,
+            "dead_lettered": link.dead_lettered,
+            "hellos_sent": link.hellos_sent,
+        },
+        "matches": { "answered": link.matches_answered, "expired": link.matches_expired },
+        "tailscale": s.tailscale.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        "uptime_s": s.replica.started.elapsed().as_secs(),
+        "last_error": link.last_error,
+    }))
+}
+
+async fn healthz(State(s): State<StatusState>) -> Response {
+    let replica = s.replica.clone();
+    match tokio::task::spawn_blocking(move || replica.meta_blocking()).await {
+        Ok(Ok(_)) => (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "store unavailable"}))).into_response(),
+    }
+}
+
+async fn status(State(s): State<StatusState>, headers: HeaderMap) -> Response {
+    let doc = match status_json(&s).await {
+        Ok(d) => d,
+        Err(e) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"error": {"code": "store_unavailable", "message": e}})))
+                .into_response();
+        }
+    };
+    let wants_html = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if wants_html {
+        Html(render_html(&doc)).into_response()
+    } else {
+        axum::Json(doc).into_response()
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn render_html(doc: &Value) -> String {
+    let ready = doc["ready"].as_bool().unwrap_or(false);
+    let mut rows = String::new();
+    let mut row = |k: &str, v: &Value| {
+        let shown = match v {
+            Value::String(s) => s.clone(),
+            Value::Null => "—".to_owned(),
+            other => other.to_string(),
+        };
+        let _ = write!(rows, "<tr><th>{}</th><td>{}</td></tr>", escape(k), escape(&shown));
+    };
+    for key in ["appliance_id", "store_backend", "count", "digest", "epoch", "applied_seq", "relay_seq", "lag", "broker_connected", "uptime_s", "last_error"] {
+        row(key, &doc[key]);
+    }
+    row("index", &doc["index"]);
+    row("sync", &doc["sync"]);
+    row("matches", &doc["matches"]);
+    row("tailscale", &doc["tailscale"]);
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\">\
+         <title>COMAtching appliance</title><style>body{{font-family:sans-serif;margin:2em}}\
+         .s{{font-size:2em;padding:.3em .6em;color:#fff;background:{}}}th{{text-align:left;padding-right:1em}}\
+         td{{font-family:monospace}}</style></head><body><h1>COMAtching appliance</h1>\
+         <p class=\"s\">{}</p><table>{}</table></body></html>",
+        if ready { "#2a7" } else { "#c33" },
+        if ready { "READY — serving matches" } else { "NOT READY — catching up or offline" },
+        rows
+    )
+}
+
+async fn metrics(State(s): State<StatusState>) -> Response {
+    let Ok(doc) = status_json(&s).await else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
+    let n = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let b = |v: &Value| if v.as_bool().unwrap_or(false) { 1.0 } else { 0.0 };
+    let gauges = [
+        ("comatching_replica_users", "Live users in the replica.", n(&doc["count"])),
+        ("comatching_replica_applied_seq", "Last contiguous outbox seq applied.", n(&doc["applied_seq"])),
+        ("comatching_replica_lag", "Relay seq minus applied seq.", n(&doc["lag"])),
+        ("comatching_ready", "1 while serving matches.", b(&doc["ready"])),
+        ("comatching_broker_connected", "1 while connected to the broker.", b(&doc["broker_connected"])),
+        ("comatching_sync_events_applied_total", "Replica changes applied.", n(&doc["sync"]["events_applied"])),
+        ("comatching_sync_dead_lettered_total", "Messages rejected to the dead-letter queue.", n(&doc["sync"]["dead_lettered"])),
+        ("comatching_snapshots_loaded_total", "Snapshots swapped in.", n(&doc["sync"]["snapshots_loaded"])),
+        ("comatching_matches_answered_total", "Match requests answered.", n(&doc["matches"]["answered"])),
+        ("comatching_matches_expired_total", "Match requests dropped past their deadline.", n(&doc["matches"]["expired"])),
+        ("comatching_uptime_seconds", "Seconds since start.", n(&doc["uptime_s"])),
+    ];
+    let mut out = String::new();
+    for (name, help, v) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
