@@ -1,0 +1,242 @@
+# The broker topology of COMATCHING Edge as a RabbitMQ definitions document (the JSON read by
+# `definitions.local.path` at node boot and by `rabbitmqctl import_definitions`), with builtins
+# only so it evaluates and is tested offline (nix/tests/rabbitmq.nix).
+#
+# It must stay equivalent to what the binaries declare themselves (cloud-relay/src/broker.rs,
+# appliance/src/node/link.rs): RabbitMQ refuses a redeclare with different arguments.
+#
+#   comatching.sync           fanout exchange, durable            relay → every appliance
+#   comatching.sync.<id>      quorum queue per appliance, bound   single active consumer
+#   comatching.match          quorum queue                        relay → any appliance (RPC)
+#   comatching.control        quorum queue                        appliance hellos → relay
+#   comatching.dead           fanout exchange + durable queue     dead letters of all the above
+#
+# Users: `relay`, and `appliance-<id>` per appliance, each with the narrowest permissions the
+# code's own declarations allow (see `permissions` below). No `guest`: the definitions cannot
+# delete it, so the relay module removes it after import.
+let
+  inherit (builtins)
+    attrNames
+    concatStringsSep
+    hasAttr
+    isInt
+    isList
+    length
+    listToAttrs
+    match
+    replaceStrings
+    toJSON
+    ;
+
+  syncExchange = "comatching.sync";
+  deadExchange = "comatching.dead";
+  deadQueue = "comatching.dead";
+  matchQueue = "comatching.match";
+  controlQueue = "comatching.control";
+
+  # Same rule as comatching_protocol::ApplianceId: 1–64 of a-z, 0-9, '-', not starting with
+  # '-'. It also makes the id safe to splice into a permission regex.
+  checkId =
+    id:
+    if match "[a-z0-9][a-z0-9-]{0,63}" id != null then
+      id
+    else
+      throw "rabbitmq: invalid appliance id ${toJSON id} (1-64 of a-z, 0-9, '-', not starting with '-')";
+
+  syncQueue = id: "comatching.sync.${checkId id}";
+  applianceUser = id: "appliance-${checkId id}";
+
+  # A regex matching exactly the given names (dots escaped).
+  exactly =
+    names:
+    let
+      esc = n: replaceStrings [ "." ] [ "\\." ] n;
+    in
+    "^(" + concatStringsSep "|" (map esc names) + ")$";
+
+  # Permissions follow RabbitMQ's access-control table:
+  #   declare (even of an existing entity) = configure on it; publish = write on the exchange
+  #   (the default exchange is `amq.default`); consume = read on the queue; queue.bind = write on
+  #   the queue and read on the exchange.
+  # Publishing through the default exchange (match requests, snapshot chunks, hellos, RPC
+  # replies to direct reply-to) needs write on `amq.default`, which RabbitMQ cannot narrow by
+  # routing key.
+  relayPermissions = {
+    # declares both exchanges, the dead-letter queue and the two shared quorum queues
+    configure = exactly [
+      syncExchange
+      deadExchange
+      matchQueue
+      controlQueue
+    ];
+    # publishes events to comatching.sync, everything else through the default exchange; binds
+    # comatching.dead (queue) to comatching.dead (exchange)
+    write = exactly [
+      "amq.default"
+      syncExchange
+      deadQueue
+    ];
+    # consumes comatching.control and its RPC replies; the dead-letter binding reads the exchange
+    read = exactly [
+      controlQueue
+      deadExchange
+      "amq.rabbitmq.reply-to"
+    ];
+  };
+
+  appliancePermissions = id: {
+    # declares the shared topology (as the relay does) and its own sync queue, nobody else's
+    configure = exactly [
+      syncExchange
+      deadExchange
+      matchQueue
+      controlQueue
+      (syncQueue id)
+    ];
+    # hellos and match replies go through the default exchange; binds its own queue and the
+    # dead-letter queue
+    write = exactly [
+      "amq.default"
+      deadQueue
+      (syncQueue id)
+    ];
+    # consumes its own sync queue and the shared match queue; its bindings read both exchanges
+    read = exactly [
+      syncExchange
+      deadExchange
+      matchQueue
+      (syncQueue id)
+    ];
+  };
+
+  checkLimit =
+    what: n:
+    if isInt n && n > 0 then n else throw "rabbitmq: ${what} must be a positive integer";
+
+  # definitions :: { appliances, vhost?, relayUser?, deliveryLimit?, syncDeliveryLimit?,
+  #                  passwordHashes? } -> attrs (serialise with builtins.toJSON)
+  #
+  # passwordHashes maps user names to RabbitMQ password hashes (base64 of salt ++
+  # sha256(salt ++ password)); a user without one gets an empty hash, i.e. cannot log in until
+  # `rabbitmqctl change_password` runs (the relay module does that from runtime files).
+  definitions =
+    {
+      appliances,
+      vhost ? "/",
+      relayUser ? "relay",
+      deliveryLimit ? 5,
+      syncDeliveryLimit ? 5,
+      passwordHashes ? { },
+    }:
+    let
+      ids =
+        if !(isList appliances) then
+          throw "rabbitmq: appliances must be a list of ids"
+        else if length appliances != length (attrNames (listToAttrs (map (id: {
+          name = id;
+          value = null;
+        }) appliances)))
+        then
+          throw "rabbitmq: duplicate appliance id"
+        else
+          map checkId appliances;
+
+      user = name: {
+        inherit name;
+        password_hash = if hasAttr name passwordHashes then passwordHashes.${name} else "";
+        hashing_algorithm = "rabbit_password_hashing_sha256";
+        tags = [ ];
+        limits = { };
+      };
+
+      permission = name: perms: {
+        user = name;
+        inherit vhost;
+        inherit (perms) configure write read;
+      };
+
+      exchange = name: {
+        inherit name vhost;
+        type = "fanout";
+        durable = true;
+        auto_delete = false;
+        internal = false;
+        arguments = { };
+      };
+
+      queue = name: arguments: {
+        inherit name vhost arguments;
+        durable = true;
+        auto_delete = false;
+      };
+
+      sharedQuorum = {
+        "x-queue-type" = "quorum";
+        "x-delivery-limit" = checkLimit "deliveryLimit" deliveryLimit;
+        "x-dead-letter-exchange" = deadExchange;
+      };
+
+      binding = source: destination: {
+        inherit source vhost destination;
+        destination_type = "queue";
+        routing_key = "";
+        arguments = { };
+      };
+    in
+    {
+      users = [ (user relayUser) ] ++ map (id: user (applianceUser id)) ids;
+      vhosts = [ { name = vhost; } ];
+      permissions = [
+        (permission relayUser relayPermissions)
+      ] ++ map (id: permission (applianceUser id) (appliancePermissions id)) ids;
+      exchanges = [
+        (exchange syncExchange)
+        (exchange deadExchange)
+      ];
+      queues = [
+        (queue deadQueue { })
+        (queue matchQueue sharedQuorum)
+        (queue controlQueue sharedQuorum)
+      ]
+      ++ map (
+        id:
+        queue (syncQueue id) {
+          "x-queue-type" = "quorum";
+          "x-single-active-consumer" = true;
+          "x-delivery-limit" = checkLimit "syncDeliveryLimit" syncDeliveryLimit;
+          "x-dead-letter-exchange" = deadExchange;
+        }
+      ) ids;
+      bindings = [ (binding deadExchange deadQueue) ] ++ map (id: binding syncExchange (syncQueue id)) ids;
+      parameters = [ ];
+      global_parameters = [ ];
+      policies = [ ];
+    };
+in
+{
+  inherit
+    definitions
+    syncQueue
+    applianceUser
+    relayPermissions
+    appliancePermissions
+    ;
+  # The users the definitions create, in order (for the password-setting unit).
+  userNames =
+    {
+      appliances,
+      relayUser ? "relay",
+      ...
+    }:
+    [ relayUser ] ++ map applianceUser appliances;
+  # Exported so the tests can pin the names the binaries use.
+  names = {
+    inherit
+      syncExchange
+      deadExchange
+      deadQueue
+      matchQueue
+      controlQueue
+      ;
+  };
+}

@@ -1,0 +1,376 @@
+# Evaluation tests for nix/lib/rabbitmq.nix: exact topology, permission regexes exercised with
+# builtins.match (POSIX ERE, like RabbitMQ's anchored regexes here), refusal of bad input, the
+# golden JSON, and drift checks against the names the Rust code declares.
+let
+  rmq = import ../lib/rabbitmq.nix;
+  defs = rmq.definitions {
+    appliances = [
+      "edge-1"
+      "box-2"
+    ];
+  };
+  perms = user: builtins.head (builtins.filter (p: p.user == user) defs.permissions);
+  queue = name: builtins.head (builtins.filter (q: q.name == name) defs.queues);
+  allows = regex: name: builtins.match regex name != null;
+  fails = x: !(builtins.tryEval (builtins.deepSeq x true)).success;
+
+  relay = perms "relay";
+  edge = perms "appliance-edge-1";
+
+  # Drift checks: the constants in the Rust sources must equal the generator's.
+  source = path: builtins.readFile (../.. + "/${path}");
+  relayBroker = source "cloud-relay/src/broker.rs";
+  applianceLink = source "appliance/src/node/link.rs";
+  applianceConfig = source "appliance/src/node/config.rs";
+  rustConst =
+    src: name:
+    let
+      m = builtins.match ".*const ${name}: [&a-z0-9]+ = \"?([^\";]*)\"?;.*" src;
+    in
+    if m == null then "<${name} not found>" else builtins.head m;
+  syncDefaultLimit =
+    let
+      m = builtins.match ".*delivery_limit: ([0-9]+),.*" applianceConfig;
+    in
+    if m == null then "<Sync::default delivery_limit not found>" else builtins.head m;
+in
+import ./harness.nix [
+  {
+    name = "users";
+    actual = map (u: u.name) defs.users;
+    expected = [
+      "relay"
+      "appliance-edge-1"
+      "appliance-box-2"
+    ];
+  }
+  {
+    name = "no-guest-and-no-passwords-in-the-store";
+    actual = map (u: u.password_hash) defs.users;
+    expected = [
+      ""
+      ""
+      ""
+    ];
+  }
+  {
+    name = "password-hash-when-given";
+    actual =
+      (builtins.head
+        (rmq.definitions {
+          appliances = [ ];
+          passwordHashes.relay = "HASH";
+        }).users
+      ).password_hash;
+    expected = "HASH";
+  }
+  {
+    name = "exchanges";
+    actual = map (x: {
+      inherit (x)
+        name
+        type
+        durable
+        auto_delete
+        internal
+        ;
+    }) defs.exchanges;
+    expected = [
+      {
+        name = "comatching.sync";
+        type = "fanout";
+        durable = true;
+        auto_delete = false;
+        internal = false;
+      }
+      {
+        name = "comatching.dead";
+        type = "fanout";
+        durable = true;
+        auto_delete = false;
+        internal = false;
+      }
+    ];
+  }
+  {
+    name = "queue-names";
+    actual = map (q: q.name) defs.queues;
+    expected = [
+      "comatching.dead"
+      "comatching.match"
+      "comatching.control"
+      "comatching.sync.edge-1"
+      "comatching.sync.box-2"
+    ];
+  }
+  {
+    name = "all-queues-durable";
+    actual = builtins.all (q: q.durable && !q.auto_delete && q.vhost == "/") defs.queues;
+    expected = true;
+  }
+  {
+    name = "dead-letter-queue-is-classic";
+    actual = (queue "comatching.dead").arguments;
+    expected = { };
+  }
+  {
+    name = "match-queue-arguments";
+    actual = (queue "comatching.match").arguments;
+    expected = {
+      "x-queue-type" = "quorum";
+      "x-delivery-limit" = 5;
+      "x-dead-letter-exchange" = "comatching.dead";
+    };
+  }
+  {
+    name = "control-queue-arguments";
+    actual = (queue "comatching.control").arguments;
+    expected = (queue "comatching.match").arguments;
+  }
+  {
+    name = "sync-queue-arguments";
+    actual = (queue "comatching.sync.edge-1").arguments;
+    expected = {
+      "x-queue-type" = "quorum";
+      "x-single-active-consumer" = true;
+      "x-delivery-limit" = 5;
+      "x-dead-letter-exchange" = "comatching.dead";
+    };
+  }
+  {
+    name = "delivery-limits-configurable";
+    actual =
+      let
+        d = rmq.definitions {
+          appliances = [ "a" ];
+          deliveryLimit = 7;
+          syncDeliveryLimit = 9;
+        };
+      in
+      map (q: q.arguments."x-delivery-limit" or null) d.queues;
+    expected = [
+      null
+      7
+      7
+      9
+    ];
+  }
+  {
+    name = "bindings";
+    actual = map (b: "${b.source}->${b.destination}") defs.bindings;
+    expected = [
+      "comatching.dead->comatching.dead"
+      "comatching.sync->comatching.sync.edge-1"
+      "comatching.sync->comatching.sync.box-2"
+    ];
+  }
+  {
+    name = "vhost-configurable";
+    actual =
+      let
+        d = rmq.definitions {
+          appliances = [ "a" ];
+          vhost = "festival";
+        };
+      in
+      builtins.all (x: x.vhost == "festival") (d.queues ++ d.exchanges ++ d.bindings ++ d.permissions)
+      && d.vhosts == [ { name = "festival"; } ];
+    expected = true;
+  }
+  {
+    name = "relay-may-declare-the-shared-topology-only";
+    actual = map (allows relay.configure) [
+      "comatching.sync"
+      "comatching.dead"
+      "comatching.match"
+      "comatching.control"
+      "comatching.sync.edge-1"
+      "comatchingXsync"
+      "amq.default"
+    ];
+    expected = [
+      true
+      true
+      true
+      true
+      false
+      false
+      false
+    ];
+  }
+  {
+    name = "relay-publishes-to-sync-and-default-exchange";
+    actual = map (allows relay.write) [
+      "comatching.sync"
+      "amq.default"
+      "comatching.dead"
+      "comatching.match"
+      "amq.direct"
+    ];
+    expected = [
+      true
+      true
+      true
+      false
+      false
+    ];
+  }
+  {
+    name = "relay-reads-control-and-replies";
+    actual = map (allows relay.read) [
+      "comatching.control"
+      "amq.rabbitmq.reply-to"
+      "comatching.dead"
+      "comatching.match"
+      "comatching.sync.edge-1"
+    ];
+    expected = [
+      true
+      true
+      true
+      false
+      false
+    ];
+  }
+  {
+    name = "appliance-configures-its-own-queue-not-others";
+    actual = map (allows edge.configure) [
+      "comatching.sync.edge-1"
+      "comatching.sync.box-2"
+      "comatching.sync.edge-10"
+      "comatching.match"
+    ];
+    expected = [
+      true
+      false
+      false
+      true
+    ];
+  }
+  {
+    name = "appliance-writes";
+    actual = map (allows edge.write) [
+      "amq.default"
+      "comatching.sync.edge-1"
+      "comatching.dead"
+      "comatching.sync"
+      "comatching.sync.box-2"
+      "comatching.control"
+    ];
+    expected = [
+      true
+      true
+      true
+      false
+      false
+      false
+    ];
+  }
+  {
+    name = "appliance-reads";
+    actual = map (allows edge.read) [
+      "comatching.match"
+      "comatching.sync.edge-1"
+      "comatching.sync"
+      "comatching.sync.box-2"
+      "comatching.control"
+    ];
+    expected = [
+      true
+      true
+      true
+      false
+      false
+    ];
+  }
+  {
+    name = "rejects-bad-ids";
+    actual = map (id: fails (rmq.definitions { appliances = [ id ]; })) [
+      "ok-1"
+      "-x"
+      "Upper"
+      "a.b"
+      "a|b"
+      ""
+    ];
+    expected = [
+      false
+      true
+      true
+      true
+      true
+      true
+    ];
+  }
+  {
+    name = "rejects-duplicate-ids";
+    actual = fails (
+      rmq.definitions {
+        appliances = [
+          "a"
+          "a"
+        ];
+      }
+    );
+    expected = true;
+  }
+  {
+    name = "rejects-bad-limits";
+    actual = fails (
+      rmq.definitions {
+        appliances = [ "a" ];
+        deliveryLimit = 0;
+      }
+    );
+    expected = true;
+  }
+  {
+    # The document RabbitMQ reads, for review; regenerate it when the topology changes on purpose.
+    name = "golden-json";
+    actual = defs;
+    expected = builtins.fromJSON (builtins.readFile ./golden/definitions.json);
+  }
+  {
+    name = "drift:relay-names";
+    actual = map (rustConst relayBroker) [
+      "SYNC_EXCHANGE"
+      "MATCH_QUEUE"
+      "DEAD_EXCHANGE"
+      "DEAD_QUEUE"
+      "CONTROL_QUEUE"
+      "MATCH_DELIVERY_LIMIT"
+    ];
+    expected = with rmq.names; [
+      syncExchange
+      matchQueue
+      deadExchange
+      deadQueue
+      controlQueue
+      "5"
+    ];
+  }
+  {
+    name = "drift:appliance-names";
+    actual = map (rustConst applianceLink) [
+      "SYNC_EXCHANGE"
+      "MATCH_QUEUE"
+      "DEAD_EXCHANGE"
+      "DEAD_QUEUE"
+      "CONTROL_QUEUE"
+      "SHARED_DELIVERY_LIMIT"
+    ];
+    expected = with rmq.names; [
+      syncExchange
+      matchQueue
+      deadExchange
+      deadQueue
+      controlQueue
+      "5"
+    ];
+  }
+  {
+    name = "drift:appliance-sync-delivery-limit-default";
+    actual = syncDefaultLimit;
+    expected = "5";
+  }
+]
