@@ -38,9 +38,9 @@ impl TestEnv {
         self.vhost.amqp_url()
     }
 
-    /// An operator account named `op`.
+    /// An operator account named `operator`.
     pub async fn operator(&self) -> Operator {
-        Operator::create(&self.api, &self.relay, "op").await
+        Operator::create(&self.api, &self.relay, "operator").await
     }
 
     /// A responder on this env's vhost.

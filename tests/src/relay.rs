@@ -213,6 +213,7 @@ impl RelayProcess {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.env("NO_COLOR", "1");
         cmd.current_dir(self.dir.path());
         cmd
     }

@@ -264,9 +264,10 @@ async fn profile_validation_names_the_field() {
             r.status,
             r.text
         );
-        assert_eq!(
-            r.error_field(),
-            Some(field),
+        // The field, or an element of it ("hobbies[0]").
+        let named = r.error_field().unwrap_or_default();
+        assert!(
+            named == field || named.starts_with(&format!("{field}[")),
             "validation_failed should name {field:?}: {}",
             r.text
         );

@@ -104,7 +104,14 @@ async fn a_match_reveals_the_partner_and_charges_the_cost() {
         "the deadline is in the future when the request arrives"
     );
     assert_eq!(s.correlation_id.as_deref(), Some(&*req.request_id.to_hex()));
-    assert_eq!(s.reply_to.as_deref(), Some("amq.rabbitmq.reply-to"));
+    // The broker rewrites the pseudo-queue into a per-channel address.
+    assert!(
+        s.reply_to
+            .as_deref()
+            .is_some_and(|r| r.starts_with("amq.rabbitmq.reply-to.")),
+        "direct reply-to expected: {:?}",
+        s.reply_to
+    );
     assert_eq!(s.delivery_mode, Some(2), "requests are persistent");
     let ttl: u64 = s
         .expiration
@@ -139,7 +146,7 @@ async fn a_match_reveals_the_partner_and_charges_the_cost() {
 async fn relaxed_important_option_refunds_the_surcharge() {
     let env = TestEnv::start("match-refund").await;
     let op = env.operator().await;
-    let me = funded(&env, &op, "ben", ProfileBuilder::male()).await;
+    let me = funded(&env, &op, "ben", ProfileBuilder::male().major("Economics")).await;
     let p1 = woman(&env, "cara").await;
     let p2 = woman(&env, "dana").await;
     let _responder = Responder::start(&env.amqp_url(), {

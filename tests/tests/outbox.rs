@@ -108,9 +108,9 @@ async fn every_pool_change_is_published_once_in_seq_order() {
     let mut expected = Vec::new();
 
     let ann = env.api.signup("ann").await;
-    let bo = env.api.signup("bo").await;
-    let cy = env.api.signup("cy").await;
-    let di = env.api.signup("di").await; // never gets a profile: never published
+    let bo = env.api.signup("bob").await;
+    let cy = env.api.signup("cyd").await;
+    let di = env.api.signup("dia").await; // never gets a profile: never published
 
     let s = ann
         .set_profile(&ProfileBuilder::female().major("Law"))
@@ -197,7 +197,7 @@ async fn rows_committed_while_the_broker_was_away_are_published_after_a_crash() 
 
     let mut expected = Vec::new();
     let mut users = Vec::new();
-    for (i, name) in ["gil", "hu", "io", "jo"].iter().enumerate() {
+    for (i, name) in ["gil", "hugo", "iona", "jojo"].iter().enumerate() {
         let user = api.signup(name).await;
         let profile = if i % 2 == 0 {
             ProfileBuilder::female()
@@ -244,7 +244,7 @@ async fn seq_continues_without_gaps_across_a_crash() {
     let tap = env.sync_tap().await;
     let mut expected = Vec::new();
     let mut users = Vec::new();
-    for name in ["kai", "lu", "mo"] {
+    for name in ["kai", "luz", "mona"] {
         let user = env.api.signup(name).await;
         let s = user.set_profile(&ProfileBuilder::female()).await;
         expected.push(upsert(&user, &s));
