@@ -661,3 +661,160 @@ async fn history_lists_my_matches_newest_first() {
         .collect();
     assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
 }
+
+/// The relay declares the broker topology the appliance relies on: the durable quorum match
+/// queue with a delivery limit and dead-lettering, and the dead-letter exchange and queue.
+/// A message nobody can process ends up in `comatching.dead` instead of cycling forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_match_queue_dead_letters_poison_messages() {
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    };
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    let env = TestEnv::start("topology").await;
+    // Waits for the topology (a passive declare inside).
+    let responder = Responder::start(&env.amqp_url(), |_| ResponderAction::Silent).await;
+    drop(responder);
+
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "-n", "rabbit@localhost", "list_queues", "-p"])
+        .arg(env.vhost.name())
+        .args([
+            "name",
+            "type",
+            "durable",
+            "arguments",
+            "--formatter",
+            "json",
+        ])
+        .output()
+        .expect("rabbitmqctl list_queues");
+    let queues: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("list_queues prints JSON");
+    let find = |name: &str| {
+        queues
+            .as_array()
+            .and_then(|qs| qs.iter().find(|q| q["name"] == name))
+            .unwrap_or_else(|| panic!("queue {name} not declared: {queues}"))
+            .clone()
+    };
+    let matchq = find("comatching.match");
+    assert_eq!(matchq["type"], "quorum", "{matchq}");
+    assert_eq!(matchq["durable"], true, "{matchq}");
+    let args = matchq["arguments"].to_string();
+    assert!(args.contains("x-delivery-limit"), "{matchq}");
+    assert!(args.contains("comatching.dead"), "{matchq}");
+    let dead = find("comatching.dead");
+    assert_eq!(dead["durable"], true, "{dead}");
+
+    // A poison message: rejected with requeue by every consumer that sees it.
+    let conn = Connection::connect(&env.amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.basic_publish(
+        "".into(),
+        "comatching.match".into(),
+        BasicPublishOptions::default(),
+        b"not a match request",
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .expect("publish");
+    let mut consumer = ch
+        .basic_consume(
+            "comatching.match".into(),
+            "poison-rejecter".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let rejecter = tokio::spawn(async move {
+        let mut deliveries = 0u32;
+        while let Some(Ok(d)) = consumer.next().await {
+            deliveries += 1;
+            let _ = d
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
+            if deliveries > 20 {
+                break;
+            }
+        }
+        deliveries
+    });
+    let ch2 = conn.create_channel().await.expect("channel");
+    let dead_lettered = comatching_tests::wait_for(
+        comatching_tests::PATIENCE,
+        "the poison message in comatching.dead",
+        || {
+            let ch2 = ch2.clone();
+            async move {
+                ch2.basic_get("comatching.dead".into(), BasicGetOptions { no_ack: true })
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|m| m.delivery.data.clone())
+            }
+        },
+    )
+    .await;
+    assert_eq!(dead_lettered, b"not a match request");
+    rejecter.abort();
+}
+
+/// The relay crashes while a match is in flight: after the restart the hold is voided by the
+/// sweeper and nobody is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_match_leaves_no_hold_and_no_charge() {
+    let env = TestEnv::start_with("crash-mid-match", |c| {
+        c.matching.deadline_ms = 1_500;
+        c.ledger.sweep_interval_ms = 200;
+    })
+    .await;
+    let op = env.operator().await;
+    let me = funded(&env, &op, "hank", ProfileBuilder::male()).await;
+    let partner = woman(&env, "iris").await;
+    let gate = comatching_tests::Gate::new();
+    let responder = Responder::start(&env.amqp_url(), {
+        let (gate, p) = (gate.clone(), partner.id());
+        move |req| ResponderAction::ReplyWhenOpened(gate.clone(), ok_reply(req, &[p]))
+    })
+    .await;
+    let in_flight = tokio::spawn({
+        let me = me.clone();
+        async move { me.post_match("crash", &MatchOptionsBuilder::new()).await }
+    });
+    responder.wait_for_requests(1).await;
+    assert_eq!(op.open_holds().await, 1);
+
+    let TestEnv {
+        mut relay, vhost, ..
+    } = env;
+    relay.kill_9();
+    assert!(in_flight.await.is_err(), "the request died with the relay");
+    relay.restart().await;
+    relay.wait_ready().await;
+    // The reply now arrives for a request the new process never sent: ignored.
+    gate.open();
+    comatching_tests::wait_until(
+        comatching_tests::PATIENCE,
+        "the sweeper to void the orphaned hold",
+        || {
+            let op = &op;
+            async move { op.open_holds().await == 0 }
+        },
+    )
+    .await;
+    assert_eq!(me.points().await, PASSES);
+    assert!(me.matches().await.is_empty());
+    assert_eq!(op.stats().await["points_spent"], 0);
+    drop(relay);
+    drop(vhost);
+}
