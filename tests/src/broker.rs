@@ -121,6 +121,19 @@ impl Vhost {
         ]);
     }
 
+    /// Forcibly closes every client connection in this vhost (relay, responders, taps alike),
+    /// as a broker-side network failure would.
+    pub fn close_all_connections(&self) {
+        rabbitmqctl_ok(&[
+            "close_all_connections",
+            "-p",
+            &self.name,
+            "--limit",
+            "1000",
+            "test: simulated connection loss",
+        ]);
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

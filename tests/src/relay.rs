@@ -214,6 +214,21 @@ impl RelayProcess {
             cmd.env("RUST_LOG", "info");
         }
         cmd.env("NO_COLOR", "1");
+        // If the test process dies without unwinding (SIGKILL, abort), take the relay with it
+        // rather than leaving an orphan holding a port and broker connections.
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.current_dir(self.dir.path());
         cmd
     }

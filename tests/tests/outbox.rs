@@ -280,3 +280,70 @@ async fn seq_continues_without_gaps_across_a_crash() {
     drop(relay);
     drop(vhost);
 }
+
+/// The relay starts before its broker vhost exists and connects by itself once it does: its own
+/// reconnect loop, no restart. Changes made meanwhile are not lost: the seq carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_connects_on_its_own_when_the_broker_appears() {
+    let mut vhost = Vhost::reserve("outbox-late-vhost");
+    let mut config = RelayConfig::new(vhost.amqp_url());
+    config.rate_limit.per_ip_per_minute = 1_000_000;
+    let mut relay = RelayProcess::start(config).await;
+    relay.wait_not_ready().await;
+    let api = Api::new(relay.base_url());
+    let early = api.signup("nina").await;
+    early.set_profile(&ProfileBuilder::female()).await;
+
+    vhost.materialise();
+    relay.wait_ready().await;
+    let tap = SyncTap::bind(&vhost.amqp_url()).await;
+    let late = api.signup("omar").await;
+    let stored = late.set_profile(&ProfileBuilder::male()).await;
+    let events = tap.wait_for_seq(2).await;
+    let last = events.last().expect("an event").event.clone();
+    assert_eq!(last.seq, 2, "the early change took seq 1: {events:?}");
+    assert_eq!(last.user_id, late.id());
+    assert_eq!(Some(last.version), stored["version"].as_u64());
+}
+
+/// The broker drops the relay's connection: the relay reconnects, redeclares, and publishes
+/// the next change with the next seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_survives_a_dropped_connection() {
+    let env = TestEnv::start("outbox-conn-loss").await;
+    let tap = env.sync_tap().await;
+    let a = env.api.signup("pete").await;
+    a.set_profile(&ProfileBuilder::male()).await;
+    tap.wait_for_seq(1).await;
+
+    env.vhost.close_all_connections(); // the tap's too
+    let tap = env.sync_tap().await;
+    let b = env.api.signup("rita").await;
+    let stored = b.set_profile(&ProfileBuilder::female()).await;
+    let events = tap.wait_for_seq(2).await;
+    let ev = &events
+        .iter()
+        .find(|e| e.event.seq == 2)
+        .expect("seq 2")
+        .event;
+    assert_eq!(ev.user_id, b.id());
+    assert_eq!(Some(ev.version), stored["version"].as_u64());
+    assert!(
+        events.iter().all(|e| e.event.seq <= 2),
+        "no seq beyond the last change: {events:?}"
+    );
+
+    // The match RPC is back too: seq 2 went out on the new connection.
+    let op = env.operator().await;
+    op.grant(&a, 5_000).await;
+    let _responder = Responder::start(&env.amqp_url(), {
+        let b = b.id();
+        move |req| ResponderAction::Reply(ok_reply(req, &[b]))
+    })
+    .await;
+    let m = a
+        .post_match("after-loss", &MatchOptionsBuilder::new())
+        .await
+        .expect(201);
+    assert_eq!(m["partner"]["user_id"], serde_json::json!(b.user_id));
+}
