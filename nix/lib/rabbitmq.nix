@@ -212,10 +212,32 @@ let
       global_parameters = [ ];
       policies = [ ];
     };
+  # The same, split the way the relay module deploys it: `topology` (vhost, exchanges, queues,
+  # bindings; imported at every broker boot, no users so no `guest` is seeded either) and
+  # `permissions` per user name (imported with the users' runtime password hashes by
+  # nix/modules/broker-users.sh).
+  split =
+    args:
+    let
+      d = definitions args;
+    in
+    {
+      topology = removeAttrs d [
+        "users"
+        "permissions"
+      ];
+      permissions = listToAttrs (
+        map (p: {
+          name = p.user;
+          value = [ p ];
+        }) d.permissions
+      );
+    };
 in
 {
   inherit
     definitions
+    split
     syncQueue
     applianceUser
     relayPermissions

@@ -331,6 +331,37 @@ import ./harness.nix [
     expected = builtins.fromJSON (builtins.readFile ./golden/definitions.json);
   }
   {
+    name = "split-topology-has-no-users";
+    actual = builtins.attrNames (rmq.split { appliances = [ "edge-1" ]; }).topology;
+    expected = [
+      "bindings"
+      "exchanges"
+      "global_parameters"
+      "parameters"
+      "policies"
+      "queues"
+      "vhosts"
+    ];
+  }
+  {
+    name = "split-permissions-per-user";
+    actual =
+      let
+        p = (rmq.split { appliances = [ "edge-1" ]; }).permissions;
+      in
+      {
+        users = builtins.attrNames p;
+        edge = p."appliance-edge-1";
+      };
+    expected = {
+      users = [
+        "appliance-edge-1"
+        "relay"
+      ];
+      edge = [ edge ];
+    };
+  }
+  {
     name = "drift:relay-names";
     actual = map (rustConst relayBroker) [
       "SYNC_EXCHANGE"

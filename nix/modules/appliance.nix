@@ -1,0 +1,221 @@
+# NixOS module: services.comatching-appliance — the university box's replica, matcher and status
+# page. The unit is Type=notify with a watchdog: the binary sends READY=1 once it serves and
+# WATCHDOG=1 while it is healthy; systemd restarts it when the pings stop.
+#
+# The config file is rendered from `settings` by nix/lib/toml.nix into the store, so it must not
+# hold secrets: put COMATCHING_APPLIANCE__BROKER__URL=amqp://appliance-<id>:SECRET@relay:5672/%2f
+# in `environmentFile`.
+#
+# Option names of nixpkgs used below were checked against nixpkgs' own module sources; see
+# docs/operations.md, "Sources checked".
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.services.comatching-appliance;
+  ts = config.services.tailscale;
+  clib = import ../lib;
+  inherit (lib)
+    mkOption
+    mkEnableOption
+    mkIf
+    types
+    optional
+    optionals
+    literalExpression
+    ;
+
+  stateDir = "comatching-appliance";
+  autoconnect = ts.enable && ts.authKeyFile != null;
+
+  scalar =
+    with types;
+    oneOf [
+      bool
+      int
+      float
+      str
+      path
+    ];
+  settingValue = with types; nullOr (either scalar (listOf scalar));
+  section =
+    options:
+    mkOption {
+      type = types.submodule {
+        freeformType = types.attrsOf settingValue;
+        inherit options;
+      };
+      default = { };
+    };
+
+  configFile = pkgs.writeText "comatching-appliance.toml" (clib.toml.render cfg.settings);
+  exe = lib.getExe' cfg.package "comatching-appliance";
+  httpPort = lib.toInt (lib.last (lib.splitString ":" cfg.settings.http.listen));
+in
+{
+  options.services.comatching-appliance = {
+    enable = mkEnableOption "the COMATCHING Edge appliance";
+
+    package = mkOption {
+      type = types.package;
+      description = "The package providing `bin/comatching-appliance` (the flake's `appliance`).";
+      defaultText = literalExpression "self.packages.\${system}.appliance";
+    };
+
+    settings = mkOption {
+      description = ''
+        The appliance's configuration, rendered to TOML (sections [appliance], [http],
+        [storage], [broker], [sync], [matching], [tailscale]; see appliance/src/node/config.rs).
+        Keys left unset take the binary's defaults. No secrets: this ends up in the Nix store.
+      '';
+      default = { };
+      type = types.submodule {
+        freeformType = types.attrsOf (types.attrsOf settingValue);
+        options = {
+          appliance = section {
+            id = mkOption {
+              type = types.strMatching "[a-z0-9][a-z0-9-]{0,63}";
+              example = "edge-1";
+              description = "Appliance id: names its sync queue `comatching.sync.<id>` and broker user `appliance-<id>`.";
+            };
+          };
+          http = section {
+            listen = mkOption {
+              type = types.str;
+              default = "127.0.0.1:8081";
+              description = "Status page, health and metrics. Keep it on loopback or behind the tailnet-only firewall.";
+            };
+          };
+          storage = section {
+            data_dir = mkOption {
+              type = types.str;
+              default = "/var/lib/${stateDir}";
+              readOnly = true;
+              description = "The replica lives here (the unit's StateDirectory; on the data partition in the image).";
+            };
+            backend = mkOption {
+              type = types.enum [
+                "sqlite"
+                "sled"
+              ];
+              default = "sqlite";
+              description = "Replica store backend.";
+            };
+          };
+          broker = section {
+            url = mkOption {
+              type = types.str;
+              default = "amqp://appliance-${cfg.settings.appliance.id}@127.0.0.1:5672/%2f";
+              defaultText = literalExpression ''"amqp://appliance-''${settings.appliance.id}@127.0.0.1:5672/%2f"'';
+              description = ''
+                AMQP URL without the password (set the full URL in `environmentFile` as
+                COMATCHING_APPLIANCE__BROKER__URL).
+              '';
+            };
+          };
+          tailscale = section {
+            cli = mkOption {
+              type = types.str;
+              default = if ts.enable then lib.getExe' ts.package "tailscale" else "tailscale";
+              defaultText = literalExpression ''if services.tailscale.enable then "''${services.tailscale.package}/bin/tailscale" else "tailscale"'';
+              description = "The tailscale CLI the status probe runs (`tailscale status --json`).";
+            };
+            timeout_ms = mkOption {
+              type = types.ints.positive;
+              default = 2000;
+              description = "Deadline of one tailscale probe; a wedged daemon is reported as `timeout`.";
+            };
+          };
+        };
+      };
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/var/lib/comatching-provision/appliance.env";
+      description = ''
+        A file outside the Nix store with `KEY=value` lines for systemd's EnvironmentFile=, e.g.
+        `COMATCHING_APPLIANCE__BROKER__URL=amqp://appliance-edge-1:SECRET@relay:5672/%2f`.
+        A missing file is tolerated (the unit starts with the settings alone).
+      '';
+    };
+
+    logFilter = mkOption {
+      type = types.str;
+      default = "info";
+      description = "RUST_LOG filter.";
+    };
+
+    watchdogSec = mkOption {
+      type = types.str;
+      default = "30s";
+      description = "WatchdogSec= of the unit: the binary must send WATCHDOG=1 more often than this.";
+    };
+
+    startTimeout = mkOption {
+      type = types.str;
+      default = "5min";
+      description = "TimeoutStartSec=: how long the binary may take to send READY=1.";
+    };
+
+    tailnetInterface = mkOption {
+      type = types.str;
+      default = "tailscale0";
+      description = "Interface on which `openFirewallOnTailnet` opens the status page port.";
+    };
+
+    openFirewallOnTailnet = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the status page port (from settings.http.listen) on `tailnetInterface` only.";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = clib.settings.unknownSections clib.settings.applianceSections cfg.settings == [ ];
+        message = "services.comatching-appliance.settings: unknown sections ${toString (clib.settings.unknownSections clib.settings.applianceSections cfg.settings)}; the appliance refuses unknown fields.";
+      }
+      {
+        assertion = builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" cfg.settings.broker.url == null;
+        message = "services.comatching-appliance.settings.broker.url must not contain a password (it would land in the Nix store); set COMATCHING_APPLIANCE__BROKER__URL in environmentFile.";
+      }
+    ];
+
+    systemd.services.comatching-appliance = {
+      description = "COMATCHING Edge appliance";
+      wantedBy = [ "multi-user.target" ];
+      # Ordered after the tailnet join so the first status already shows the tailnet; `wants`,
+      # not `requires`: without the tailnet the box still starts and reports why.
+      wants = [ "network-online.target" ] ++ optional autoconnect "tailscaled-autoconnect.service";
+      after = [
+        "network-online.target"
+      ]
+      ++ optionals ts.enable [ "tailscaled.service" ]
+      ++ optional autoconnect "tailscaled-autoconnect.service";
+      restartTriggers = [ configFile ];
+      environment.RUST_LOG = cfg.logFilter;
+      unitConfig = clib.systemd.unitConfig;
+      serviceConfig = clib.systemd.serviceConfig // {
+        Type = "notify";
+        NotifyAccess = "main";
+        WatchdogSec = cfg.watchdogSec;
+        TimeoutStartSec = cfg.startTimeout;
+        StateDirectory = stateDir;
+        WorkingDirectory = "%S/${stateDir}";
+        ExecStart = "${exe} run --config ${configFile}";
+        # "-": a box that has not been provisioned yet still starts and shows its status.
+        EnvironmentFile = optional (cfg.environmentFile != null) "-${cfg.environmentFile}";
+      };
+    };
+
+    networking.firewall.interfaces = mkIf cfg.openFirewallOnTailnet {
+      ${cfg.tailnetInterface}.allowedTCPPorts = [ httpPort ];
+    };
+  };
+}
