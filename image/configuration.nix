@@ -1,0 +1,178 @@
+# The appliance's NixOS configuration: `nixosConfigurations.appliance`, built into
+# `packages.x86_64-linux.appliance-image` (a raw GPT disk image made by systemd-repart).
+#
+# What the box does with no one at the keyboard: boots the UKI, grows its data partition on the
+# first boot, takes its secrets off the ESP, joins the tailnet with the provisioned auth key,
+# starts the appliance (after the tailnet join), and serves the status page and ssh on the
+# tailnet only. The hardware watchdog reboots a hung box; a failed boot reboots instead of
+# waiting at an emergency shell. There is no nix, no nixos-rebuild, no switching: updates are a
+# new image.
+#
+# Site-specific values (appliance id, maintainers' ssh keys) are in ./site.nix.
+{
+  config,
+  lib,
+  modulesPath,
+  ...
+}:
+let
+  site = config.comatching.site;
+  provisionDir = config.comatching.provisionDir;
+in
+{
+  imports = [
+    "${modulesPath}/profiles/minimal.nix"
+    ./disk.nix
+    ./provision.nix
+    ./site.nix
+  ];
+
+  options.comatching.site = {
+    applianceId = lib.mkOption {
+      type = lib.types.strMatching "[a-z0-9][a-z0-9-]{0,63}";
+      description = "The appliance id (broker user appliance-<id>, queue comatching.sync.<id>).";
+    };
+    hostName = lib.mkOption {
+      type = lib.types.strMatching "[a-z0-9][a-z0-9-]{0,62}";
+      default = "comatching-edge";
+      description = "Host name, also the tailnet (MagicDNS) name.";
+    };
+    sshKeys = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      description = "Maintainers' ssh public keys for root (over the tailnet only).";
+    };
+    brokerUrl = lib.mkOption {
+      type = lib.types.str;
+      description = ''
+        The relay's broker on the tailnet, without the password (which comes with
+        appliance.env at provisioning), e.g. amqp://appliance-edge-1@relay:5672/%2f.
+      '';
+    };
+    tailscaleUpFlags = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [ "--advertise-tags=tag:comatching-edge" ];
+      description = "Extra flags for `tailscale up` at the first join.";
+    };
+  };
+
+  config = {
+    system.stateVersion = "25.05";
+    networking.hostName = site.hostName;
+
+    # ---- the appliance -------------------------------------------------------------------
+    services.comatching-appliance = {
+      enable = true;
+      settings = {
+        appliance.id = site.applianceId;
+        # All interfaces, but the firewall admits the port on tailscale0 only.
+        http.listen = "0.0.0.0:8081";
+        broker.url = site.brokerUrl;
+      };
+      environmentFile = "${provisionDir}/appliance.env";
+      openFirewallOnTailnet = true;
+    };
+
+    # ---- tailscale -----------------------------------------------------------------------
+    services.tailscale = {
+      enable = true;
+      # A string, not a Nix path: the key stays on the data partition, never in the store.
+      authKeyFile = "${provisionDir}/tailscale-authkey";
+      extraUpFlags = [ "--hostname=${site.hostName}" ] ++ site.tailscaleUpFlags;
+      # Direct connections work through NAT without an open port; nothing is opened globally.
+      openFirewall = false;
+    };
+    systemd.services.tailscaled-autoconnect = {
+      # Not provisioned yet: skip instead of running `tailscale up` with an empty key.
+      unitConfig.ConditionPathExists = "${provisionDir}/tailscale-authkey";
+      # The appliance is ordered after this unit; never let a stuck login hold it back forever.
+      serviceConfig.TimeoutStartSec = "3min";
+      after = [ "comatching-provision.service" ];
+    };
+
+    # ---- network and firewall: nothing reachable except over the tailnet ----------------------
+    networking.useNetworkd = true;
+    networking.firewall = {
+      enable = true;
+      allowedTCPPorts = lib.mkForce [ ];
+      allowedUDPPorts = lib.mkForce [ ];
+      interfaces.tailscale0.allowedTCPPorts = [ 22 ];
+    };
+
+    # ---- ssh: keys only, tailnet only ------------------------------------------------------
+    services.openssh = {
+      enable = true;
+      openFirewall = false;
+      settings = {
+        PasswordAuthentication = false;
+        KbdInteractiveAuthentication = false;
+        PermitRootLogin = "prohibit-password";
+      };
+      # On the data partition, so the host key survives reboots (/ is a tmpfs).
+      hostKeys = [
+        {
+          path = "/var/lib/ssh/ssh_host_ed25519_key";
+          type = "ed25519";
+        }
+      ];
+    };
+    users.mutableUsers = false;
+    users.users.root = {
+      # No password: no console login, ssh keys only.
+      hashedPassword = "!";
+      openssh.authorizedKeys.keys = site.sshKeys;
+    };
+    # The appliance runs without anyone logging in; with no key, build anyway (and say so).
+    users.allowNoPasswordLogin = true;
+    warnings = lib.optional (site.sshKeys == [ ]) "comatching.site.sshKeys is empty: nobody can ssh into the appliance.";
+
+    # ---- no nix, no switching: the image is the unit of deployment -------------------------
+    nix.enable = false;
+    system.switch.enable = false;
+
+    # ---- watchdog and failure handling: reboot rather than wait for a human ---------------------
+    # PID 1 pets the hardware watchdog (/dev/watchdog0); a hung kernel or PID 1 resets the box.
+    systemd.watchdog = {
+      runtimeTime = "30s";
+      rebootTime = "5min";
+    };
+    boot.initrd.systemd.extraConfig = ''
+      RuntimeWatchdogSec=60s
+    '';
+    boot.kernelParams = [ "panic=10" ];
+    boot.kernel.sysctl."kernel.panic_on_oops" = 1;
+    # No emergency shell anywhere: a failed boot reboots after 30 s instead.
+    systemd.enableEmergencyMode = false;
+    boot.initrd.systemd.emergencyAccess = false;
+    boot.initrd.systemd.services.comatching-reboot-on-failure = {
+      description = "Reboot instead of an emergency shell";
+      wantedBy = [ "emergency.target" ];
+      unitConfig.DefaultDependencies = false;
+      serviceConfig = {
+        Type = "oneshot";
+        ExecStart = [
+          "/bin/sleep 30"
+          "/bin/systemctl --force reboot"
+        ];
+      };
+    };
+
+    # ---- state on the data partition ------------------------------------------------------------
+    # / is a tmpfs: keep one machine id for the box's life on /var (journal, systemd state).
+    system.activationScripts.comatching-machine-id = {
+      deps = [ "etc" ];
+      text = ''
+        if [ ! -s /var/lib/comatching-machine-id ]; then
+          mkdir -p /var/lib
+          tr -d '-' < /proc/sys/kernel/random/uuid > /var/lib/comatching-machine-id
+        fi
+        cp /var/lib/comatching-machine-id /etc/machine-id
+      '';
+    };
+    services.journald.extraConfig = ''
+      Storage=persistent
+      SystemMaxUse=1G
+    '';
+  };
+}

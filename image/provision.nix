@@ -1,0 +1,70 @@
+# Provisioning without typing on the box: before the first boot, maintainers copy the secrets onto
+# the ESP of the flashed disk (a FAT partition any laptop can mount):
+#
+#   <ESP>/comatching/tailscale-authkey   a tailscale auth key (tskey-auth-…)
+#   <ESP>/comatching/appliance.env       COMATCHING_APPLIANCE__BROKER__URL=amqp://appliance-<id>:…@…
+#
+# At boot this unit moves them to /var/lib/comatching-provision (data partition, root-only) and
+# deletes them from the ESP, before tailscale's autoconnect and the appliance start. Nothing
+# secret is ever in the Nix store or in the image. The files stay on the data partition across
+# reboots; a re-image or factory reset wipes them (copy them onto the ESP again).
+{ lib, ... }:
+let
+  espDir = "/boot/comatching";
+  dir = "/var/lib/comatching-provision";
+  files = [
+    "tailscale-authkey"
+    "appliance.env"
+  ];
+in
+{
+  options.comatching.provisionDir = lib.mkOption {
+    type = lib.types.str;
+    default = dir;
+    readOnly = true;
+    description = "Where provisioned secrets live on the box (data partition).";
+  };
+
+  config = {
+    systemd.services.comatching-provision = {
+      description = "Move provisioning secrets from the ESP to the data partition";
+      wantedBy = [ "multi-user.target" ];
+      before = [
+        "tailscaled-autoconnect.service"
+        "comatching-appliance.service"
+      ];
+      unitConfig = {
+        RequiresMountsFor = [
+          "/boot"
+          "/var/lib"
+        ];
+        ConditionDirectoryNotEmpty = espDir;
+      };
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        UMask = "0077";
+      };
+      script = ''
+        set -eu
+        mkdir -p ${dir}
+        chmod 0700 ${dir}
+        for f in ${lib.concatStringsSep " " files}; do
+          src=${espDir}/$f
+          [ -f "$src" ] || continue
+          # Windows editors like CRLF; neither the key nor the env file wants it.
+          tr -d '\r' < "$src" > ${dir}/.$f.new
+          sync ${dir}/.$f.new
+          mv ${dir}/.$f.new ${dir}/$f
+          rm -f "$src"
+          echo "provisioned $f"
+        done
+        sync ${espDir} || true
+      '';
+    };
+
+    # Provisioned files are read by tailscaled-autoconnect (as root) and by the appliance unit's
+    # EnvironmentFile= (read by systemd as root); nobody else needs them.
+    systemd.tmpfiles.rules = [ "d ${dir} 0700 root root -" ];
+  };
+}
