@@ -42,10 +42,18 @@ let
   # A second UKI, identical but for `systemd.factory_reset=1` on the kernel command line, which
   # makes systemd-repart in the initrd delete and recreate every partition marked
   # FactoryReset=yes (only the data partition).
+  # Its os-release names it, so the boot menu tells the two entries apart.
   ini = pkgs.formats.ini { };
+  resetOsRelease = pkgs.runCommand "os-release-factory-reset" { } ''
+    grep -v '^PRETTY_NAME=' ${config.system.build.etc}/etc/os-release > $out
+    echo 'PRETTY_NAME="COMATCHING Edge: FACTORY RESET (wipes /var)"' >> $out
+  '';
   resetUkiConfig = ini.generate "ukify-factory-reset.conf" (
     lib.recursiveUpdate config.boot.uki.settings {
-      UKI.Cmdline = "${config.boot.uki.settings.UKI.Cmdline} systemd.factory_reset=1";
+      UKI = {
+        Cmdline = "${config.boot.uki.settings.UKI.Cmdline} systemd.factory_reset=1";
+        OSRelease = "@${resetOsRelease}";
+      };
     }
   );
   resetUki = pkgs.runCommand resetUkiFile { } ''
