@@ -28,10 +28,12 @@ if ! command -v nix-instantiate >/dev/null 2>&1; then
     as_root env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y --no-install-recommends nix-bin >&2 \
         || { log "installing nix-bin failed"; exit 1; }
+    command -v nix-instantiate >/dev/null 2>&1 || { log "nix-bin installed but no nix-instantiate"; exit 1; }
 fi
 if ! command -v deadnix >/dev/null 2>&1; then
     log "installing deadnix with cargo (about 1.5 min)"
     cargo install deadnix --locked >&2 || { log "cargo install deadnix failed"; exit 1; }
+    command -v deadnix >/dev/null 2>&1 || { log "deadnix installed but not on PATH"; exit 1; }
 fi
 
 passed=0

@@ -54,6 +54,27 @@ let
   configFile = pkgs.writeText "comatching-appliance.toml" (clib.toml.render cfg.settings);
   exe = lib.getExe' cfg.package "comatching-appliance";
   httpPort = lib.toInt (lib.last (lib.splitString ":" cfg.settings.http.listen));
+
+  # `comatching-appliance status|resync|doctor …` for maintainers over ssh, run as the service's
+  # own dynamic user (same User= name, hence the same UID) on its state directory.
+  cli = pkgs.writeShellScriptBin "comatching-appliance-cli" ''
+    exec ${
+      lib.escapeShellArgs (
+        [
+          "${config.systemd.package}/bin/systemd-run"
+          "--quiet"
+          "--pipe"
+          "--wait"
+          "--collect"
+          "--property=DynamicUser=yes"
+          "--property=User=${stateDir}"
+          "--property=StateDirectory=${stateDir}"
+        ]
+        ++ optional (cfg.environmentFile != null) "--property=EnvironmentFile=-${cfg.environmentFile}"
+        ++ [ exe ]
+      )
+    } "$@" --config ${configFile}
+  '';
 in
 {
   options.services.comatching-appliance = {
@@ -213,6 +234,9 @@ in
         EnvironmentFile = optional (cfg.environmentFile != null) "-${cfg.environmentFile}";
       };
     };
+
+    environment.etc."comatching/appliance.toml".source = configFile;
+    environment.systemPackages = [ cli ];
 
     networking.firewall.interfaces = mkIf cfg.openFirewallOnTailnet {
       ${cfg.tailnetInterface}.allowedTCPPorts = [ httpPort ];

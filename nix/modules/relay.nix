@@ -73,6 +73,27 @@ let
     }) split.permissions
   );
   brokerUsers = clib.rabbitmq.userNames { inherit (brk) appliances; };
+
+  # `comatching-relay admin …` for operators on the host, run as the service's own dynamic user
+  # (same User= name, hence the same UID) so nothing in the state directory changes owner.
+  adminCli = pkgs.writeShellScriptBin "comatching-relay-admin" ''
+    exec ${
+      lib.escapeShellArgs (
+        [
+          "${config.systemd.package}/bin/systemd-run"
+          "--quiet"
+          "--pipe"
+          "--wait"
+          "--collect"
+          "--property=DynamicUser=yes"
+          "--property=User=${stateDir}"
+          "--property=StateDirectory=${stateDir}"
+        ]
+        ++ optional (cfg.environmentFile != null) "--property=EnvironmentFile=${cfg.environmentFile}"
+        ++ [ exe "admin" ]
+      )
+    } "$@" --config ${configFile}
+  '';
 in
 {
   options.services.comatching-relay = {
@@ -259,6 +280,10 @@ in
       };
 
       networking.firewall.allowedTCPPorts = optional cfg.openFirewall listenPort;
+
+      # For operators: the rendered config and the admin wrapper.
+      environment.etc."comatching/relay.toml".source = configFile;
+      environment.systemPackages = [ adminCli ];
     }
 
     (mkIf brk.enable {
