@@ -10,10 +10,16 @@
 //!   with its planner; [`engine::answer`] turns a `MatchRequest` into a `MatchReply`.
 //! * [`synth`] — seeded synthetic users and requests with the shapes in DOMAIN.md.
 //! * [`bench`] — the `bench engine` / `bench store` measurements behind the CLI.
+//! * [`node`] — the running appliance (`run`): broker link, readiness, status page, sd_notify.
+//! * [`tailscale`] — the tailscale CLI probe for the status page and `doctor`.
+//! * [`cli_ops`] — the `status`, `resync` and `doctor` subcommands.
 
 pub mod bench;
+pub mod cli_ops;
 pub mod engine;
+pub mod node;
 pub mod score;
 pub mod store;
 pub mod sync;
 pub mod synth;
+pub mod tailscale;

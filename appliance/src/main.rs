@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use comatching_appliance::bench;
 use comatching_appliance::engine::EngineKind;
 use comatching_appliance::engine::hnsw::HnswConfig;
+use comatching_appliance::node::config::Config;
 use comatching_appliance::store::StoreBackend;
+use comatching_appliance::{bench, cli_ops, node};
 
 #[derive(Parser)]
 #[command(
@@ -17,12 +18,23 @@ use comatching_appliance::store::StoreBackend;
     about = "COMAtching Edge appliance"
 )]
 struct Cli {
+    /// TOML configuration file; every key may also be set as COMATCHING_APPLIANCE__SECTION__KEY.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the appliance: replica, broker link, match serving, status page.
+    Run,
+    /// Print the running appliance's status (JSON); exits 0 when it is serving matches.
+    Status,
+    /// Wipe the local replica so the next start loads a fresh snapshot (stop the service first).
+    Resync,
+    /// Check tailscale, the broker, the data directory and the replica's integrity.
+    Doctor,
     /// Measure the matching engine or the replica store; prints one JSON object.
     Bench {
         #[command(subcommand)]
@@ -73,9 +85,56 @@ enum BenchCommand {
     },
 }
 
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("comatching-appliance: {e}");
+        ExitCode::from(2)
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,lapin=warn,amq_protocol=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match cli.command {
+        Command::Run => {
+            let cfg = match load_config(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            tracing::info!(config = %cfg.masked(), "effective configuration");
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("comatching-appliance: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(node::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("comatching-appliance: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status => match load_config(cli.config.as_deref()) {
+            Ok(cfg) => cli_ops::status(&cfg),
+            Err(code) => code,
+        },
+        Command::Resync => match load_config(cli.config.as_deref()) {
+            Ok(cfg) => cli_ops::resync(&cfg),
+            Err(code) => code,
+        },
+        Command::Doctor => match load_config(cli.config.as_deref()) {
+            Ok(cfg) => cli_ops::doctor(&cfg),
+            Err(code) => code,
+        },
         Command::Bench { what } => match what {
             BenchCommand::Engine {
                 users,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineKind;
 use crate::store::StoreBackend;
+use crate::tailscale::TailscaleSettings;
 
 pub const ENV_PREFIX: &str = "COMATCHING_APPLIANCE";
 
@@ -22,7 +23,7 @@ pub struct Config {
     pub broker: Broker,
     pub sync: Sync,
     pub matching: Matching,
-    pub tailscale: Tailscale,
+    pub tailscale: TailscaleSettings,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -134,23 +135,6 @@ impl Default for Matching {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Tailscale {
-    /// The `tailscale` CLI; a missing binary is reported, not fatal.
-    pub cli: PathBuf,
-    pub timeout_ms: u64,
-}
-
-impl Default for Tailscale {
-    fn default() -> Self {
-        Tailscale {
-            cli: PathBuf::from("tailscale"),
-            timeout_ms: 2_000,
-        }
-    }
-}
-
 impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let text = match path {
@@ -198,7 +182,10 @@ mod tests {
             "[storage]\nbackend = \"sled\"\n",
             vec![
                 ("COMATCHING_APPLIANCE__APPLIANCE__ID".into(), "box-7".into()),
-                ("COMATCHING_APPLIANCE__HTTP__LISTEN".into(), "127.0.0.1:9".into()),
+                (
+                    "COMATCHING_APPLIANCE__HTTP__LISTEN".into(),
+                    "127.0.0.1:9".into(),
+                ),
             ],
         )
         .unwrap();

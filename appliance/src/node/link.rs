@@ -22,7 +22,10 @@ use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    ExchangeKind,
+};
 use tokio::sync::{Semaphore, watch};
 
 use super::config::Config;
@@ -58,7 +61,10 @@ fn s(v: &str) -> AMQPValue {
 fn shared_quorum_args() -> FieldTable {
     args(&[
         ("x-queue-type", s("quorum")),
-        ("x-delivery-limit", AMQPValue::LongLongInt(SHARED_DELIVERY_LIMIT)),
+        (
+            "x-delivery-limit",
+            AMQPValue::LongLongInt(SHARED_DELIVERY_LIMIT),
+        ),
         ("x-dead-letter-exchange", s(DEAD_EXCHANGE)),
     ])
 }
@@ -72,14 +78,30 @@ async fn declare_topology(ch: &Channel, cfg: &Config) -> lapin::Result<()> {
         durable: true,
         ..Default::default()
     };
-    ch.exchange_declare(SYNC_EXCHANGE.into(), ExchangeKind::Fanout, durable_x, FieldTable::default())
-        .await?;
-    ch.exchange_declare(DEAD_EXCHANGE.into(), ExchangeKind::Fanout, durable_x, FieldTable::default())
-        .await?;
+    ch.exchange_declare(
+        SYNC_EXCHANGE.into(),
+        ExchangeKind::Fanout,
+        durable_x,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        DEAD_EXCHANGE.into(),
+        ExchangeKind::Fanout,
+        durable_x,
+        FieldTable::default(),
+    )
+    .await?;
     ch.queue_declare(DEAD_QUEUE.into(), durable_q, FieldTable::default())
         .await?;
-    ch.queue_bind(DEAD_QUEUE.into(), DEAD_EXCHANGE.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
-        .await?;
+    ch.queue_bind(
+        DEAD_QUEUE.into(),
+        DEAD_EXCHANGE.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
     ch.queue_declare(CONTROL_QUEUE.into(), durable_q, shared_quorum_args())
         .await?;
     ch.queue_declare(MATCH_QUEUE.into(), durable_q, shared_quorum_args())
@@ -91,13 +113,22 @@ async fn declare_topology(ch: &Channel, cfg: &Config) -> lapin::Result<()> {
         args(&[
             ("x-queue-type", s("quorum")),
             ("x-single-active-consumer", AMQPValue::Boolean(true)),
-            ("x-delivery-limit", AMQPValue::LongLongInt(cfg.sync.delivery_limit)),
+            (
+                "x-delivery-limit",
+                AMQPValue::LongLongInt(cfg.sync.delivery_limit),
+            ),
             ("x-dead-letter-exchange", s(DEAD_EXCHANGE)),
         ]),
     )
     .await?;
-    ch.queue_bind(own.as_str().into(), SYNC_EXCHANGE.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
-        .await?;
+    ch.queue_bind(
+        own.as_str().into(),
+        SYNC_EXCHANGE.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -156,7 +187,9 @@ impl Link {
             {
                 Ok(Ok(conn)) => {
                     let r = self.session(&conn, &mut shutdown).await;
-                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into())).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into()))
+                            .await;
                     r
                 }
                 Ok(Err(e)) => Err(format!("connect: {e}")),
@@ -187,22 +220,38 @@ impl Link {
         }
     }
 
-    async fn session(&self, conn: &Connection, shutdown: &mut watch::Receiver<bool>) -> Result<(), String> {
+    async fn session(
+        &self,
+        conn: &Connection,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), String> {
         let e = |what: &'static str| move |err: lapin::Error| format!("{what}: {err}");
         let setup = conn.create_channel().await.map_err(e("channel"))?;
-        declare_topology(&setup, &self.cfg).await.map_err(e("declare topology"))?;
+        declare_topology(&setup, &self.cfg)
+            .await
+            .map_err(e("declare topology"))?;
         let _ = setup.close(200, "declared".into()).await;
 
         let sync_ch = conn.create_channel().await.map_err(e("channel"))?;
         let prefetch = (self.cfg.sync.batch_max * 2).min(u16::MAX as usize) as u16;
-        sync_ch.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(e("qos"))?;
+        sync_ch
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(e("qos"))?;
         let queue = sync_queue(&self.cfg);
         let mut sync_consumer = sync_ch
-            .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .map_err(e("consume sync"))?;
         let ctl = conn.create_channel().await.map_err(e("channel"))?;
-        ctl.confirm_select(ConfirmSelectOptions::default()).await.map_err(e("confirm"))?;
+        ctl.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(e("confirm"))?;
         let match_ch = conn.create_channel().await.map_err(e("channel"))?;
         match_ch
             .basic_qos(self.cfg.matching.prefetch, BasicQosOptions::default())
@@ -223,7 +272,9 @@ impl Link {
             last_hello: None,
         };
         self.maybe_hello(&ctl, &mut st, true).await?;
-        let mut hello_tick = tokio::time::interval(Duration::from_millis(self.cfg.sync.hello_interval_ms.max(100)));
+        let mut hello_tick = tokio::time::interval(Duration::from_millis(
+            self.cfg.sync.hello_interval_ms.max(100),
+        ));
         hello_tick.tick().await;
         let mut ready_tick = tokio::time::interval(Duration::from_millis(100));
         let mut events = conn.events_listener();
@@ -289,7 +340,12 @@ impl Link {
     }
 
     /// Sends a hello when one is wanted and the last one is not too recent (or `force`).
-    async fn maybe_hello(&self, ctl: &Channel, st: &mut SessionState, force: bool) -> Result<(), String> {
+    async fn maybe_hello(
+        &self,
+        ctl: &Channel,
+        st: &mut SessionState,
+        force: bool,
+    ) -> Result<(), String> {
         if !st.want_hello {
             return Ok(());
         }
@@ -325,14 +381,23 @@ impl Link {
         }
         st.want_hello = false;
         st.last_hello = Some(Instant::now());
-        self.replica.link.lock().unwrap_or_else(|p| p.into_inner()).hellos_sent += 1;
+        self.replica
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .hellos_sent += 1;
         tracing::debug!(applied_seq = meta.cursor.applied_seq, "hello sent");
         Ok(())
     }
 
     /// Takes `first` and whatever else is already waiting (up to the batch size), applies the
     /// sync events in one durable commit, handles snapshot frames and acks in order.
-    async fn handle_sync_batch(&self, first: Delivery, consumer: &mut Consumer, st: &mut SessionState) -> Result<(), String> {
+    async fn handle_sync_batch(
+        &self,
+        first: Delivery,
+        consumer: &mut Consumer,
+        st: &mut SessionState,
+    ) -> Result<(), String> {
         let mut deliveries = vec![first];
         let wait = Duration::from_millis(self.cfg.sync.batch_wait_ms);
         while deliveries.len() < self.cfg.sync.batch_max {
@@ -350,7 +415,8 @@ impl Link {
             match Envelope::decode(&d.data, &limits) {
                 Err(err) => {
                     tracing::warn!(code = err.code(), error = %err, "malformed sync message: dead-lettering");
-                    self.dead_letter(&d, &format!("malformed sync message: {err}")).await?;
+                    self.dead_letter(&d, &format!("malformed sync message: {err}"))
+                        .await?;
                 }
                 Ok(Message::SyncEvent(ev)) => {
                     if st.staging.is_some() {
@@ -406,7 +472,12 @@ impl Link {
     }
 
     /// Commits the pending events durably, then acks them.
-    async fn flush(&self, events: &mut Vec<SyncEvent>, held: &mut Vec<Delivery>, st: &mut SessionState) -> Result<(), String> {
+    async fn flush(
+        &self,
+        events: &mut Vec<SyncEvent>,
+        held: &mut Vec<Delivery>,
+        st: &mut SessionState,
+    ) -> Result<(), String> {
         if events.is_empty() {
             return Ok(());
         }
@@ -425,7 +496,12 @@ impl Link {
                 tracing::error!(code = err.code(), error = %err, "replica commit failed; requeueing the batch");
                 self.replica.set_error(format!("{}: {err}", err.code()));
                 for d in &deliveries {
-                    let _ = d.nack(BasicNackOptions { multiple: false, requeue: true }).await;
+                    let _ = d
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        })
+                        .await;
                 }
                 return Err(format!("replica commit failed: {err}"));
             }
@@ -443,7 +519,11 @@ impl Link {
             st.want_hello = true;
         }
         if let Some(g) = plan.gap {
-            tracing::info!(from = g.from, to = g.to, "gap in the sync stream; asking for a replay");
+            tracing::info!(
+                from = g.from,
+                to = g.to,
+                "gap in the sync stream; asking for a replay"
+            );
             st.want_hello = true;
         }
         for d in &deliveries {
@@ -478,7 +558,11 @@ impl Link {
             next_index: 0,
             users: Vec::new(),
         });
-        self.replica.link.lock().unwrap_or_else(|p| p.into_inner()).snapshot_in_progress = Some(b.high_water_seq);
+        self.replica
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot_in_progress = Some(b.high_water_seq);
     }
 
     fn abort_snapshot(&self, st: &mut SessionState, why: &str) {
@@ -491,10 +575,9 @@ impl Link {
     }
 
     fn on_snapshot_chunk(&self, c: SnapshotChunk, st: &mut SessionState) {
-        let ok = st
-            .staging
-            .as_ref()
-            .is_some_and(|s| s.snapshot_id == c.snapshot_id && s.epoch == c.epoch && s.next_index == c.index);
+        let ok = st.staging.as_ref().is_some_and(|s| {
+            s.snapshot_id == c.snapshot_id && s.epoch == c.epoch && s.next_index == c.index
+        });
         if !ok {
             if st.staging.is_some() {
                 self.abort_snapshot(st, "chunk out of order");
@@ -507,7 +590,11 @@ impl Link {
         }
     }
 
-    async fn on_snapshot_end(&self, end: &SnapshotEnd, st: &mut SessionState) -> Result<(), String> {
+    async fn on_snapshot_end(
+        &self,
+        end: &SnapshotEnd,
+        st: &mut SessionState,
+    ) -> Result<(), String> {
         let Some(staging) = st.staging.take() else {
             return Ok(());
         };
@@ -544,7 +631,12 @@ impl Link {
             l.relay_seq = hw;
             l.gap = None;
         }
-        tracing::info!(users = n, high_water_seq = hw, took_ms = t.elapsed().as_millis() as u64, "snapshot loaded");
+        tracing::info!(
+            users = n,
+            high_water_seq = hw,
+            took_ms = t.elapsed().as_millis() as u64,
+            "snapshot loaded"
+        );
         Ok(())
     }
 }
@@ -554,6 +646,10 @@ async fn ack(d: &Delivery) -> Result<(), String> {
         .await
         .map(|_| ())
         .map_err(|e| format!("ack: {e}"))
+}
+
+async fn reject(d: &Delivery, requeue: bool) {
+    let _ = d.reject(BasicRejectOptions { requeue }).await;
 }
 
 async fn next_opt(c: &mut Option<Consumer>) -> Option<lapin::Result<Delivery>> {
@@ -567,28 +663,40 @@ async fn next_opt(c: &mut Option<Consumer>) -> Option<lapin::Result<Delivery>> {
 /// malformed ones dead-lettered, and requests that arrive while this appliance is not caught up
 /// are handed back to the queue for another appliance.
 async fn handle_match(replica: Arc<Replica>, ch: Channel, d: Delivery) {
-    let reject = |requeue: bool| async move {
-        let _ = d.reject(BasicRejectOptions { requeue }).await;
-    };
     let req = match Envelope::decode(&d.data, &WireLimits::default()) {
         Ok(Message::MatchRequest(r)) => r,
         Ok(other) => {
             tracing::warn!(kind = other.kind(), "unexpected message on the match queue");
-            replica.link.lock().unwrap_or_else(|p| p.into_inner()).dead_lettered += 1;
-            return reject(false).await;
+            replica
+                .link
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .dead_lettered += 1;
+            return reject(&d, false).await;
         }
         Err(err) => {
             tracing::warn!(code = err.code(), error = %err, "malformed match request");
-            replica.link.lock().unwrap_or_else(|p| p.into_inner()).dead_lettered += 1;
-            return reject(false).await;
+            replica
+                .link
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .dead_lettered += 1;
+            return reject(&d, false).await;
         }
     };
-    let (Some(reply_to), Some(correlation)) = (d.properties.reply_to().clone(), d.properties.correlation_id().clone()) else {
+    let (Some(reply_to), Some(correlation)) = (
+        d.properties.reply_to().clone(),
+        d.properties.correlation_id().clone(),
+    ) else {
         tracing::warn!("match request without reply_to or correlation_id");
-        return reject(false).await;
+        return reject(&d, false).await;
     };
     if now_unix_ms() > req.deadline_unix_ms {
-        replica.link.lock().unwrap_or_else(|p| p.into_inner()).matches_expired += 1;
+        replica
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .matches_expired += 1;
         let _ = d.ack(BasicAckOptions::default()).await;
         return;
     }
@@ -603,12 +711,12 @@ async fn handle_match(replica: Arc<Replica>, ch: Channel, d: Delivery) {
     .await;
     let reply = match answered {
         Ok(Ok(Some(reply))) => reply,
-        Ok(Ok(None)) => return reject(true).await,
+        Ok(Ok(None)) => return reject(&d, true).await,
         Ok(Err(err)) => {
             replica.set_error(format!("{}: {err}", err.code()));
-            return reject(true).await;
+            return reject(&d, true).await;
         }
-        Err(_) => return reject(true).await,
+        Err(_) => return reject(&d, true).await,
     };
     let body = Envelope::encode(&Message::MatchReply(reply));
     let published = ch
@@ -622,8 +730,12 @@ async fn handle_match(replica: Arc<Replica>, ch: Channel, d: Delivery) {
         .await;
     if let Err(err) = published {
         tracing::warn!(error = %err, "could not publish a match reply");
-        return reject(true).await;
+        return reject(&d, true).await;
     }
-    replica.link.lock().unwrap_or_else(|p| p.into_inner()).matches_answered += 1;
+    replica
+        .link
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .matches_answered += 1;
     let _ = d.ack(BasicAckOptions::default()).await;
 }

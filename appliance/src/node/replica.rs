@@ -50,13 +50,22 @@ pub struct Replica {
 
 impl Replica {
     /// Opens the store and rebuilds the engine from it.
-    pub fn open(backend: StoreBackend, dir: &std::path::Path, kind: EngineKind) -> Result<Replica, StoreError> {
+    pub fn open(
+        backend: StoreBackend,
+        dir: &std::path::Path,
+        kind: EngineKind,
+    ) -> Result<Replica, StoreError> {
         let store = store::open(backend, dir)?;
         let t = Instant::now();
         let live = store.live_users()?;
         let engine = engine::build(kind, live.iter().map(|u| (u.user_id, &u.features)));
         let rebuild_ms = t.elapsed().as_millis() as u64;
-        tracing::info!(users = live.len(), rebuild_ms, engine = kind.as_str(), "index rebuilt from the store");
+        tracing::info!(
+            users = live.len(),
+            rebuild_ms,
+            engine = kind.as_str(),
+            "index rebuilt from the store"
+        );
         Ok(Replica {
             store: Mutex::new(store),
             engine: RwLock::new(engine),
@@ -98,18 +107,33 @@ impl Replica {
     }
 
     /// Swaps in a verified snapshot and rebuilds the engine once.
-    pub fn replace_blocking(&self, epoch: Epoch, high_water_seq: u64, users: &[SnapshotUser]) -> Result<(), StoreError> {
+    pub fn replace_blocking(
+        &self,
+        epoch: Epoch,
+        high_water_seq: u64,
+        users: &[SnapshotUser],
+    ) -> Result<(), StoreError> {
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         store.replace_all(epoch, high_water_seq, users)?;
         let t = Instant::now();
-        let rebuilt = engine::build(self.engine_kind, users.iter().map(|u| (u.user_id, &u.features)));
+        let rebuilt = engine::build(
+            self.engine_kind,
+            users.iter().map(|u| (u.user_id, &u.features)),
+        );
         *self.engine.write().unwrap_or_else(|p| p.into_inner()) = rebuilt;
-        self.link.lock().unwrap_or_else(|p| p.into_inner()).index_rebuild_ms = t.elapsed().as_millis() as u64;
+        self.link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .index_rebuild_ms = t.elapsed().as_millis() as u64;
         Ok(())
     }
 
     /// Answers a match request from the engine (the caller checked readiness).
-    pub fn answer_blocking(&self, req: &MatchRequest, now_unix_ms: u64) -> Result<MatchReply, StoreError> {
+    pub fn answer_blocking(
+        &self,
+        req: &MatchRequest,
+        now_unix_ms: u64,
+    ) -> Result<MatchReply, StoreError> {
         let meta = self.meta_blocking()?;
         let position = ReplicaPosition {
             epoch: meta.cursor.epoch,
@@ -117,7 +141,13 @@ impl Replica {
         };
         let engine = self.engine.read().unwrap_or_else(|p| p.into_inner());
         let mut rng = rand::rng();
-        Ok(engine::answer(engine.as_ref(), req, now_unix_ms, position, &mut rng))
+        Ok(engine::answer(
+            engine.as_ref(),
+            req,
+            now_unix_ms,
+            position,
+            &mut rng,
+        ))
     }
 
     /// Count and digest recomputed from the rows, compared with the meta row.
@@ -133,7 +163,10 @@ impl Replica {
     }
 
     pub fn set_error(&self, e: impl Into<String>) {
-        self.link.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(e.into());
+        self.link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_error = Some(e.into());
     }
 
     /// May this appliance answer matches? Connected, acknowledged by the relay in this session,

@@ -40,7 +40,12 @@ pub async fn status_json(s: &StatusState) -> Result<Value, String> {
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
     let ready = s.replica.ready(&meta);
-    let link = s.replica.link.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let link = s
+        .replica
+        .link
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let lag = link.relay_seq.saturating_sub(meta.cursor.applied_seq);
     Ok(json!({
         "appliance_id": s.cfg.appliance.id.as_str(),
@@ -79,7 +84,11 @@ async fn healthz(State(s): State<StatusState>) -> Response {
     let replica = s.replica.clone();
     match tokio::task::spawn_blocking(move || replica.meta_blocking()).await {
         Ok(Ok(_)) => (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response(),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "store unavailable"}))).into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "store unavailable"})),
+        )
+            .into_response(),
     }
 }
 
@@ -87,7 +96,10 @@ async fn status(State(s): State<StatusState>, headers: HeaderMap) -> Response {
     let doc = match status_json(&s).await {
         Ok(d) => d,
         Err(e) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"error": {"code": "store_unavailable", "message": e}})))
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({"error": {"code": "store_unavailable", "message": e}})),
+            )
                 .into_response();
         }
     };
@@ -103,7 +115,10 @@ async fn status(State(s): State<StatusState>, headers: HeaderMap) -> Response {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn render_html(doc: &Value) -> String {
@@ -115,9 +130,26 @@ fn render_html(doc: &Value) -> String {
             Value::Null => "—".to_owned(),
             other => other.to_string(),
         };
-        let _ = write!(rows, "<tr><th>{}</th><td>{}</td></tr>", escape(k), escape(&shown));
+        let _ = write!(
+            rows,
+            "<tr><th>{}</th><td>{}</td></tr>",
+            escape(k),
+            escape(&shown)
+        );
     };
-    for key in ["appliance_id", "store_backend", "count", "digest", "epoch", "applied_seq", "relay_seq", "lag", "broker_connected", "uptime_s", "last_error"] {
+    for key in [
+        "appliance_id",
+        "store_backend",
+        "count",
+        "digest",
+        "epoch",
+        "applied_seq",
+        "relay_seq",
+        "lag",
+        "broker_connected",
+        "uptime_s",
+        "last_error",
+    ] {
         row(key, &doc[key]);
     }
     row("index", &doc["index"]);
@@ -131,7 +163,11 @@ fn render_html(doc: &Value) -> String {
          td{{font-family:monospace}}</style></head><body><h1>COMAtching appliance</h1>\
          <p class=\"s\">{}</p><table>{}</table></body></html>",
         if ready { "#2a7" } else { "#c33" },
-        if ready { "READY — serving matches" } else { "NOT READY — catching up or offline" },
+        if ready {
+            "READY — serving matches"
+        } else {
+            "NOT READY — catching up or offline"
+        },
         rows
     )
 }
@@ -141,19 +177,69 @@ async fn metrics(State(s): State<StatusState>) -> Response {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     let n = |v: &Value| v.as_f64().unwrap_or(0.0);
-    let b = |v: &Value| if v.as_bool().unwrap_or(false) { 1.0 } else { 0.0 };
+    let b = |v: &Value| {
+        if v.as_bool().unwrap_or(false) {
+            1.0
+        } else {
+            0.0
+        }
+    };
     let gauges = [
-        ("comatching_replica_users", "Live users in the replica.", n(&doc["count"])),
-        ("comatching_replica_applied_seq", "Last contiguous outbox seq applied.", n(&doc["applied_seq"])),
-        ("comatching_replica_lag", "Relay seq minus applied seq.", n(&doc["lag"])),
-        ("comatching_ready", "1 while serving matches.", b(&doc["ready"])),
-        ("comatching_broker_connected", "1 while connected to the broker.", b(&doc["broker_connected"])),
-        ("comatching_sync_events_applied_total", "Replica changes applied.", n(&doc["sync"]["events_applied"])),
-        ("comatching_sync_dead_lettered_total", "Messages rejected to the dead-letter queue.", n(&doc["sync"]["dead_lettered"])),
-        ("comatching_snapshots_loaded_total", "Snapshots swapped in.", n(&doc["sync"]["snapshots_loaded"])),
-        ("comatching_matches_answered_total", "Match requests answered.", n(&doc["matches"]["answered"])),
-        ("comatching_matches_expired_total", "Match requests dropped past their deadline.", n(&doc["matches"]["expired"])),
-        ("comatching_uptime_seconds", "Seconds since start.", n(&doc["uptime_s"])),
+        (
+            "comatching_replica_users",
+            "Live users in the replica.",
+            n(&doc["count"]),
+        ),
+        (
+            "comatching_replica_applied_seq",
+            "Last contiguous outbox seq applied.",
+            n(&doc["applied_seq"]),
+        ),
+        (
+            "comatching_replica_lag",
+            "Relay seq minus applied seq.",
+            n(&doc["lag"]),
+        ),
+        (
+            "comatching_ready",
+            "1 while serving matches.",
+            b(&doc["ready"]),
+        ),
+        (
+            "comatching_broker_connected",
+            "1 while connected to the broker.",
+            b(&doc["broker_connected"]),
+        ),
+        (
+            "comatching_sync_events_applied_total",
+            "Replica changes applied.",
+            n(&doc["sync"]["events_applied"]),
+        ),
+        (
+            "comatching_sync_dead_lettered_total",
+            "Messages rejected to the dead-letter queue.",
+            n(&doc["sync"]["dead_lettered"]),
+        ),
+        (
+            "comatching_snapshots_loaded_total",
+            "Snapshots swapped in.",
+            n(&doc["sync"]["snapshots_loaded"]),
+        ),
+        (
+            "comatching_matches_answered_total",
+            "Match requests answered.",
+            n(&doc["matches"]["answered"]),
+        ),
+        (
+            "comatching_matches_expired_total",
+            "Match requests dropped past their deadline.",
+            n(&doc["matches"]["expired"]),
+        ),
+        (
+            "comatching_uptime_seconds",
+            "Seconds since start.",
+            n(&doc["uptime_s"]),
+        ),
     ];
     let mut out = String::new();
     for (name, help, v) in gauges {
