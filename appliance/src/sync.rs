@@ -97,6 +97,11 @@ impl SyncPlan {
     pub fn caught_up(&self) -> bool {
         self.gap.is_none() && self.resync.is_none()
     }
+
+    /// The first seq the relay should replay after this batch.
+    pub fn replay_from(&self) -> u64 {
+        self.cursor.applied_seq + 1
+    }
 }
 
 /// The users whose stored versions [`plan`] needs to see.

@@ -97,6 +97,15 @@ pub fn build<'a>(
     }
 }
 
+/// Rebuilds an engine of `kind` from every live user in `store` (the start-up path).
+pub fn from_store(
+    kind: EngineKind,
+    store: &dyn crate::store::ReplicaStore,
+) -> Result<Box<dyn MatchEngine>, crate::store::StoreError> {
+    let live = store.live_users()?;
+    Ok(build(kind, live.iter().map(|u| (u.user_id, &u.features))))
+}
+
 /// Mirrors committed replica changes into the engine.
 pub fn apply_changes(engine: &mut dyn MatchEngine, changes: &[Change]) {
     for c in changes {

@@ -406,3 +406,18 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn engines_rebuild_from_the_store() {
+    use crate::store::{self, StoreBackend};
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store::open(StoreBackend::Sqlite, dir.path()).unwrap();
+    let history = synth::relay_history(comatching_protocol::Epoch(3), 50, 300, 8);
+    let plan = store::apply_batch(&mut *s, &history).unwrap();
+    assert_eq!(plan.replay_from(), 301);
+    let count = s.meta().unwrap().count as usize;
+    for kind in [EngineKind::Exact, EngineKind::Hnsw] {
+        let e = from_store(kind, &*s).unwrap();
+        assert_eq!((e.kind(), e.len()), (kind, count));
+    }
+}
