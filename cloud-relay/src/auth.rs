@@ -24,23 +24,50 @@ pub const HASH_PERMITS: usize = 2;
 /// Sessions last the festival and then some.
 pub const SESSION_TTL_MS: i64 = 14 * 24 * 3600 * 1000;
 
-fn argon2() -> Argon2<'static> {
-    // OWASP's argon2id baseline: 19 MiB, 2 iterations, 1 lane.
-    let params = Params::new(19 * 1024, 2, 1, None).expect("static argon2 parameters");
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+/// The argon2id cost for new hashes. Verification reads the cost from the stored hash, so
+/// changing it never locks anyone out.
+#[derive(Clone, Copy, Debug)]
+pub struct HashCost {
+    pub memory_kib: u32,
+    pub iterations: u32,
 }
 
-pub fn hash_password(password: &str) -> Result<String, ApiError> {
+impl Default for HashCost {
+    fn default() -> Self {
+        // OWASP's argon2id baseline: 19 MiB, 2 iterations, 1 lane.
+        HashCost {
+            memory_kib: 19 * 1024,
+            iterations: 2,
+        }
+    }
+}
+
+fn argon2(cost: HashCost) -> Result<Argon2<'static>, ApiError> {
+    let params = Params::new(cost.memory_kib, cost.iterations, 1, None)
+        .map_err(|e| ApiError::internal(format!("argon2 parameters: {e}")))?;
+    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+}
+
+pub fn hash_password(password: &str, cost: HashCost) -> Result<String, ApiError> {
     let mut salt = [0u8; 16];
     rand::rng().fill_bytes(&mut salt);
-    PasswordHasher::<PasswordHash>::hash_password_with_salt(&argon2(), password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| ApiError::internal(format!("hashing: {e}")))
+    PasswordHasher::<PasswordHash>::hash_password_with_salt(
+        &argon2(cost)?,
+        password.as_bytes(),
+        &salt,
+    )
+    .map(|h| h.to_string())
+    .map_err(|e| ApiError::internal(format!("hashing: {e}")))
 }
 
 pub fn verify_password(password: &str, stored: &str) -> bool {
+    // The stored hash carries its own parameters; Argon2::default only supplies the algorithm.
     PasswordHash::new(stored)
-        .map(|h| argon2().verify_password(password.as_bytes(), &h).is_ok())
+        .map(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
         .unwrap_or(false)
 }
 
@@ -150,11 +177,18 @@ mod tests {
 
     #[test]
     fn passwords_verify_only_themselves() {
-        let h = hash_password("correct horse battery").unwrap();
+        let h = hash_password("correct horse battery", HashCost::default()).unwrap();
         assert!(h.starts_with("$argon2id$"));
         assert!(verify_password("correct horse battery", &h));
         assert!(!verify_password("correct horse battery!", &h));
         assert!(!verify_password("x", "not a hash"));
+        let cheap = HashCost {
+            memory_kib: 64,
+            iterations: 1,
+        };
+        let h = hash_password("correct horse battery", cheap).unwrap();
+        assert!(h.contains("m=64,t=1"));
+        assert!(verify_password("correct horse battery", &h));
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub struct Config {
     pub ledger: Ledger,
     pub points: CostTable,
     pub rate_limit: RateLimit,
+    pub auth: Auth,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -136,6 +137,24 @@ impl Default for RateLimit {
     }
 }
 
+/// Password hashing cost (argon2id). The defaults are OWASP's baseline; load tests that create
+/// many thousands of accounts may lower them in their own config, never in production.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    pub hash_memory_kib: u32,
+    pub hash_iterations: u32,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            hash_memory_kib: 19 * 1024,
+            hash_iterations: 2,
+        }
+    }
+}
+
 impl Config {
     /// Reads `path` (if given) and the process environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -172,6 +191,11 @@ impl Config {
         }
         if self.ledger.sweep_interval_ms == 0 {
             return bad("ledger.sweep_interval_ms must be positive");
+        }
+        if self.auth.hash_memory_kib < 8 || self.auth.hash_iterations == 0 {
+            return bad(
+                "auth.hash_memory_kib must be at least 8 and auth.hash_iterations at least 1",
+            );
         }
         if self.http.max_body_bytes < 1024 {
             return bad("http.max_body_bytes must be at least 1024");

@@ -442,7 +442,17 @@ pub fn appliances_json(c: &Connection) -> Result<Value, ApiError> {
             })
         })
         .collect();
-    Ok(json!({ "relay_seq": last_seq, "appliances": list }))
+    let relay = relay_position(c)?;
+    Ok(json!({
+        "relay_seq": last_seq,
+        "relay": {
+            "epoch": relay.epoch.to_string(),
+            "seq": relay.last_seq,
+            "count": relay.count,
+            "digest": relay.digest.to_string(),
+        },
+        "appliances": list,
+    }))
 }
 
 /// Deletes outbox rows nobody can need: already published, below every recently seen

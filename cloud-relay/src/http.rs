@@ -230,7 +230,11 @@ async fn create_account(
         return Err(username_taken());
     }
     let password = c.password;
-    let hash = hash_off_runtime(&s, move || auth::hash_password(&password)).await??;
+    let cost = auth::HashCost {
+        memory_kib: s.cfg.auth.hash_memory_kib,
+        iterations: s.cfg.auth.hash_iterations,
+    };
+    let hash = hash_off_runtime(&s, move || auth::hash_password(&password, cost)).await??;
     let user = UserId::new_v7();
     let username = c.username;
     let token = s
