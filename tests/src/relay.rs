@@ -31,6 +31,15 @@ pub struct RelayConfig {
     pub ledger: LedgerSection,
     pub points: PointsSection,
     pub rate_limit: RateLimitSection,
+    /// Password hashing cost; `None` keeps the relay's (production) default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSection>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AuthSection {
+    pub hash_memory_kib: u32,
+    pub hash_iterations: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -106,6 +115,7 @@ impl RelayConfig {
                 per_ip_per_minute: 1_000_000,
                 per_user_per_minute: 1_000_000,
             },
+            auth: None,
         }
     }
 }
@@ -302,6 +312,11 @@ impl RelayProcess {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The running process's pid (for RSS measurements and SIGSTOP).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// SIGKILL: no shutdown hooks, no flushing — a crash.

@@ -62,6 +62,12 @@ async fn accounts_sessions_and_logout() {
         .get("/api/v1/me", Some(&second_token))
         .await
         .expect(200);
+
+    // Unknown routes are 404 not_found in the same error shape.
+    env.api
+        .get("/api/v1/no-such-route", Some(&second_token))
+        .await
+        .assert_error(404, "not_found");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
