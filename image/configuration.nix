@@ -93,6 +93,8 @@ in
 
     # ---- network and firewall: nothing reachable except over the tailnet ----------------------
     networking.useNetworkd = true;
+    # tailscaled hands MagicDNS (the relay's name in brokerUrl) to resolved.
+    services.resolved.enable = true;
     networking.firewall = {
       enable = true;
       allowedTCPPorts = lib.mkForce [ ];
