@@ -313,9 +313,9 @@ in
         };
       };
 
-      # Erlang distribution and epmd stay on loopback; only AMQP faces the tailnet.
-      services.epmd.listenStream = "127.0.0.1:4369";
-      systemd.services.rabbitmq.environment.RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS = "-kernel inet_dist_use_interface {127,0,0,1}";
+      # Erlang distribution (25672) and epmd (4369) are not bound to loopback: the node is
+      # rabbit@<hostName>, which NixOS resolves to 127.0.0.2, and rabbitmqctl must reach it.
+      # The firewall opens neither port; only AMQP faces the tailnet.
 
       # Lets RabbitMQ bind the tailnet address before tailscaled has brought it up.
       boot.kernel.sysctl = mkIf (brk.tailnetAddress != null) {
