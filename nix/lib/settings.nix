@@ -14,6 +14,7 @@ rec {
     "ledger"
     "points"
     "rate_limit"
+    "auth"
   ];
 
   # comatching-appliance: appliance/src/node/config.rs

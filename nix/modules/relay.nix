@@ -108,7 +108,7 @@ in
     settings = mkOption {
       description = ''
         The relay's configuration, rendered to TOML (sections [http], [storage], [broker],
-        [matching], [ledger], [points], [rate_limit]; see cloud-relay/src/config.rs). Keys left
+        [matching], [ledger], [points], [rate_limit], [auth]; see cloud-relay/src/config.rs). Keys left
         unset take the binary's defaults. No secrets: this ends up in the Nix store.
       '';
       default = { };
