@@ -25,5 +25,8 @@ cargo build --workspace --bins
 # the closing lines of this script stay those of `cargo test`.
 # ---------------------------------------------------------------------------------------------
 
+step "nix checks (parse, deadnix, evaluation tests)"
+scripts/nix-check.sh
+
 step "cargo test --workspace"
 cargo test --workspace
