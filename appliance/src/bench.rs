@@ -58,7 +58,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
+    round_to(x, 2)
+}
+
+/// `x` rounded to `decimals` places (so the JSON prints short numbers).
+fn round_to(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
 }
 
 /// Peak resident set in MiB (VmHWM, else VmRSS), from /proc/self/status.
@@ -152,7 +158,7 @@ pub fn engine_bench(
         users,
         queries,
         engine: kind.as_str(),
-        build_s: (build_s * 1000.0).round() / 1000.0,
+        build_s: round_to(build_s, 3),
         p50_us: round2(p50),
         p99_us: round2(percentile(&lat, 0.99)),
         qps: round2(q / total.max(1e-9)),
@@ -229,8 +235,8 @@ pub fn store_bench(
         backend: backend.as_str(),
         users,
         apply_per_s: round2(users as f64 / apply_s.max(1e-9)),
-        reopen_s: round2(reopen_s * 1000.0) / 1000.0,
-        index_rebuild_s: round2(index_rebuild_s * 1000.0) / 1000.0,
+        reopen_s: round_to(reopen_s, 4),
+        index_rebuild_s: round_to(index_rebuild_s, 3),
         disk_mb: round2(dir_size(dir) as f64 / (1024.0 * 1024.0)),
     })
 }
