@@ -610,9 +610,9 @@ async fn insufficient_points_is_402_and_sends_nothing() {
         "no request may reach the matcher"
     );
 
-    // Exactly enough works.
+    // Exactly enough works (and a 64-character key is a valid key).
     let m = user
-        .post_match("k2", &MatchOptionsBuilder::new())
+        .post_match(&"k".repeat(64), &MatchOptionsBuilder::new())
         .await
         .expect(201);
     assert_eq!(m["points"], 100);
