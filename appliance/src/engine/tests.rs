@@ -421,3 +421,86 @@ fn engines_rebuild_from_the_store() {
         assert_eq!((e.kind(), e.len()), (kind, count));
     }
 }
+
+#[test]
+fn large_tied_levels_are_sampled_uniformly_and_respect_exclusions() {
+    // 240 tied best candidates over many buckets: large enough for rejection sampling.
+    let mut users = Vec::new();
+    for i in 0..240u64 {
+        let mut f = person(
+            Gender::Female,
+            19 + (i % 20) as i64,
+            "ENFP",
+            Hobby::Game,
+            "Law",
+        );
+        f.hobbies = HobbySet::from_bits(0b10_0000 | (i % 32) as u8).unwrap();
+        users.push((synth::user_id(i), f));
+    }
+    let mut o = MatchOptions::any();
+    o.mbti = "EN".parse().unwrap();
+    o.hobby = HobbyPreference::Category(Hobby::Game);
+    let mut req = request(me(), o, 1);
+    req.exclusions = users[..40].iter().map(|(u, _)| *u).collect();
+    let draws = 20_000;
+    for (name, e) in engines(&users) {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut counts = vec![0u32; 240];
+        for _ in 0..draws {
+            let r = e.rank(&req, &mut rng);
+            let pos = users
+                .iter()
+                .position(|(u, _)| *u == r.candidates[0].user_id)
+                .unwrap();
+            counts[pos] += 1;
+        }
+        assert!(
+            counts[..40].iter().all(|&c| c == 0),
+            "{name}: picked an excluded user"
+        );
+        // df = 199; the 0.999 quantile is 267.0.
+        let chi = chi_square(&counts[40..]);
+        assert!(chi < 267.0, "{name}: chi-square {chi:.1}");
+    }
+}
+
+#[test]
+fn partial_ties_at_the_cut_are_included_uniformly() {
+    // 2 clear winners, then 10 tied for the last slot of k = 3.
+    let mut users = vec![
+        (
+            synth::user_id(0),
+            person(Gender::Female, 22, "ENFP", Hobby::Game, "Law"),
+        ),
+        (
+            synth::user_id(1),
+            person(Gender::Female, 22, "ENFP", Hobby::Game, "Law"),
+        ),
+    ];
+    for i in 2..12u64 {
+        users.push((
+            synth::user_id(i),
+            person(Gender::Female, 22, "ESTJ", Hobby::Game, "Law"),
+        ));
+    }
+    let mut o = MatchOptions::any();
+    o.mbti = "EN".parse().unwrap();
+    let req = request(me(), o, 3);
+    for (name, e) in engines(&users) {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut counts = vec![0u32; 10];
+        for _ in 0..5_000 {
+            let r = e.rank(&req, &mut rng);
+            let ids: Vec<UserId> = r.candidates.iter().map(|c| c.user_id).collect();
+            assert_eq!(ids.len(), 3);
+            assert!(
+                ids[..2].contains(&users[0].0) && ids[..2].contains(&users[1].0),
+                "{name}"
+            );
+            let pos = users.iter().position(|(u, _)| *u == ids[2]).unwrap();
+            counts[pos - 2] += 1;
+        }
+        // df = 9; the 0.999 quantile is 27.88.
+        assert!(chi_square(&counts) < 27.88, "{name}: {counts:?}");
+    }
+}
