@@ -7,7 +7,7 @@
 //! * no user's version went backwards since the previous round,
 //!
 //! and finally that a catch-up from the cursor converges to the full projection. The seed is
-//! printed in every failure; set `CRASH_SEED` to replay one.
+//! printed in every failure; set `CRASH_SEED` to replay one and `CRASH_ROUNDS` for a longer soak.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -23,7 +23,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const BIN: &str = env!("CARGO_BIN_EXE_comatching-appliance");
-const ROUNDS: usize = 24;
+/// Kill rounds per backend; `CRASH_ROUNDS` raises it for a soak.
+fn rounds() -> usize {
+    std::env::var("CRASH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(24)
+}
 /// How long to wait for the child's next line before calling it hung.
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -153,7 +159,7 @@ fn crash_rounds(backend: StoreBackend) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut prev_rows = Rows::new();
     let mut prev_seq = 0u64;
-    for round in 0..ROUNDS {
+    for round in 0..rounds() {
         let kill_after = rng.random_range(0..=25);
         let spin_us = rng.random_range(0..2_000);
         let reported = run_child(backend, dir.path(), seed, Some((kill_after, spin_us)));
