@@ -216,6 +216,14 @@ fn migrate(conn: &mut Connection) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
+/// Gives the database a new random lineage id (after a restore from backup). The outbox and its
+/// seqs stay; appliances compare epochs first, so they take a snapshot.
+pub fn renew_epoch(conn: &mut Connection) -> Result<u64, ApiError> {
+    let epoch: u64 = rand::random::<u64>() | 1;
+    meta_set(conn, "epoch", &epoch.to_string())?;
+    Ok(epoch)
+}
+
 pub fn meta_get(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
     conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
         .optional()

@@ -39,6 +39,10 @@ enum Command {
 enum AdminCommand {
     /// Give an existing account the operator role.
     GrantOperator { username: String },
+    /// Start a new lineage after restoring the database from a backup: appliances see the new
+    /// epoch at their next hello and reload everything from a snapshot instead of mixing
+    /// histories. Run it with the relay stopped, before starting it on the restored copy.
+    NewEpoch,
 }
 
 fn main() -> ExitCode {
@@ -85,6 +89,27 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Admin {
+            command: AdminCommand::NewEpoch,
+        } => {
+            let db = match Db::open(&cfg.storage.db_path()) {
+                Ok(db) => db,
+                Err(e) => {
+                    eprintln!("comatching-relay: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match db.run_sync(comatching_relay::db::renew_epoch) {
+                Ok(epoch) => {
+                    println!("new epoch {epoch:016x}: appliances will resync from a snapshot");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("comatching-relay: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Admin {
             command: AdminCommand::GrantOperator { username },
         } => {

@@ -182,7 +182,12 @@ impl ApplianceProcess {
 
     /// Waits until `/status` satisfies `pred`; returns that status. Panics with the logs after
     /// `timeout`.
-    pub async fn wait_status(&mut self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_status(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = None;
         loop {
@@ -205,15 +210,22 @@ impl ApplianceProcess {
 
     /// Waits until the appliance serves matches.
     pub async fn wait_ready(&mut self) -> Value {
-        self.wait_status(PATIENCE, "ready", |s| s["ready"] == Value::Bool(true)).await
+        self.wait_status(PATIENCE, "ready", |s| s["ready"] == Value::Bool(true))
+            .await
     }
 
     /// Waits until the replica holds exactly `count` users with `digest` and is ready.
     pub async fn wait_converged(&mut self, count: u64, digest: &str, timeout: Duration) -> Value {
         let digest = digest.to_owned();
-        self.wait_status(timeout, &format!("count {count} digest {digest}"), move |s| {
-            s["ready"] == Value::Bool(true) && s["count"].as_u64() == Some(count) && s["digest"].as_str() == Some(digest.as_str())
-        })
+        self.wait_status(
+            timeout,
+            &format!("count {count} digest {digest}"),
+            move |s| {
+                s["ready"] == Value::Bool(true)
+                    && s["count"].as_u64() == Some(count)
+                    && s["digest"].as_str() == Some(digest.as_str())
+            },
+        )
         .await
     }
 
@@ -230,7 +242,10 @@ impl ApplianceProcess {
 
     /// Deletes the replica (a re-image). The process must be stopped.
     pub fn wipe_data(&mut self) {
-        assert!(self.service.pid().is_none(), "stop the appliance before wiping it");
+        assert!(
+            self.service.pid().is_none(),
+            "stop the appliance before wiping it"
+        );
         let _ = std::fs::remove_dir_all(&self.config.storage.data_dir);
     }
 

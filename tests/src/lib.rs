@@ -16,12 +16,17 @@
 //! ([`wait_until`], [`wait_for`]) and fail with a message naming what they waited for.
 
 pub mod api;
+pub mod appliance;
 pub mod broker;
 pub mod env;
+pub mod population;
+pub mod private_broker;
+pub mod process;
 pub mod profiles;
 pub mod relay;
 pub mod responder;
 pub mod sync_tap;
+pub mod world;
 
 use std::future::Future;
 use std::time::Duration;

@@ -31,7 +31,13 @@ impl Population {
         chosen.sort_unstable();
         chosen
             .into_iter()
-            .map(|a| if self.rng.random_bool(0.5) { AXES[a].0 } else { AXES[a].1 })
+            .map(|a| {
+                if self.rng.random_bool(0.5) {
+                    AXES[a].0
+                } else {
+                    AXES[a].1
+                }
+            })
             .collect()
     }
 
@@ -69,7 +75,7 @@ impl Population {
             "major": major,
             "song": "Festival Song",
             "comment": "see you at the booth",
-            "contact": {"kind": if n % 2 == 0 { "kakao" } else { "instagram" }, "handle": format!("handle_{n}")},
+            "contact": {"kind": if n.is_multiple_of(2) { "kakao" } else { "instagram" }, "handle": format!("handle_{n}")},
             "dont_pick_me": self.rng.random_bool(0.02),
         })
     }
@@ -80,8 +86,11 @@ impl Population {
         let age = ["younger", "equal", "older", "any"][self.rng.random_range(0..4)];
         let hobby = HOBBIES[self.rng.random_range(0..HOBBIES.len())];
         let contact = ["frequent", "normal", "rare", "any"][self.rng.random_range(0..4)];
-        let mut important = ["none", "mbti", "hobby", "age", "contact_frequency"][self.rng.random_range(0..5)];
-        if (important == "age" && age == "any") || (important == "contact_frequency" && contact == "any") {
+        let mut important =
+            ["none", "mbti", "hobby", "age", "contact_frequency"][self.rng.random_range(0..5)];
+        if (important == "age" && age == "any")
+            || (important == "contact_frequency" && contact == "any")
+        {
             important = "none";
         }
         json!({

@@ -106,7 +106,11 @@ impl ServiceChild {
             && let Ok(Some(status)) = child.try_wait()
         {
             self.child = None;
-            panic!("{} exited early with {status}\n{}", self.name, self.log_tail());
+            panic!(
+                "{} exited early with {status}\n{}",
+                self.name,
+                self.log_tail()
+            );
         }
     }
 
@@ -154,4 +158,21 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// For the binaries in this crate (`comatching-load`, `comatching-demo`): use the relay and
+/// appliance binaries that sit next to this executable (same profile), unless the caller
+/// already chose others.
+pub fn point_at_sibling_binaries() {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("executable has a parent");
+    for (env, name) in [
+        (crate::relay::RELAY_BIN_ENV, "comatching-relay"),
+        (crate::appliance::APPLIANCE_BIN_ENV, "comatching-appliance"),
+    ] {
+        if std::env::var_os(env).is_none() {
+            // SAFETY: called at the start of main, before any other thread exists.
+            unsafe { std::env::set_var(env, dir.join(name)) };
+        }
+    }
 }

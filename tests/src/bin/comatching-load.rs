@@ -1,0 +1,141 @@
+//! `comatching-load`: the end-to-end load benchmark (issue 4 §8). Brings up a broker vhost, a
+//! relay and one appliance on loopback (release binaries next to this one), registers N users,
+//! grants points, drives C concurrent clients requesting matches for D seconds, then measures
+//! a sync burst, a resync from an empty data dir and a restart to ready. Prints one JSON object.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use comatching_tests::world::{World, WorldOptions, drive_matches, peak_rss_mb, percentile};
+use futures_util::StreamExt;
+use reqwest::Method;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "comatching-load",
+    about = "COMAtching Edge end-to-end load benchmark"
+)]
+struct Args {
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Not supported yet: the benchmark always uses its own vhost on the local broker.
+    #[arg(long)]
+    amqp: Option<String>,
+    #[arg(long, default_value = "sqlite")]
+    backend: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn main() {
+    let args = Args::parse();
+    comatching_tests::process::point_at_sibling_binaries();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(run(args));
+}
+
+async fn run(args: Args) {
+    if args.amqp.is_some() {
+        eprintln!("--amqp: this benchmark manages its own vhost on the local broker; ignoring");
+    }
+    let opts = WorldOptions {
+        appliances: 1,
+        backend: args.backend.clone(),
+        cheap_hashing: true,
+        max_picked: 1_000_000,
+        label: "load".into(),
+        amqp_url: None,
+    };
+    let mut world = World::start(&opts).await;
+    eprintln!("registering {} users", args.users);
+    let t = Instant::now();
+    let users = world.register(args.users, 64, args.seed).await;
+    eprintln!(
+        "registered in {:.1}s; granting points",
+        t.elapsed().as_secs_f64()
+    );
+    world.grant_all(&users, 1_000_000, 64).await;
+    world.wait_converged(Duration::from_secs(600)).await;
+
+    eprintln!("driving {} clients for {}s", args.concurrency, args.seconds);
+    let users = Arc::new(users);
+    let t = Instant::now();
+    let (mut lat, errs) = drive_matches(
+        users.clone(),
+        args.concurrency,
+        Duration::from_secs(args.seconds),
+        None,
+        args.seed,
+    )
+    .await;
+    let elapsed = t.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let errors: u64 = errs.values().sum();
+    eprintln!("non-201 answers by status: {errs:?}");
+
+    // Sync burst: every user rewrites their profile; time until the replica has it all.
+    let burst = users.len().min(20_000);
+    let mut pop = comatching_tests::population::Population::new(args.seed ^ 0xb0b);
+    let bodies: Vec<_> = (0..burst).map(|i| pop.profile(i)).collect();
+    let t = Instant::now();
+    futures_util::stream::iter(users.iter().take(burst).zip(bodies))
+        .for_each_concurrent(64, |(u, body)| async move {
+            u.api
+                .request(
+                    Method::PUT,
+                    "/api/v1/me/profile",
+                    Some(&u.token),
+                    Some(&body),
+                    &[],
+                )
+                .await
+                .expect(200);
+        })
+        .await;
+    world.wait_converged(Duration::from_secs(600)).await;
+    let sync_s = t.elapsed().as_secs_f64();
+
+    // Resync from an empty data dir (a re-image).
+    let pool = world.relay_pool().await;
+    let app = &mut world.appliances[0];
+    app.kill_9();
+    app.wipe_data();
+    let t = Instant::now();
+    app.restart().await;
+    world.wait_converged(Duration::from_secs(600)).await;
+    let resync_s = t.elapsed().as_secs_f64();
+
+    // Restart to ready with the replica in place (a power cut).
+    let app = &mut world.appliances[0];
+    app.kill_9();
+    let t = Instant::now();
+    app.restart().await;
+    app.wait_ready().await;
+    let restart_s = t.elapsed().as_secs_f64();
+
+    let relay_rss = world.relay.pid().and_then(peak_rss_mb);
+    let app_rss = world.appliances[0].pid().and_then(peak_rss_mb);
+    let out = json!({
+        "users": args.users,
+        "concurrency": args.concurrency,
+        "seconds": args.seconds,
+        "matches": lat.len(),
+        "rps": (lat.len() as f64 / elapsed * 10.0).round() / 10.0,
+        "p50_ms": (percentile(&lat, 0.50) * 100.0).round() / 100.0,
+        "p99_ms": (percentile(&lat, 0.99) * 100.0).round() / 100.0,
+        "errors": errors,
+        "relay_rss_mb": relay_rss.map(|v| (v * 10.0).round() / 10.0),
+        "appliance_rss_mb": app_rss.map(|v| (v * 10.0).round() / 10.0),
+        "sync_apply_per_s": (burst as f64 / sync_s).round(),
+        "resync_users": pool.count,
+        "resync_s": (resync_s * 100.0).round() / 100.0,
+        "restart_ready_s": (restart_s * 100.0).round() / 100.0,
+    });
+    println!("{out}");
+}

@@ -1,0 +1,170 @@
+//! A RabbitMQ node of a test's own, in a temp dir, on free ports — for tests that stop, crash or
+//! restart the broker without touching the shared node the other tests use. Started the way
+//! NOTES.md describes (the real server script, its environment pointed at the temp dir).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::relay::free_port;
+
+pub struct PrivateBroker {
+    dir: tempfile::TempDir,
+    pub node: String,
+    pub amqp_port: u16,
+    dist_port: u16,
+}
+
+/// The real scripts, not the /usr/sbin wrappers: those switch to the rabbitmq user (which
+/// cannot read a root-owned temp dir) and drop the environment.
+const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
+
+impl PrivateBroker {
+    /// Starts a fresh node and waits until it answers (a few seconds).
+    pub fn start(label: &str) -> PrivateBroker {
+        crate::broker::ensure_shared_node(); // installs the packages when missing
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("comatching-broker-{label}-"))
+            .tempdir()
+            .expect("temp dir");
+        let suffix: u32 = rand::random::<u32>() % 1_000_000;
+        let b = PrivateBroker {
+            node: format!("ct{label}{suffix}@localhost").replace('-', ""),
+            amqp_port: free_port(),
+            dist_port: free_port(),
+            dir,
+        };
+        std::fs::write(
+            b.path("rabbitmq.conf"),
+            format!(
+                "listeners.tcp.default = 127.0.0.1:{}\nloopback_users.guest = true\n",
+                b.amqp_port
+            ),
+        )
+        .expect("write rabbitmq.conf");
+        std::fs::write(b.path("plugins"), "[].\n").expect("write plugins");
+        // An empty env file of its own: the system one (written by broker.sh) names the shared
+        // node and sets NODE_IP_ADDRESS, which would add a second listener on port 5672.
+        std::fs::write(b.path("rabbitmq-env.conf"), "").expect("write env file");
+        b.start_node();
+        b
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn env(&self, cmd: &mut Command) {
+        let d = self.dir.path();
+        cmd.env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("plugins"))
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_CONF_ENV_FILE", d.join("rabbitmq-env.conf"))
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .env(
+                "RABBITMQ_CTL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .env("HOME", d)
+            .env_remove("RABBITMQ_NODE_IP_ADDRESS")
+            .env_remove("RABBITMQ_NODE_PORT");
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(CTL);
+        self.env(&mut cmd);
+        cmd.args(["-q", "-n", &self.node]).args(args);
+        cmd.output().expect("run rabbitmqctl")
+    }
+
+    fn ctl_ok(&self, args: &[&str]) {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?} on {} failed: {}{}",
+            self.node,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start_node(&self) {
+        let mut cmd = Command::new(SERVER);
+        self.env(&mut cmd);
+        let out = cmd
+            .arg("-detached")
+            .output()
+            .expect("start rabbitmq-server");
+        assert!(
+            out.status.success(),
+            "rabbitmq-server -detached failed: {out:?}"
+        );
+        let pid = self.path("pid");
+        self.ctl_ok(&["wait", "--timeout", "60", pid.to_str().expect("utf-8 path")]);
+    }
+
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    /// `rabbitmqctl stop_app`: the node stays, AMQP goes away (connections are closed).
+    pub fn stop_app(&self) {
+        self.ctl_ok(&["stop_app"]);
+    }
+
+    pub fn start_app(&self) {
+        self.ctl_ok(&["start_app"]);
+        self.ctl_ok(&["await_startup", "--timeout", "60"]);
+    }
+
+    fn beam_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.path("pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// SIGKILL of the Erlang VM: a broker crash.
+    pub fn kill_9(&self) {
+        if let Some(pid) = self.beam_pid() {
+            // SAFETY: plain kill(2) on a pid this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts the node again on the same data (after `kill_9`).
+    pub fn restart(&self) {
+        self.start_node();
+    }
+
+    /// Wipes the node's state (queues, messages, exchanges) and starts it again.
+    pub fn reset(&self) {
+        self.ctl_ok(&["stop_app"]);
+        self.ctl_ok(&["reset"]);
+        self.start_app();
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let pid = self.path("pid");
+        let _ = self.ctl(&["stop", pid.to_str().unwrap_or("")]);
+        self.kill_9();
+    }
+}

@@ -1,0 +1,243 @@
+//! The link end to end (issue 4): the real relay, real appliances and a real broker. Each test
+//! builds its own world (vhost or private broker node, relay, appliances, temp dirs).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use comatching_tests::private_broker::PrivateBroker;
+use comatching_tests::world::{World, WorldOptions, drive_matches};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use reqwest::Method;
+use serde_json::json;
+
+const CONVERGE: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_users_reach_both_replicas_and_updates_deletes_and_matches_follow() {
+    let mut opts = WorldOptions::new("link-1k");
+    opts.appliances = 2;
+    let mut w = World::start(&opts).await;
+    let users = w.register(1000, 32, 1).await;
+    let pool = w.wait_converged(CONVERGE).await;
+    assert_eq!(pool.count, 1000, "every registered profile is in the pool");
+
+    // Updates and withdrawals propagate.
+    for (i, u) in users.iter().take(50).enumerate() {
+        let body = comatching_tests::population::Population::new(99).profile(i);
+        u.api
+            .request(
+                Method::PUT,
+                "/api/v1/me/profile",
+                Some(&u.token),
+                Some(&body),
+                &[],
+            )
+            .await
+            .expect(200);
+    }
+    for u in &users[50..70] {
+        u.delete_me().await.expect(204);
+    }
+    let after = w.wait_converged(CONVERGE).await;
+    assert_eq!(after.count, 980);
+    assert!(after.seq >= pool.seq + 70, "one outbox row per change");
+    assert_ne!(after.digest, pool.digest);
+
+    // Matches succeed through the appliances, and each charges once.
+    let buyers: Vec<_> = users[100..130].to_vec();
+    w.grant_all(&buyers, 5_000, 8).await;
+    let mut made = 0;
+    for (i, u) in buyers.iter().enumerate() {
+        let r = u
+            .api
+            .request(
+                Method::POST,
+                "/api/v1/matches",
+                Some(&u.token),
+                Some(&json!({})),
+                &[("Idempotency-Key", &format!("k{i}"))],
+            )
+            .await;
+        match r.status {
+            201 => {
+                made += 1;
+                assert_eq!(r.body["cost"], 1000);
+                assert_eq!(u.points().await, 4_000, "charged exactly once");
+            }
+            404 => assert_eq!(u.points().await, 5_000, "no candidate, no charge"),
+            other => panic!("unexpected match answer {other}: {}", r.text),
+        }
+    }
+    assert!(
+        made >= 25,
+        "most requests find a partner among ~980 users (made {made})"
+    );
+    let stats = w.operator.stats().await;
+    assert_eq!(stats["points_spent"], 1000 * made);
+    assert_eq!(stats["open_holds"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_stream_converges_without_help() {
+    let broker = PrivateBroker::start("restart");
+    let mut opts = WorldOptions::new("link-restart");
+    opts.amqp_url = Some(broker.amqp_url());
+    let mut w = World::start(&opts).await;
+    w.register(100, 16, 1).await;
+    w.wait_converged(CONVERGE).await;
+
+    broker.stop_app();
+    // The relay keeps taking writes while the broker is away; they wait in the outbox.
+    w.register(100, 16, 2).await;
+    broker.start_app();
+    let pool = w.wait_converged(CONVERGE).await;
+    assert_eq!(pool.count, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_appliance_resyncs_from_empty() {
+    let mut w = World::start(&WorldOptions::new("link-wipe")).await;
+    w.register(300, 16, 1).await;
+    let before = w.wait_converged(CONVERGE).await;
+    let app = &mut w.appliances[0];
+    app.kill_9();
+    app.wipe_data();
+    app.restart().await;
+    let after = w.wait_converged(CONVERGE).await;
+    assert_eq!(before, after);
+    let status = w.appliances[0].status().await.expect("status");
+    assert!(
+        status["sync"]["snapshots_loaded"].as_u64() >= Some(1),
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restored_from_an_older_copy_with_a_new_epoch_is_taken_whole() {
+    let mut w = World::start(&WorldOptions::new("link-restore")).await;
+    w.register(100, 16, 1).await;
+    let old = w.wait_converged(CONVERGE).await;
+    let old_epoch = w.appliances[0].status().await.expect("status")["epoch"].clone();
+
+    // Back up the relay database (stopped, so the copy is consistent).
+    w.relay.kill_9();
+    let data = w.relay.data_dir().to_path_buf();
+    let backup = tempfile::tempdir().expect("backup dir");
+    for f in std::fs::read_dir(&data).expect("data dir") {
+        let f = f.expect("entry");
+        std::fs::copy(f.path(), backup.path().join(f.file_name())).expect("copy");
+    }
+    w.relay.restart().await;
+    w.relay.wait_ready().await;
+    w.register(50, 16, 2).await;
+    let newer = w.wait_converged(CONVERGE).await;
+    assert_eq!(newer.count, 150);
+
+    // Restore the older copy, start a new lineage, start the relay on it.
+    w.relay.kill_9();
+    std::fs::remove_dir_all(&data).expect("remove data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    for f in std::fs::read_dir(backup.path()).expect("backup") {
+        let f = f.expect("entry");
+        std::fs::copy(f.path(), data.join(f.file_name())).expect("restore");
+    }
+    let out = w
+        .relay
+        .command()
+        .args(["admin", "new-epoch", "--config"])
+        .arg(w.relay.config_path())
+        .output()
+        .expect("admin new-epoch");
+    assert!(out.status.success(), "{out:?}");
+    w.relay.restart().await;
+    w.relay.wait_ready().await;
+
+    let restored = w.wait_converged(CONVERGE).await;
+    assert_eq!(
+        restored.count, old.count,
+        "the appliance holds exactly the restored lineage"
+    );
+    assert_eq!(restored.digest, old.digest);
+    let status = w.appliances[0].status().await.expect("status");
+    assert_ne!(status["epoch"], old_epoch, "the new epoch was adopted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_sync_message_is_dead_lettered_and_the_next_one_applies() {
+    let mut w = World::start(&WorldOptions::new("link-dlq")).await;
+    w.register(10, 8, 1).await;
+    w.wait_converged(CONVERGE).await;
+
+    let conn = Connection::connect(&w.amqp_url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    for garbage in [
+        b"not a message".to_vec(),
+        vec![b'C', b'M', 1, 0xdd, 0xff, 0xff, 0xff, 0xff],
+    ] {
+        ch.basic_publish(
+            "".into(),
+            "comatching.sync.box-1".into(),
+            BasicPublishOptions::default(),
+            &garbage,
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    }
+    w.register(5, 4, 2).await;
+    let pool = w.wait_converged(CONVERGE).await;
+    assert_eq!(pool.count, 15, "the queue kept flowing");
+    let status = w.appliances[0].status().await.expect("status");
+    assert_eq!(status["sync"]["dead_lettered"], 2, "{status}");
+    let dead = ch
+        .queue_declare(
+            "comatching.dead".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("dead-letter queue exists");
+    assert!(
+        dead.message_count() >= 2,
+        "both garbage messages were dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matching_survives_one_appliance_dying_and_it_rejoins() {
+    let mut opts = WorldOptions::new("link-two");
+    opts.appliances = 2;
+    opts.max_picked = 1_000;
+    let mut w = World::start(&opts).await;
+    let users = w.register(200, 16, 1).await;
+    w.grant_all(&users, 100_000, 16).await;
+    w.wait_converged(CONVERGE).await;
+
+    w.appliances[0].kill_9();
+    let users = Arc::new(users);
+    let (lat, errs) = drive_matches(users.clone(), 4, Duration::from_secs(60), Some(40), 3).await;
+    assert!(
+        !errs.contains_key(&503),
+        "matching kept working with one appliance down: {errs:?}"
+    );
+    assert!(
+        lat.len() >= 30,
+        "most matches succeed ({} ok, {errs:?})",
+        lat.len()
+    );
+
+    // Changes made while it was down reach it after the restart.
+    w.register(20, 8, 2).await;
+    w.appliances[0].restart().await;
+    let pool = w.wait_converged(CONVERGE).await;
+    assert_eq!(pool.count, 220, "the restarted appliance caught up");
+}
