@@ -15,6 +15,7 @@ use crate::broker::Vhost;
 use crate::population::Population;
 use crate::relay::{AuthSection, RelayConfig, RelayProcess};
 
+/// Every synthetic student's password (the demo prints it).
 pub const PASSWORD: &str = "festival-password";
 
 pub struct WorldOptions {

@@ -59,7 +59,7 @@ fn main() {
             );
         }
         println!();
-        println!("relay API:           {}/api/v1  (operator: operator / festival-password)", world.relay.base_url());
+        println!("relay API:           {}/api/v1  (operator: operator / \"{}\")", world.relay.base_url(), comatching_tests::api::PASSWORD);
         for a in &world.appliances {
             println!("appliance status:    http://{}/status", a.config().http.listen);
         }
