@@ -20,6 +20,7 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Notify, watch};
 
 use crate::config;
+use comatching_protocol::config::amqp_url_with_heartbeat;
 
 pub const SYNC_EXCHANGE: &str = "comatching.sync";
 pub const MATCH_QUEUE: &str = "comatching.match";
@@ -92,14 +93,6 @@ pub struct BrokerSupervisor {
 pub fn supervisor(cfg: config::Broker) -> (BrokerSupervisor, BrokerHandle) {
     let (tx, rx) = watch::channel(None);
     (BrokerSupervisor { cfg, tx }, BrokerHandle { rx })
-}
-
-fn with_heartbeat(url: &str, heartbeat_s: u16) -> String {
-    if url.contains("heartbeat=") {
-        return url.to_owned();
-    }
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}heartbeat={heartbeat_s}&connection_timeout=5000")
 }
 
 pub fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
@@ -207,7 +200,7 @@ async fn connect(url: &str, id: u64) -> lapin::Result<Session> {
 
 impl BrokerSupervisor {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let url = with_heartbeat(&self.cfg.url, self.cfg.heartbeat_s);
+        let url = amqp_url_with_heartbeat(&self.cfg.url, self.cfg.heartbeat_s);
         let mut backoff = Duration::from_millis(100);
         let max_backoff = Duration::from_millis(self.cfg.max_backoff_ms.max(100));
         let mut id = 0u64;

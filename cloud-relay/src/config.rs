@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use comatching_protocol::CostTable;
-use comatching_protocol::config::{ConfigError, mask_url_password, overlay};
+use comatching_protocol::config::{ConfigError, mask_url_password, parse};
 use serde::{Deserialize, Serialize};
 
 pub const ENV_PREFIX: &str = "COMATCHING_RELAY";
@@ -170,10 +170,7 @@ impl Config {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let table = overlay(file, ENV_PREFIX, vars)?;
-        let cfg: Config = table
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        let cfg: Config = parse(file, ENV_PREFIX, vars)?;
         cfg.check()?;
         Ok(cfg)
     }

@@ -57,6 +57,27 @@ where
     Ok(table)
 }
 
+/// `overlay`, then deserialised into the binary's config type.
+pub fn parse<T, I>(file: &str, prefix: &str, vars: I) -> Result<T, ConfigError>
+where
+    T: serde::de::DeserializeOwned,
+    I: IntoIterator<Item = (String, String)>,
+{
+    overlay(file, prefix, vars)?
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))
+}
+
+/// Adds a heartbeat (and a connect timeout) to an AMQP URL unless it sets one already, so a
+/// half-open link is noticed within about two heartbeats.
+pub fn amqp_url_with_heartbeat(url: &str, heartbeat_s: u16) -> String {
+    if url.contains("heartbeat=") {
+        return url.to_owned();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}heartbeat={heartbeat_s}&connection_timeout=5000")
+}
+
 fn parse_scalar(raw: &str) -> Value {
     let probe = format!("v = {raw}");
     match probe.parse::<Table>() {
@@ -115,6 +136,19 @@ mod tests {
     fn malformed_env_names_are_errors() {
         assert!(overlay("", "APP", vec![("APP__X".into(), "1".into())]).is_err());
         assert!(overlay("x = 1", "APP", vec![("APP__X__Y".into(), "1".into())]).is_err());
+    }
+
+    #[test]
+    fn heartbeat_is_added_once() {
+        assert_eq!(
+            amqp_url_with_heartbeat("amqp://h/%2f", 10),
+            "amqp://h/%2f?heartbeat=10&connection_timeout=5000"
+        );
+        assert_eq!(
+            amqp_url_with_heartbeat("amqp://h/v?heartbeat=3", 10),
+            "amqp://h/v?heartbeat=3"
+        );
+        assert!(amqp_url_with_heartbeat("amqp://h/v?frame_max=9", 10).contains("&heartbeat=10"));
     }
 
     #[test]

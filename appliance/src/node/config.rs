@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use comatching_protocol::ApplianceId;
-use comatching_protocol::config::{ConfigError, mask_url_password, overlay};
+use comatching_protocol::config::{ConfigError, mask_url_password, parse};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineKind;
@@ -149,10 +149,7 @@ impl Config {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let table = overlay(file, ENV_PREFIX, vars)?;
-        let cfg: Config = table
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        let cfg: Config = parse(file, ENV_PREFIX, vars)?;
         if cfg.sync.batch_max == 0 || cfg.matching.workers == 0 || cfg.matching.prefetch == 0 {
             return Err(ConfigError::Invalid(
                 "sync.batch_max, matching.workers and matching.prefetch must be positive".into(),

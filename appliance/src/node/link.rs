@@ -30,6 +30,7 @@ use tokio::sync::{Semaphore, watch};
 
 use super::config::Config;
 use super::replica::Replica;
+use comatching_protocol::config::amqp_url_with_heartbeat;
 
 pub const SYNC_EXCHANGE: &str = "comatching.sync";
 pub const DEAD_EXCHANGE: &str = "comatching.dead";
@@ -132,14 +133,6 @@ async fn declare_topology(ch: &Channel, cfg: &Config) -> lapin::Result<()> {
     Ok(())
 }
 
-fn with_heartbeat(url: &str, heartbeat_s: u16) -> String {
-    if url.contains("heartbeat=") {
-        return url.to_owned();
-    }
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}heartbeat={heartbeat_s}&connection_timeout=5000")
-}
-
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -171,7 +164,7 @@ struct SessionState {
 
 impl Link {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let url = with_heartbeat(&self.cfg.broker.url, self.cfg.broker.heartbeat_s);
+        let url = amqp_url_with_heartbeat(&self.cfg.broker.url, self.cfg.broker.heartbeat_s);
         let mut backoff = Duration::from_millis(100);
         let max_backoff = Duration::from_millis(self.cfg.broker.max_backoff_ms.max(100));
         loop {
