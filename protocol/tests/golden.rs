@@ -102,6 +102,11 @@ const SNAPSHOT_END: &str = concat!(
     "67657374cf0123456789abcdef",
 );
 
+const HELLO_ACK: &str = concat!(
+    "434d0181a968656c6c6f5f61636b83ac6170706c69616e63655f6964ae666573746976616c2d626f",
+    "782d31a565706f6368cf1122334455667788a972656c61795f7365712b",
+);
+
 fn cases() -> Vec<(&'static str, Message, &'static str)> {
     vec![
         ("sync_upsert", sync_upsert(), SYNC_UPSERT),
@@ -115,6 +120,7 @@ fn cases() -> Vec<(&'static str, Message, &'static str)> {
         ),
         ("hello_synced", hello_synced(), HELLO_SYNCED),
         ("hello_empty", hello_empty(), HELLO_EMPTY),
+        ("hello_ack", hello_ack(), HELLO_ACK),
         ("snapshot_begin", snapshot_begin(), SNAPSHOT_BEGIN),
         ("snapshot_chunk", snapshot_chunk(), SNAPSHOT_CHUNK),
         ("snapshot_end", snapshot_end(), SNAPSHOT_END),
@@ -247,11 +253,10 @@ fn field_order_does_not_matter() {
     // declaration order as `Envelope::encode` does.
     for (name, msg, golden) in cases() {
         let reordered = frame_value(&as_value(&msg));
-        assert_ne!(
-            to_hex(&reordered),
-            golden,
-            "{name}: expected a different field order"
-        );
+        if to_hex(&reordered) == golden {
+            // Declared in alphabetical order already (HelloAck): nothing to reorder.
+            continue;
+        }
         assert_eq!(
             Envelope::decode(&reordered, &WireLimits::default()),
             Ok(msg),

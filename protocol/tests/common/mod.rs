@@ -5,7 +5,7 @@
 use comatching_protocol::wire::{ENVELOPE_VERSION, MAGIC};
 use comatching_protocol::{
     Age, ApplianceId, Candidate, ContactFrequency, Criterion, Digest, Epoch, Features, Gender,
-    Hello, Hobby, HobbySet, Major, MatchOptions, MatchReply, MatchRequest, Message,
+    Hello, HelloAck, Hobby, HobbySet, Major, MatchOptions, MatchReply, MatchRequest, Message,
     ReplicaPosition, ReplyStatus, RequestId, Requester, SnapshotBegin, SnapshotChunk, SnapshotEnd,
     SnapshotUser, SyncEvent, SyncOp, UserId,
 };
@@ -138,6 +138,14 @@ pub fn hello_synced() -> Message {
         applied_seq: 43,
         count: 2,
         digest: Digest(0xdead_beef_0bad_f00d),
+    })
+}
+
+pub fn hello_ack() -> Message {
+    Message::HelloAck(HelloAck {
+        appliance_id: appliance(),
+        epoch: EPOCH,
+        relay_seq: 43,
     })
 }
 
