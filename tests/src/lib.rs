@@ -18,11 +18,13 @@
 pub mod api;
 pub mod appliance;
 pub mod broker;
+pub mod checker;
 pub mod env;
 pub mod population;
 pub mod private_broker;
 pub mod process;
 pub mod profiles;
+pub mod proxy;
 pub mod relay;
 pub mod responder;
 pub mod sync_tap;

@@ -1,0 +1,794 @@
+//! The fault matrix (issue 5): each row injects one fault into a running system (real relay,
+//! real appliances, a real broker the test owns), for several rounds with random timing from a
+//! seed, and after each round the history checker (`comatching_tests::checker`) asserts the
+//! invariants: every request ends once, charges only for delivered partners, balances equal the
+//! ledger, no open holds at quiescence, replicas equal the relay's live users, versions never go
+//! backwards, deleted users never come back.
+//!
+//! `FAULT_SEED=N` replays a failing run (the seed is printed on failure), `FAULT_ROUNDS=N` sets
+//! the rounds per row (default [`DEFAULT_ROUNDS`]).
+//!
+//! Liveness bound: after a fault clears, the system is quiescent (no open holds, outbox
+//! published, every replica converged and ready) and serves matches again within [`LIVENESS`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use comatching_protocol::{Envelope, Epoch, Message, SyncEvent, SyncOp};
+use comatching_tests::appliance::{ApplianceConfig, ApplianceProcess};
+use comatching_tests::checker::{Checker, History};
+use comatching_tests::population::Population;
+use comatching_tests::private_broker::PrivateBroker;
+use comatching_tests::proxy::Proxy;
+use comatching_tests::sync_tap::TappedEvent;
+use comatching_tests::world::{World, WorldOptions, peak_rss_mb};
+use comatching_tests::{SyncTap, User, wait_until};
+use lapin::options::{BasicPublishOptions, QueueBindOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const DEFAULT_ROUNDS: u32 = 2;
+/// After a fault clears: quiescent and converged within this.
+const LIVENESS: Duration = Duration::from_secs(60);
+const SYNC_QUEUE: &str = "comatching.sync.box-1";
+
+/// The row's seed and round count; prints the replay line if the row fails.
+struct Plan {
+    row: &'static str,
+    seed: u64,
+    rounds: u32,
+    started: Instant,
+}
+
+impl Plan {
+    fn new(row: &'static str) -> Plan {
+        let seed = std::env::var("FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random::<u64>);
+        let rounds = std::env::var("FAULT_ROUNDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(DEFAULT_ROUNDS);
+        eprintln!("{row}: seed {seed}, {rounds} rounds");
+        Plan {
+            row,
+            seed,
+            rounds,
+            started: Instant::now(),
+        }
+    }
+
+    fn rng(&self, round: u32) -> StdRng {
+        StdRng::seed_from_u64(self.seed.wrapping_add(u64::from(round)))
+    }
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "{} FAILED: replay with FAULT_SEED={} FAULT_ROUNDS={}",
+                self.row, self.seed, self.rounds
+            );
+        } else {
+            eprintln!(
+                "FAULT-SUMMARY row={} rounds={} seconds={:.1} violations=0",
+                self.row,
+                self.rounds,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+/// Random injection timing (not synchronisation): up to `max_ms`.
+async fn jitter(rng: &mut StdRng, max_ms: u64) {
+    let ms = rng.random_range(0..=max_ms);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+fn opts(label: &str) -> WorldOptions {
+    let mut o = WorldOptions::new(label);
+    o.max_picked = 1_000;
+    o
+}
+
+/// `n` profile updates on random users, 8 at a time; transport errors (a crashed relay) are
+/// tolerated: the checker compares the replica with what the relay committed.
+async fn updates(users: Arc<Vec<User>>, n: usize, seed: u64) {
+    use futures_util::StreamExt;
+    let mut pop = Population::new(seed);
+    let work: Vec<(usize, Value)> = (0..n)
+        .map(|i| (pop.pick(users.len()), pop.profile(i)))
+        .collect();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    futures_util::stream::iter(work)
+        .for_each_concurrent(8, |(u, body)| {
+            let (users, http) = (users.clone(), http.clone());
+            async move {
+                let u = &users[u];
+                let _ = http
+                    .request(
+                        Method::PUT,
+                        format!("{}/api/v1/me/profile", u.api.base_url()),
+                    )
+                    .bearer_auth(&u.token)
+                    .json(&body)
+                    .send()
+                    .await;
+            }
+        })
+        .await;
+}
+
+/// `n` concurrent match requests from distinct users, fresh keys tagged with `tag`.
+async fn matches(history: History, users: Arc<Vec<User>>, n: usize, tag: String) {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (h, users, tag) = (history.clone(), users.clone(), tag.clone());
+        tasks.push(tokio::spawn(async move {
+            let u = &users[i % users.len()];
+            h.post_match(u, &format!("{tag}-{i}"), &json!({})).await;
+        }));
+    }
+    for t in tasks {
+        t.await.expect("match task");
+    }
+}
+
+/// Liveness: a match is answered (201 or 404, not 503) within [`LIVENESS`], retrying a 503
+/// with a new key as a client would.
+async fn serving(history: &History, user: &User, tag: &str) {
+    let deadline = Instant::now() + LIVENESS;
+    for n in 0.. {
+        let a = history
+            .post_match(user, &format!("{tag}-live-{n}"), &json!({}))
+            .await;
+        if matches!(a.status, 201 | 404) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not serving matches {LIVENESS:?} after the fault: {a:?}"
+        );
+    }
+}
+
+/// A world whose users all have plenty of points.
+async fn populated(opts: &WorldOptions, n: usize) -> (World, Arc<Vec<User>>) {
+    let mut w = World::start(opts).await;
+    let users = w.register(n, 16, 7).await;
+    w.grant_all(&users, 1_000_000, 16).await;
+    w.wait_converged(LIVENESS).await;
+    (w, Arc::new(users))
+}
+
+async fn channel(url: &str) -> (Connection, Channel) {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirm mode");
+    (conn, ch)
+}
+
+async fn publish_raw(ch: &Channel, queue: &str, body: &[u8]) {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+}
+
+async fn publish_events(ch: &Channel, events: &[SyncEvent]) {
+    for ev in events {
+        publish_raw(
+            ch,
+            SYNC_QUEUE,
+            &Envelope::encode(&Message::SyncEvent(ev.clone())),
+        )
+        .await;
+    }
+}
+
+fn tapped_since(tap: &SyncTap, after_seq: u64) -> Vec<SyncEvent> {
+    tap.events()
+        .into_iter()
+        .map(|t: TappedEvent| t.event)
+        .filter(|e| e.seq > after_seq)
+        .collect()
+}
+
+async fn status_u64(a: &ApplianceProcess, path: &[&str]) -> u64 {
+    let s = a.status().await.unwrap_or_default();
+    let mut v = &s;
+    for p in path {
+        v = &v[*p];
+    }
+    v.as_u64().unwrap_or(0)
+}
+
+fn in_blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f01_appliance_crash_during_sync() {
+    let plan = Plan::new("f01_appliance_crash_during_sync");
+    let (mut w, users) = populated(&opts("f01"), 60).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        let burst = tokio::spawn(updates(users.clone(), 300, plan.seed ^ u64::from(round)));
+        jitter(&mut rng, 1_500).await;
+        ck.fault_begins(&w).await;
+        w.appliances[0].kill_9();
+        jitter(&mut rng, 300).await;
+        w.appliances[0].restart().await;
+        burst.await.expect("burst");
+        ck.check_round(&mut w, LIVENESS).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f02_appliance_crash_with_matches_in_flight() {
+    let plan = Plan::new("f02_appliance_crash_with_matches_in_flight");
+    let (mut w, users) = populated(&opts("f02"), 60).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        let load = tokio::spawn(matches(
+            ck.history.clone(),
+            users.clone(),
+            20,
+            format!("r{round}"),
+        ));
+        jitter(&mut rng, 300).await;
+        w.appliances[0].kill_9();
+        jitter(&mut rng, 1_000).await;
+        w.appliances[0].restart().await;
+        load.await.expect("load");
+        ck.check_round(&mut w, LIVENESS).await;
+        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+        ck.check_round(&mut w, LIVENESS).await;
+    }
+}
+
+/// F3/F4: a broker fault under load (profile updates and matches).
+async fn broker_fault(row: &'static str, label: &str, crash: bool) {
+    let plan = Plan::new(row);
+    let broker = PrivateBroker::start(label);
+    let mut o = opts(label);
+    o.amqp_url = Some(broker.amqp_url());
+    let (mut w, users) = populated(&o, 40).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        let burst = tokio::spawn(updates(users.clone(), 150, plan.seed ^ u64::from(round)));
+        let load = tokio::spawn(matches(
+            ck.history.clone(),
+            users.clone(),
+            10,
+            format!("r{round}"),
+        ));
+        jitter(&mut rng, 800).await;
+        ck.fault_begins(&w).await;
+        if crash {
+            in_blocking(|| broker.kill_9());
+        } else {
+            in_blocking(|| broker.stop_app());
+        }
+        jitter(&mut rng, 1_000).await;
+        if crash {
+            in_blocking(|| broker.restart());
+        } else {
+            in_blocking(|| broker.start_app());
+        }
+        burst.await.expect("burst");
+        load.await.expect("load");
+        ck.check_round(&mut w, LIVENESS).await;
+        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f03_broker_restart() {
+    broker_fault("f03_broker_restart", "f03", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f04_broker_crash() {
+    broker_fault("f04_broker_crash", "f04", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f06_connection_dropped() {
+    let plan = Plan::new("f06_connection_dropped");
+    let mut o = opts("f06");
+    o.appliances = 0;
+    let mut w = World::start(&o).await;
+    let (proxy, via) = Proxy::in_front_of(&w.amqp_url).await;
+    let cfg = ApplianceConfig::new("box-1", via);
+    w.appliances.push(ApplianceProcess::start(cfg).await);
+    let users = Arc::new(w.register(40, 16, 7).await);
+    w.grant_all(&users, 1_000_000, 16).await;
+    w.wait_converged(LIVENESS).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        let burst = tokio::spawn(updates(users.clone(), 150, plan.seed ^ u64::from(round)));
+        let load = tokio::spawn(matches(
+            ck.history.clone(),
+            users.clone(),
+            10,
+            format!("r{round}"),
+        ));
+        jitter(&mut rng, 800).await;
+        ck.fault_begins(&w).await;
+        if rng.random_bool(0.5) {
+            proxy.reset();
+        } else {
+            let v = w.vhost.as_ref().expect("vhost");
+            in_blocking(|| v.close_all_connections());
+        }
+        burst.await.expect("burst");
+        load.await.expect("load");
+        ck.check_round(&mut w, LIVENESS).await;
+        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f08_duplicates() {
+    let plan = Plan::new("f08_duplicates");
+    let mut w = World::start(&opts("f08")).await;
+    let tap = SyncTap::bind(&w.amqp_url).await;
+    let users = Arc::new(w.register(40, 16, 7).await);
+    w.wait_converged(LIVENESS).await;
+    let (_c, ch) = channel(&w.amqp_url).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        let before = w.relay_pool().await.seq;
+        updates(users.clone(), 30, plan.seed ^ u64::from(round)).await;
+        let pool = w.wait_converged(LIVENESS).await;
+        tap.wait_for_seq(pool.seq).await;
+        let mut range = tapped_since(&tap, before);
+        let mut dup = Vec::new();
+        for _ in 0..3 {
+            range.shuffle(&mut rng);
+            dup.extend(range.iter().cloned());
+        }
+        publish_events(&ch, &dup).await;
+        // A real change after the duplicates proves they were consumed (and changed nothing).
+        updates(users.clone(), 1, plan.seed ^ 0xd0d0 ^ u64::from(round)).await;
+        let after = ck.check_round(&mut w, LIVENESS).await;
+        assert!(after.seqs_checked >= pool.seq);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f09_reordering() {
+    let plan = Plan::new("f09_reordering");
+    let mut w = World::start(&opts("f09")).await;
+    let tap = SyncTap::bind(&w.amqp_url).await;
+    let users = w.register(30, 16, 7).await;
+    w.wait_converged(LIVENESS).await;
+    let (_c, ch) = channel(&w.amqp_url).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        let before = w.relay_pool().await.seq;
+        let u = &users[2 * round as usize];
+        let gone = &users[2 * round as usize + 1];
+        let mut pop = Population::new(plan.seed ^ u64::from(round));
+        for i in 0..3 {
+            u.api
+                .request(
+                    Method::PUT,
+                    "/api/v1/me/profile",
+                    Some(&u.token),
+                    Some(&pop.profile(i)),
+                    &[],
+                )
+                .await
+                .expect(200);
+        }
+        gone.api
+            .request(
+                Method::PUT,
+                "/api/v1/me/profile",
+                Some(&gone.token),
+                Some(&pop.profile(9)),
+                &[],
+            )
+            .await
+            .expect(200);
+        gone.delete_me().await.expect(204);
+        let pool = w.wait_converged(LIVENESS).await;
+        tap.wait_for_seq(pool.seq).await;
+        let evs = tapped_since(&tap, before);
+        // Newest first, then the older ones in a random order; the delete before the stale
+        // update it superseded.
+        let mut mine: Vec<SyncEvent> = evs
+            .iter()
+            .filter(|e| e.user_id == u.id())
+            .cloned()
+            .collect();
+        mine.sort_by_key(|e| std::cmp::Reverse(e.version));
+        mine[1..].shuffle(&mut rng);
+        let mut theirs: Vec<SyncEvent> = evs
+            .iter()
+            .filter(|e| e.user_id == gone.id())
+            .cloned()
+            .collect();
+        theirs.sort_by_key(|e| std::cmp::Reverse(e.version));
+        assert!(matches!(theirs[0].op, SyncOp::Delete));
+        publish_events(&ch, &mine).await;
+        publish_events(&ch, &theirs).await;
+        updates(
+            Arc::new(users[20..].to_vec()),
+            1,
+            plan.seed ^ u64::from(round),
+        )
+        .await;
+        ck.check_round(&mut w, LIVENESS).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f10_gap() {
+    let plan = Plan::new("f10_gap");
+    let mut w = World::start(&opts("f10")).await;
+    let users = Arc::new(w.register(30, 16, 7).await);
+    w.wait_converged(LIVENESS).await;
+    let (_c, ch) = channel(&w.amqp_url).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        // Drop one seq: the appliance's queue is unbound while it is published.
+        ch.queue_unbind(
+            SYNC_QUEUE.into(),
+            "comatching.sync".into(),
+            "".into(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("unbind");
+        let before = w.relay_pool().await.seq;
+        updates(users.clone(), 1, plan.seed ^ u64::from(round)).await;
+        let db = comatching_tests::checker::relay_db(&w);
+        wait_until(LIVENESS, "the dropped seq is published", || {
+            let db = db.clone();
+            async move {
+                let c = rusqlite::Connection::open(&db).expect("relay db");
+                let p: String = c
+                    .query_row(
+                        "SELECT value FROM meta WHERE key = 'published_upto'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .expect("published_upto");
+                p.parse::<u64>().unwrap_or(0) > before
+            }
+        })
+        .await;
+        ch.queue_bind(
+            SYNC_QUEUE.into(),
+            "comatching.sync".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+        jitter(&mut rng, 200).await;
+        updates(users.clone(), 3, plan.seed ^ 0x9a9 ^ u64::from(round)).await;
+        ck.check_round(&mut w, LIVENESS).await;
+    }
+}
+
+/// Publishes `bad` to the appliance's queue, then a real change; checks each bad message was
+/// dead-lettered (or, for `harmless`, changed nothing) and the next message applied.
+async fn hostile(
+    w: &mut World,
+    ck: &mut Checker,
+    users: &Arc<Vec<User>>,
+    bad: &[Vec<u8>],
+    seed: u64,
+) {
+    let (_c, ch) = channel(&w.amqp_url).await;
+    let before = status_u64(&w.appliances[0], &["sync", "dead_lettered"]).await;
+    for b in bad {
+        publish_raw(&ch, SYNC_QUEUE, b).await;
+    }
+    updates(users.clone(), 2, seed).await;
+    ck.check_round(w, LIVENESS).await;
+    let after = status_u64(&w.appliances[0], &["sync", "dead_lettered"]).await;
+    assert_eq!(
+        after - before,
+        bad.len() as u64,
+        "every bad message is dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f11_corrupt_message() {
+    let plan = Plan::new("f11_corrupt_message");
+    let mut w = World::start(&opts("f11")).await;
+    let tap = SyncTap::bind(&w.amqp_url).await;
+    let users = Arc::new(w.register(20, 16, 7).await);
+    let pool = w.wait_converged(LIVENESS).await;
+    tap.wait_for_seq(pool.seq).await;
+    let (_c, ch) = channel(&w.amqp_url).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        let evs = tap.events();
+        let ev = &evs[rng.random_range(0..evs.len())].event;
+        let good = Envelope::encode(&Message::SyncEvent(ev.clone()));
+        let mut bad = Vec::new();
+        let mut b = good.clone();
+        b[rng.random_range(0..2)] ^= 0xff; // magic
+        bad.push(b);
+        let mut b = good.clone();
+        b[2] ^= 1 << rng.random_range(0..8); // envelope version
+        bad.push(b);
+        // A flipped letter in a field name: the field is missing.
+        let name = b"user_id";
+        let at = good
+            .windows(name.len())
+            .position(|w| w == name)
+            .expect("user_id field");
+        let mut b = good.clone();
+        b[at + rng.random_range(0..name.len())] ^= 0x20;
+        bad.push(b);
+        hostile(&mut w, &mut ck, &users, &bad, plan.seed ^ u64::from(round)).await;
+
+        // Wrong epoch: not from this lineage, so nothing changes (the appliance asks the relay).
+        let mut alien = ev.clone();
+        alien.epoch = Epoch(ev.epoch.0 ^ 0x5a5a);
+        alien.version += 100;
+        let digest = w.relay_pool().await.digest;
+        publish_events(&ch, &[alien]).await;
+        updates(users.clone(), 1, plan.seed ^ 0xe ^ u64::from(round)).await;
+        let after = ck.check_round(&mut w, LIVENESS).await;
+        assert_eq!(after.violations(), 0);
+        let _ = digest;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f12_malformed_messagepack() {
+    let plan = Plan::new("f12_malformed_messagepack");
+    let mut w = World::start(&opts("f12")).await;
+    let tap = SyncTap::bind(&w.amqp_url).await;
+    let users = Arc::new(w.register(20, 16, 7).await);
+    let pool = w.wait_converged(LIVENESS).await;
+    tap.wait_for_seq(pool.seq).await;
+    let pid = w.appliances[0].pid().expect("pid");
+    let rss0 = peak_rss_mb(pid).unwrap_or(0.0);
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        let evs = tap.events();
+        let good = Envelope::encode(&Message::SyncEvent(
+            evs[rng.random_range(0..evs.len())].event.clone(),
+        ));
+        let hdr = |body: &[u8]| {
+            let mut v = b"CM\x01".to_vec();
+            v.extend_from_slice(body);
+            v
+        };
+        let mut deep = vec![0x91u8; 100_000];
+        deep.push(0xc0);
+        let mut nan = vec![0x81, 0xa3, b's', b'e', b'q', 0xcb];
+        nan.extend_from_slice(&f64::NAN.to_be_bytes());
+        let bad = vec![
+            good[..rng.random_range(3..good.len() - 1)].to_vec(), // truncated
+            hdr(&[0xa5, b'h', b'e', b'l', b'l', b'o']),           // wrong type
+            hdr(&[0x93, 0xc3, 0xc2, 0xc0]),                       // wrong types
+            hdr(&[0xdd, 0xff, 0xff, 0xff, 0xff]),                 // array of 4 G elements
+            hdr(&[0xdb, 0xff, 0xff, 0xff, 0xf0, b'x']),           // huge string
+            hdr(&[0xdf, 0x7f, 0xff, 0xff, 0xff]),                 // huge map
+            hdr(&deep),                                           // deep nesting
+            hdr(&nan),                                            // NaN where a seq goes
+            Vec::new(),                                           // empty
+        ];
+        hostile(&mut w, &mut ck, &users, &bad, plan.seed ^ u64::from(round)).await;
+        assert_eq!(w.appliances[0].pid(), Some(pid), "no panic, no restart");
+        let rss = peak_rss_mb(pid).unwrap_or(0.0);
+        assert!(
+            rss < rss0 + 64.0,
+            "memory stays bounded: peak {rss0:.0} MiB → {rss:.0} MiB"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f14_reimage() {
+    let plan = Plan::new("f14_reimage");
+    let n: usize = std::env::var("FAULT_REIMAGE_USERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let mut o = opts("f14");
+    o.appliances = 1;
+    let mut w = World::start(&o).await;
+    let users = Arc::new(w.register(n, 32, 7).await);
+    w.wait_converged(LIVENESS * 4).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        w.appliances[0].kill_9();
+        w.appliances[0].wipe_data();
+        ck.forget_replica(0);
+        let burst = tokio::spawn(updates(users.clone(), 50, plan.seed ^ u64::from(round)));
+        jitter(&mut rng, 300).await;
+        let t = Instant::now();
+        w.appliances[0].restart().await;
+        burst.await.expect("burst");
+        ck.check_round(&mut w, LIVENESS * 4).await;
+        eprintln!(
+            "f14: re-image of {n} users converged in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        assert!(status_u64(&w.appliances[0], &["sync", "snapshots_loaded"]).await >= 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f16_relay_crash() {
+    let plan = Plan::new("f16_relay_crash");
+    let (mut w, users) = populated(&opts("f16"), 40).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        let burst = tokio::spawn(updates(users.clone(), 100, plan.seed ^ u64::from(round)));
+        let load = tokio::spawn(matches(
+            ck.history.clone(),
+            users.clone(),
+            20,
+            format!("r{round}"),
+        ));
+        jitter(&mut rng, 600).await;
+        w.relay.kill_9();
+        burst.await.expect("burst");
+        load.await.expect("load");
+        w.relay.restart().await;
+        w.relay.wait_ready().await;
+        ck.check_round(&mut w, LIVENESS).await;
+        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f17_concurrent_retries() {
+    let plan = Plan::new("f17_concurrent_retries");
+    let (mut w, users) = populated(&opts("f17"), 30).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let u = users[round as usize].clone();
+        let key = format!("same-{round}");
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let (h, u, key) = (ck.history.clone(), u.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                h.post_match(&u, &key, &json!({})).await
+            }));
+        }
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.expect("retry"));
+        }
+        for a in &answers {
+            assert_eq!(
+                (a.status, &a.body),
+                (answers[0].status, &answers[0].body),
+                "identical answers for one key"
+            );
+        }
+        let other = ck
+            .history
+            .post_match(&u, &key, &json!({"exclude_same_major": true}))
+            .await;
+        assert_eq!(other.status, 422, "same key, other body: {other:?}");
+        ck.check_round(&mut w, LIVENESS).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f18_stalled_appliance() {
+    let plan = Plan::new("f18_stalled_appliance");
+    let (mut w, users) = populated(&opts("f18"), 30).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        let pid = w.appliances[0].pid().expect("pid") as i32;
+        let answered = status_u64(&w.appliances[0], &["matches", "answered"]).await;
+        let spent = w.operator.stats().await["points_spent"].clone();
+        // SAFETY: kill(2) on the appliance this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        matches(ck.history.clone(), users.clone(), 5, format!("r{round}")).await;
+        jitter(&mut rng, 500).await;
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        for a in ck
+            .history
+            .answers()
+            .iter()
+            .filter(|a| a.key.starts_with(&format!("r{round}-")))
+        {
+            assert_eq!(a.status, 503, "no appliance answered in time: {a:?}");
+        }
+        ck.check_round(&mut w, LIVENESS).await;
+        assert_eq!(
+            status_u64(&w.appliances[0], &["matches", "answered"]).await,
+            answered,
+            "expired requests are not processed"
+        );
+        assert_eq!(w.operator.stats().await["points_spent"], spent, "no charge");
+        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f19_relay_restored_from_backup() {
+    let plan = Plan::new("f19_relay_restored_from_backup");
+    let (mut w, users) = populated(&opts("f19"), 40).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        w.relay.kill_9();
+        let data = w.relay.data_dir().to_path_buf();
+        let backup = tempfile::tempdir().expect("backup dir");
+        for f in std::fs::read_dir(&data).expect("data dir") {
+            let f = f.expect("entry");
+            std::fs::copy(f.path(), backup.path().join(f.file_name())).expect("copy");
+        }
+        let old_epoch = w.appliances[0].status().await.expect("status")["epoch"].clone();
+        w.relay.restart().await;
+        w.relay.wait_ready().await;
+        updates(users.clone(), 40, plan.seed ^ u64::from(round)).await;
+        jitter(&mut rng, 500).await;
+        w.relay.kill_9();
+        std::fs::remove_dir_all(&data).expect("remove data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        for f in std::fs::read_dir(backup.path()).expect("backup") {
+            let f = f.expect("entry");
+            std::fs::copy(f.path(), data.join(f.file_name())).expect("restore");
+        }
+        let out = w
+            .relay
+            .command()
+            .args(["admin", "new-epoch", "--config"])
+            .arg(w.relay.config_path())
+            .output()
+            .expect("admin new-epoch");
+        assert!(out.status.success(), "{out:?}");
+        w.relay.restart().await;
+        w.relay.wait_ready().await;
+        ck.forget_replica(0);
+        ck.check_round(&mut w, LIVENESS).await;
+        let s = w.appliances[0].status().await.expect("status");
+        assert_ne!(s["epoch"], old_epoch, "the new lineage was adopted");
+        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+    }
+}
