@@ -44,6 +44,9 @@ pub struct StorageSection {
 pub struct BrokerSection {
     pub url: String,
     pub max_backoff_ms: u64,
+    /// The appliance's default (10 s) when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_s: Option<u16>,
 }
 #[derive(Clone, Debug, Serialize)]
 pub struct SyncSection {
@@ -74,6 +77,7 @@ impl ApplianceConfig {
             broker: BrokerSection {
                 url: amqp_url.into(),
                 max_backoff_ms: 1_000,
+                heartbeat_s: None,
             },
             sync: SyncSection {
                 hello_interval_ms: 1_000,

@@ -176,7 +176,7 @@ impl Checker {
         let left = liveness
             .saturating_sub(t0.elapsed())
             .max(Duration::from_secs(5));
-        w.wait_converged(left).await;
+        converged(w, left).await;
         let mut cl = Classes::default();
         self.check_ledger(&db, &mut cl);
         for i in 0..w.appliances.len() {
@@ -184,12 +184,25 @@ impl Checker {
             let status = w.appliances[i].status().await.unwrap_or_default();
             self.check_replica(i, &db, &dir, &status, &mut cl);
         }
+        eprintln!(
+            "checked: {} seqs ({} recovered), {} requests ({} recovered), {} violations",
+            cl.seqs_checked,
+            cl.seqs_recovered,
+            cl.requests_checked,
+            cl.requests_recovered,
+            cl.violations()
+        );
         assert_eq!(
             cl.violations(),
             0,
             "invariant violations after the fault: {cl:#?}"
         );
         cl
+    }
+
+    /// Forgets what appliance `i` was seen holding (its replica was wiped on purpose).
+    pub fn forget_replica(&mut self, i: usize) {
+        self.seen.remove(&i);
     }
 
     fn check_ledger(&self, db: &Path, cl: &mut Classes) {
@@ -411,9 +424,36 @@ impl Checker {
             }
         }
     }
+}
 
-    /// Forgets what appliance `i` was seen holding (its replica was wiped on purpose).
-    pub fn forget_replica(&mut self, i: usize) {
-        self.seen.remove(&i);
+/// Like `World::wait_converged`, but a failure shows each appliance's log.
+async fn converged(w: &mut World, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let pool = w.relay_pool().await;
+        let mut all = true;
+        for a in &w.appliances {
+            all &= a.status().await.is_some_and(|s| {
+                s["ready"] == Value::Bool(true)
+                    && s["count"].as_u64() == Some(pool.count)
+                    && s["digest"].as_str() == Some(pool.digest.as_str())
+                    && s["applied_seq"].as_u64() >= Some(pool.seq)
+            });
+        }
+        if all {
+            return;
+        }
+        if Instant::now() > deadline {
+            let mut detail = String::new();
+            for a in &w.appliances {
+                detail.push_str(&format!(
+                    "{}\n{}\n",
+                    a.status().await.unwrap_or_default(),
+                    a.log_tail()
+                ));
+            }
+            panic!("appliances did not converge to {pool:?} within {timeout:?}:\n{detail}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

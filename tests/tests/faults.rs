@@ -19,7 +19,7 @@ use comatching_tests::appliance::{ApplianceConfig, ApplianceProcess};
 use comatching_tests::checker::{Checker, History};
 use comatching_tests::population::Population;
 use comatching_tests::private_broker::PrivateBroker;
-use comatching_tests::proxy::Proxy;
+use comatching_tests::proxy::{Mode, Proxy};
 use comatching_tests::sync_tap::TappedEvent;
 use comatching_tests::world::{World, WorldOptions, peak_rss_mb};
 use comatching_tests::{SyncTap, User, wait_until};
@@ -278,6 +278,16 @@ async fn broker_fault(row: &'static str, label: &str, crash: bool) {
     let mut o = opts(label);
     o.amqp_url = Some(broker.amqp_url());
     let (mut w, users) = populated(&o, 40).await;
+    if crash {
+        // RabbitMQ 3.10 records a new quorum queue's Ra server in a registry it writes to disk
+        // lazily: a kill -9 within minutes of the declare leaves that queue without a leader for
+        // good (observed here: the appliance's sync queue, "leader not known" forever). A
+        // production broker's queues were declared long before a crash; a clean stop writes
+        // the registry, so the crash below hits the state a festival broker would be in.
+        in_blocking(|| broker.stop_app());
+        in_blocking(|| broker.start_app());
+        w.wait_converged(LIVENESS).await;
+    }
     let mut ck = Checker::new();
     for round in 0..plan.rounds {
         let mut rng = plan.rng(round);
@@ -319,6 +329,28 @@ async fn f04_broker_crash() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f05_broker_wiped() {
+    let plan = Plan::new("f05_broker_wiped");
+    let broker = PrivateBroker::start("f05");
+    let mut o = opts("f05");
+    o.amqp_url = Some(broker.amqp_url());
+    let (mut w, users) = populated(&o, 40).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        let burst = tokio::spawn(updates(users.clone(), 100, plan.seed ^ u64::from(round)));
+        jitter(&mut rng, 800).await;
+        ck.fault_begins(&w).await;
+        // Queues, messages, exchanges: all gone. Nobody touches the relay or the appliance.
+        in_blocking(|| broker.reset());
+        burst.await.expect("burst");
+        updates(users.clone(), 5, plan.seed ^ 0x5 ^ u64::from(round)).await;
+        ck.check_round(&mut w, LIVENESS).await;
+        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f06_connection_dropped() {
     let plan = Plan::new("f06_connection_dropped");
     let mut o = opts("f06");
@@ -350,6 +382,47 @@ async fn f06_connection_dropped() {
         }
         burst.await.expect("burst");
         load.await.expect("load");
+        ck.check_round(&mut w, LIVENESS).await;
+        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f07_half_open_link() {
+    let plan = Plan::new("f07_half_open_link");
+    let mut o = opts("f07");
+    o.appliances = 0;
+    let mut w = World::start(&o).await;
+    let (proxy, via) = Proxy::in_front_of(&w.amqp_url).await;
+    let mut cfg = ApplianceConfig::new("box-1", via);
+    cfg.broker.heartbeat_s = Some(2);
+    w.appliances.push(ApplianceProcess::start(cfg).await);
+    let users = Arc::new(w.register(30, 16, 7).await);
+    w.grant_all(&users, 1_000_000, 16).await;
+    w.wait_converged(LIVENESS).await;
+    let deadline = Duration::from_millis(w.relay.config().matching.deadline_ms);
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        ck.fault_begins(&w).await;
+        proxy.set(Mode::Blackhole);
+        let t = Instant::now();
+        matches(ck.history.clone(), users.clone(), 5, format!("r{round}")).await;
+        assert!(
+            t.elapsed() < deadline + Duration::from_secs(5),
+            "HTTP answers by its deadline: {:?}",
+            t.elapsed()
+        );
+        updates(users.clone(), 20, plan.seed ^ u64::from(round)).await;
+        // The heartbeat notices the dead link.
+        w.appliances[0]
+            .wait_status(LIVENESS, "the link is noticed down", |s| {
+                s["broker_connected"] == Value::Bool(false)
+            })
+            .await;
+        jitter(&mut rng, 1_000).await;
+        proxy.set(Mode::Pass);
+        proxy.reset();
         ck.check_round(&mut w, LIVENESS).await;
         serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
     }
@@ -651,6 +724,47 @@ async fn f14_reimage() {
             t.elapsed().as_secs_f64()
         );
         assert!(status_u64(&w.appliances[0], &["sync", "snapshots_loaded"]).await >= 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f15_power_loss_rollback() {
+    let plan = Plan::new("f15_power_loss_rollback");
+    let (mut w, users) = populated(&opts("f15"), 40).await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        // A copy of the store as it was, then more changes applied on top of it.
+        w.appliances[0].kill_9();
+        let data = w.appliances[0].data_dir().to_path_buf();
+        let old = tempfile::tempdir().expect("copy dir");
+        copy_dir(&data, old.path());
+        w.appliances[0].restart().await;
+        updates(users.clone(), 60, plan.seed ^ u64::from(round)).await;
+        w.wait_converged(LIVENESS).await;
+        jitter(&mut rng, 300).await;
+        // Power loss rolls the store back to the older copy.
+        w.appliances[0].kill_9();
+        std::fs::remove_dir_all(&data).expect("remove store");
+        copy_dir(old.path(), &data);
+        ck.forget_replica(0);
+        ck.fault_begins(&w).await;
+        w.appliances[0].restart().await;
+        ck.check_round(&mut w, LIVENESS).await;
+        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let e = e.expect("entry");
+        let dst = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).expect("copy");
+        }
     }
 }
 
