@@ -236,8 +236,8 @@ async fn f01_appliance_crash_during_sync() {
     let mut ck = Checker::new();
     for round in 0..plan.rounds {
         let mut rng = plan.rng(round);
-        let burst = tokio::spawn(updates(users.clone(), 300, plan.seed ^ u64::from(round)));
-        jitter(&mut rng, 1_500).await;
+        let burst = tokio::spawn(updates(users.clone(), 1_000, plan.seed ^ u64::from(round)));
+        jitter(&mut rng, 600).await;
         ck.fault_begins(&w).await;
         w.appliances[0].kill_9();
         jitter(&mut rng, 300).await;
@@ -254,13 +254,26 @@ async fn f02_appliance_crash_with_matches_in_flight() {
     let mut ck = Checker::new();
     for round in 0..plan.rounds {
         let mut rng = plan.rng(round);
+        // Held by a stopped appliance until all 20 are outstanding (holds reserved), then
+        // the crash at a random moment of the next second, with some already prefetched.
+        let pid = w.appliances[0].pid().expect("pid") as i32;
+        // SAFETY: kill(2) on the appliance this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
         let load = tokio::spawn(matches(
             ck.history.clone(),
             users.clone(),
             20,
             format!("r{round}"),
         ));
-        jitter(&mut rng, 300).await;
+        wait_until(LIVENESS, "20 requests outstanding", || async {
+            w.operator.open_holds().await == 20
+        })
+        .await;
+        if rng.random_bool(0.5) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+        jitter(&mut rng, 100).await;
         w.appliances[0].kill_9();
         jitter(&mut rng, 1_000).await;
         w.appliances[0].restart().await;
