@@ -40,6 +40,8 @@ pub enum ResponderAction {
     /// Answer when the test opens the gate: lets a test look at the relay while a request is
     /// provably in flight.
     ReplyWhenOpened(Gate, MatchReply),
+    /// Answer twice at once (a duplicated reply): the second must change nothing.
+    ReplyTwice(MatchReply),
 }
 
 /// A one-way gate a test opens to release held replies.
@@ -296,6 +298,11 @@ async fn serve(mut consumer: lapin::Consumer, channel: Channel, shared: Arc<Shar
             ResponderAction::Silent => {}
             ResponderAction::Reply(reply) => {
                 publish_reply(&channel, &shared, &reply_to, &correlation, reply).await;
+            }
+            ResponderAction::ReplyTwice(reply) => {
+                let again = reply.clone();
+                publish_reply(&channel, &shared, &reply_to, &correlation, reply).await;
+                publish_reply(&channel, &shared, &reply_to, &correlation, again).await;
             }
             ResponderAction::ReplyAfter(delay, reply) => {
                 let (channel, shared) = (channel.clone(), shared.clone());

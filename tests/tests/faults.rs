@@ -14,15 +14,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use comatching_protocol::{Envelope, Epoch, Message, SyncEvent, SyncOp};
+use comatching_protocol::{Envelope, Epoch, Message, SyncEvent, SyncOp, UserId};
 use comatching_tests::appliance::{ApplianceConfig, ApplianceProcess};
 use comatching_tests::checker::{Checker, History};
 use comatching_tests::population::Population;
 use comatching_tests::private_broker::PrivateBroker;
 use comatching_tests::proxy::{Mode, Proxy};
+use comatching_tests::responder::ok_reply;
 use comatching_tests::sync_tap::TappedEvent;
 use comatching_tests::world::{World, WorldOptions, peak_rss_mb};
-use comatching_tests::{SyncTap, User, wait_until};
+use comatching_tests::{Responder, ResponderAction, SyncTap, User, wait_until};
 use lapin::options::{BasicPublishOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -467,6 +468,32 @@ async fn f08_duplicates() {
         updates(users.clone(), 1, plan.seed ^ 0xd0d0 ^ u64::from(round)).await;
         let after = ck.check_round(&mut w, LIVENESS).await;
         assert!(after.seqs_checked >= pool.seq);
+    }
+
+    // A duplicated RPC reply: a stand-in appliance answers every request twice.
+    let mut o = opts("f08-rpc");
+    o.appliances = 0;
+    let mut w = World::start(&o).await;
+    let users = Arc::new(w.register(30, 16, 8).await);
+    w.grant_all(&users, 1_000_000, 16).await;
+    let ids: Vec<UserId> = users.iter().map(|u| u.id()).collect();
+    let _responder = Responder::start(&w.amqp_url, move |req| {
+        let mut cands: Vec<UserId> = ids
+            .iter()
+            .copied()
+            .filter(|u| *u != req.requester.user_id && !req.exclusions.contains(u))
+            .collect();
+        let turn = req.request_id.as_u128() as usize % cands.len().max(1);
+        cands.rotate_left(turn);
+        cands.truncate(usize::from(req.k));
+        ResponderAction::ReplyTwice(ok_reply(req, &cands))
+    })
+    .await;
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        matches(ck.history.clone(), users.clone(), 10, format!("r{round}")).await;
+        let cl = ck.check_round(&mut w, LIVENESS).await;
+        assert!(cl.requests_checked >= 10);
     }
 }
 
