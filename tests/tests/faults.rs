@@ -234,6 +234,8 @@ fn in_blocking<T>(f: impl FnOnce() -> T) -> T {
 async fn f01_appliance_crash_during_sync() {
     let plan = Plan::new("f01_appliance_crash_during_sync");
     let (mut w, users) = populated(&opts("f01"), 60).await;
+    // Both store backends: box-1 on SQLite, box-2 on sled.
+    w.add_appliance("sled").await;
     let mut ck = Checker::new();
     for round in 0..plan.rounds {
         let mut rng = plan.rng(round);
@@ -242,7 +244,10 @@ async fn f01_appliance_crash_during_sync() {
         ck.fault_begins(&w).await;
         w.appliances[0].kill_9();
         jitter(&mut rng, 300).await;
+        w.appliances[1].kill_9();
         w.appliances[0].restart().await;
+        jitter(&mut rng, 300).await;
+        w.appliances[1].restart().await;
         burst.await.expect("burst");
         ck.check_round(&mut w, LIVENESS).await;
     }
