@@ -145,9 +145,10 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = token_from(parts).ok_or_else(ApiError::unauthorized)?;
         let hash = token_hash(&token);
+        // A pooled read-only connection: session lookups never wait for the writer.
         let caller = state
             .db
-            .run(move |c| {
+            .read(move |c| {
                 let row: Option<(String, String)> = c
                     .query_row(
                         "SELECT a.user_id, a.role FROM sessions s JOIN accounts a ON a.user_id = s.user_id \

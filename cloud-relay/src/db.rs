@@ -1,15 +1,27 @@
-//! The relay's SQLite database: opening it safely, the schema and its migrations, and the one
-//! writer through which every statement runs.
+//! The relay's SQLite database: opening it safely, the schema and its migrations, the one
+//! writer through which every change runs, and a small pool of read-only connections.
 //!
 //! The database is the source of truth for accounts, profiles, the points ledger, match history
-//! and the outbox. WAL with `synchronous=FULL`: a commit that returned is on disk. All access
-//! goes through `Db::run`, which takes the single connection on a blocking thread, so async
-//! tasks never block the runtime and writes are serialised (one writer).
+//! and the outbox. WAL with `synchronous=FULL`: a commit that returned is on disk. Three ways in,
+//! all on blocking threads so async tasks never block the runtime:
+//!
+//! * `Db::run` — the single writer connection, exclusively: the closure may open its own
+//!   transaction (`c.transaction()`). Writes are serialised (one writer).
+//! * `Db::write` — the same writer, with **group commit**: calls that arrive while the writer is
+//!   busy are run back to back inside one transaction, each in its own savepoint (an `Err` rolls
+//!   back only that call's changes), and committed together with one fsync. Every call returns
+//!   only after the commit that holds its changes is on disk, so "a 2xx is durable" holds exactly
+//!   as with `run`. A lone call runs exactly like `run`. The closure must not call
+//!   `c.transaction()` (there may be one open already): use `c.savepoint()`, which works both
+//!   alone and inside a group.
+//! * `Db::read` — a pooled read-only connection (`query_only`), in one read transaction (one
+//!   consistent snapshot). WAL readers never wait for the writer and see only committed data.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::oneshot;
 
 use crate::error::ApiError;
 
@@ -143,9 +155,73 @@ CREATE TABLE appliances (
 "#,
 ];
 
+/// Read-only connections, and reads running at once (more would only add threads and page
+/// caches on a small box: reads take microseconds).
+const READERS: usize = 4;
+/// Most calls committed together by one group commit.
+const GROUP_MAX: usize = 256;
+
+/// A `Db::write` call waiting for the writer: runs its closure (returning whether it succeeded)
+/// and hands back the delivery of its result, which waits for the group's commit.
+type GroupJob = Box<dyn FnOnce(&mut Connection) -> (bool, Deliver) + Send>;
+/// Delivers a call's result once its group's commit is known (`Some(error)` if it failed).
+type Deliver = Box<dyn FnOnce(Option<ApiError>) + Send>;
+
 #[derive(Clone)]
 pub struct Db {
     conn: Arc<Mutex<Connection>>,
+    queue: Arc<Mutex<WriteQueue>>,
+    readers: Arc<ReadPool>,
+}
+
+/// `Db::write` calls not yet taken by a group, and whether a blocking task is already taking
+/// them (at most one is: it drains the queue group by group, then ends).
+#[derive(Default)]
+struct WriteQueue {
+    jobs: Vec<GroupJob>,
+    leader: bool,
+}
+
+/// Ends the leader's turn, also when it unwinds: calls still queued are dropped then, so their
+/// callers get an error instead of waiting for a leader that is gone.
+struct LeaderTurn(Arc<Mutex<WriteQueue>>);
+
+impl Drop for LeaderTurn {
+    fn drop(&mut self) {
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if q.leader {
+            q.leader = false;
+            q.jobs.clear();
+        }
+    }
+}
+
+struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl ReadPool {
+    fn take(&self) -> rusqlite::Result<Connection> {
+        if let Some(c) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(c);
+        }
+        let c = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        c.busy_timeout(std::time::Duration::from_secs(10))?;
+        c.pragma_update(None, "query_only", "ON")?;
+        Ok(c)
+    }
+
+    fn give_back(&self, c: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < READERS {
+            idle.push(c);
+        }
+    }
 }
 
 pub fn now_ms() -> i64 {
@@ -166,13 +242,20 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn)?;
         Ok(Db {
             conn: Arc::new(Mutex::new(conn)),
+            queue: Arc::new(Mutex::new(WriteQueue::default())),
+            readers: Arc::new(ReadPool {
+                path: path.to_path_buf(),
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
+            }),
         })
     }
 
-    /// Runs `f` with the connection on a blocking thread.
+    /// Runs `f` with the writer connection, exclusively, on a blocking thread.
     pub async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
@@ -187,6 +270,91 @@ impl Db {
         .map_err(|e| ApiError::internal(format!("database task failed: {e}")))?
     }
 
+    /// Runs `f` with the writer connection, possibly grouped with other `write` calls into one
+    /// transaction and one fsync (see the module comment). Returns once `f`'s changes are
+    /// committed to disk; an `Err` from `f` rolls back `f`'s changes only. `f` must not call
+    /// `c.transaction()`; `c.savepoint()` is fine.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, ApiError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T, ApiError>>();
+        let job: GroupJob = Box::new(move |c: &mut Connection| {
+            let result = f(c);
+            let ok = result.is_ok();
+            let deliver: Deliver = Box::new(move |commit_error: Option<ApiError>| {
+                let _ = tx.send(match commit_error {
+                    Some(e) if ok => Err(e),
+                    _ => result,
+                });
+            });
+            (ok, deliver)
+        });
+        let start_leader = {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.jobs.push(job);
+            !std::mem::replace(&mut q.leader, true)
+        };
+        if start_leader {
+            let conn = self.conn.clone();
+            let queue = self.queue.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+                let turn = LeaderTurn(queue);
+                loop {
+                    let jobs: Vec<GroupJob> = {
+                        let mut q = turn.0.lock().unwrap_or_else(|p| p.into_inner());
+                        if q.jobs.is_empty() {
+                            q.leader = false;
+                            return;
+                        }
+                        let n = q.jobs.len().min(GROUP_MAX);
+                        q.jobs.drain(..n).collect()
+                    };
+                    run_group(&mut guard, jobs);
+                }
+            });
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(ApiError::internal("database write was dropped")))
+    }
+
+    /// Runs `f` on a pooled read-only connection inside one read transaction (a consistent
+    /// snapshot of committed data), on a blocking thread. Never waits for the writer.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, ApiError> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        let permit = readers
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::internal("database readers closed"))?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut conn = readers.take()?;
+            let result = match conn.transaction() {
+                Ok(tx) => {
+                    let r = f(&tx);
+                    // A read transaction: rolling back ends it and changes nothing.
+                    drop(tx);
+                    r
+                }
+                Err(e) => Err(e.into()),
+            };
+            if conn.is_autocommit() {
+                readers.give_back(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("database task failed: {e}")))?
+    }
+
     /// Runs `f` synchronously (CLI commands, tests).
     pub fn run_sync<T>(
         &self,
@@ -194,6 +362,82 @@ impl Db {
     ) -> Result<T, ApiError> {
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard)
+    }
+}
+
+/// Runs one job, containing a panic (the caller then gets an error: its result is dropped).
+fn run_job(conn: &mut Connection, job: GroupJob) -> (bool, Option<Deliver>) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn))) {
+        Ok((ok, deliver)) => (ok, Some(deliver)),
+        Err(_) => (false, None),
+    }
+}
+
+/// Runs queued `write` jobs: one alone exactly as `run` would; several in one transaction, each
+/// in its own savepoint, then one commit. Results are delivered only after the commit.
+fn run_group(conn: &mut Connection, jobs: Vec<GroupJob>) {
+    if jobs.len() == 1 || !conn.is_autocommit() {
+        for job in jobs {
+            if let (_, Some(deliver)) = run_job(conn, job) {
+                deliver(None);
+            }
+        }
+        return;
+    }
+    let mut jobs = jobs.into_iter().peekable();
+    while jobs.peek().is_some() {
+        if conn.execute_batch("BEGIN IMMEDIATE").is_err() {
+            // The write lock stayed busy (another process): run the rest one by one.
+            for job in jobs {
+                if let (_, Some(deliver)) = run_job(conn, job) {
+                    deliver(None);
+                }
+            }
+            return;
+        }
+        let mut done: Vec<Deliver> = Vec::new();
+        let mut lost = false;
+        for job in jobs.by_ref() {
+            if conn.execute_batch("SAVEPOINT group_call").is_err() {
+                // Cannot isolate this call: it is dropped unrun (its caller gets an error).
+                lost = true;
+                break;
+            }
+            let (ok, deliver) = run_job(conn, job);
+            done.extend(deliver);
+            let end = if ok {
+                conn.execute_batch("RELEASE group_call")
+            } else {
+                conn.execute_batch("ROLLBACK TO group_call; RELEASE group_call")
+            };
+            if end.is_err() || conn.is_autocommit() {
+                // SQLite ended the whole transaction (an I/O error, say): everything in it so
+                // far is gone. The jobs not yet run start a new one.
+                lost = true;
+                break;
+            }
+        }
+        let failure = if lost {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            Some(ApiError::internal(
+                "a grouped database transaction was rolled back",
+            ))
+        } else {
+            match conn.execute_batch("COMMIT") {
+                Ok(()) => None,
+                Err(e) => {
+                    if !conn.is_autocommit() {
+                        let _ = conn.execute_batch("ROLLBACK");
+                    }
+                    Some(ApiError::from(e))
+                }
+            }
+        };
+        for deliver in done {
+            deliver(failure.clone());
+        }
     }
 }
 
@@ -260,5 +504,65 @@ mod tests {
             first,
             epoch(&Db::open(&other.path().join("relay.db")).unwrap())
         );
+    }
+
+    /// Many concurrent `write` calls (so several groups form): each `Ok` call's row is there,
+    /// each `Err` call's row is not (its savepoint rolled back, its group-mates unaffected),
+    /// and a read after a write sees it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn grouped_writes_keep_each_call_atomic() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("relay.db")).unwrap();
+        let tasks: Vec<_> = (0..200i64)
+            .map(|i| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    db.write(move |c| {
+                        let sp = c.savepoint()?;
+                        sp.execute(
+                            "INSERT INTO meta(key, value) VALUES (?1, 'x')",
+                            [format!("k{i}")],
+                        )?;
+                        if i % 7 == 3 {
+                            return Err(ApiError::internal("refused"));
+                        }
+                        sp.commit()?;
+                        Ok(i)
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let r = t.await.unwrap();
+            assert_eq!(r.is_ok(), i % 7 != 3, "call {i}: {r:?}");
+        }
+        let n: i64 = db
+            .read(|c| {
+                Ok(
+                    c.query_row("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'", [], |r| {
+                        r.get(0)
+                    })?,
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(n, (0..200).filter(|i| i % 7 != 3).count() as i64);
+        db.write(|c| {
+            c.execute("INSERT INTO meta(key, value) VALUES ('after', 'y')", [])?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let v = db.read(|c| Ok(meta_get(c, "after")?)).await.unwrap();
+        assert_eq!(v.as_deref(), Some("y"));
+        // The writer is left outside any transaction: `run` may open its own.
+        db.run(|c| {
+            let tx = c.transaction()?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+        .unwrap();
     }
 }

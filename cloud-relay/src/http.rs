@@ -217,7 +217,7 @@ async fn create_account(
     check_credentials(&c)?;
     let name = c.username.clone();
     let exists =
-        s.db.run(move |db| {
+        s.db.read(move |db| {
             Ok(db
                 .query_row("SELECT 1 FROM accounts WHERE username = ?1", [name], |_| {
                     Ok(())
@@ -239,8 +239,8 @@ async fn create_account(
     let username = c.username;
     let token = s
         .db
-        .run(move |db| {
-            let tx = db.transaction()?;
+        .write(move |db| {
+            let tx = db.savepoint()?;
             let inserted = tx.execute(
                 "INSERT INTO accounts(user_id, username, password_hash, created_ms) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT(username) DO NOTHING",
@@ -269,7 +269,7 @@ async fn login(
     let name = c.username.clone();
     let row: Option<(String, String)> = s
         .db
-        .run(move |db| {
+        .read(move |db| {
             Ok(db
                 .query_row(
                     "SELECT user_id, password_hash FROM accounts WHERE username = ?1 AND withdrawn_ms IS NULL",
@@ -291,12 +291,12 @@ async fn login(
     let user: UserId = user
         .parse()
         .map_err(|_| ApiError::internal("stored user id"))?;
-    let token = s.db.run(move |db| auth::create_session(db, user)).await?;
+    let token = s.db.write(move |db| auth::create_session(db, user)).await?;
     Ok(axum::Json(json!({ "user_id": user.to_hex(), "token": token })).into_response())
 }
 
 async fn logout(State(s): State<AppState>, caller: Caller) -> Result<StatusCode, ApiError> {
-    s.db.run(move |db| {
+    s.db.write(move |db| {
         db.execute(
             "DELETE FROM sessions WHERE token_hash = ?1",
             [caller.token_hash],
@@ -310,7 +310,7 @@ async fn logout(State(s): State<AppState>, caller: Caller) -> Result<StatusCode,
 async fn me(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     let user = caller.user_id;
     let body =
-        s.db.run(move |db| {
+        s.db.read(move |db| {
             let username: String = db.query_row(
                 "SELECT username FROM accounts WHERE user_id = ?1",
                 [user.to_hex()],
@@ -330,8 +330,8 @@ async fn me(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiEr
 
 async fn withdraw(State(s): State<AppState>, caller: Caller) -> Result<StatusCode, ApiError> {
     let user = caller.user_id;
-    s.db.run(move |db| {
-        let tx = db.transaction()?;
+    s.db.write(move |db| {
+        let tx = db.savepoint()?;
         tx.execute(
             "UPDATE accounts SET withdrawn_ms = ?2 WHERE user_id = ?1 AND withdrawn_ms IS NULL",
             params![user.to_hex(), now_ms()],
@@ -355,8 +355,8 @@ async fn put_profile(
     let user = caller.user_id;
     let max_picked = s.cfg.matching.max_picked;
     let view =
-        s.db.run(move |db| {
-            let tx = db.transaction()?;
+        s.db.write(move |db| {
+            let tx = db.savepoint()?;
             let view = profiles::upsert(&tx, user, &profile, max_picked)?;
             tx.commit()?;
             Ok(view)
@@ -428,7 +428,7 @@ async fn create_match(
 
 async fn list_matches(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     let user = caller.user_id;
-    let body = s.db.run(move |db| matching::list(db, user)).await?;
+    let body = s.db.read(move |db| matching::list(db, user)).await?;
     Ok(axum::Json(body).into_response())
 }
 
@@ -461,8 +461,8 @@ async fn grant_points(
     }
     let body = s
         .db
-        .run(move |db| {
-            let tx = db.transaction()?;
+        .write(move |db| {
+            let tx = db.savepoint()?;
             let exists: bool = tx.query_row(
                 "SELECT EXISTS(SELECT 1 FROM accounts WHERE user_id = ?1 AND withdrawn_ms IS NULL)",
                 [g.user_id.to_hex()],
@@ -485,7 +485,7 @@ async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Response, Ap
     caller.require_operator()?;
     let body = s
         .db
-        .run(|db| {
+        .read(|db| {
             let n = |sql: &str| -> Result<i64, ApiError> { Ok(db.query_row(sql, [], |r| r.get(0))?) };
             Ok(json!({
                 "users": n("SELECT COUNT(*) FROM accounts WHERE withdrawn_ms IS NULL")?,
@@ -503,19 +503,19 @@ async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Response, Ap
 
 async fn appliances(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     caller.require_operator()?;
-    let body = s.db.run(|db| crate::control::appliances_json(db)).await?;
+    let body = s.db.read(crate::control::appliances_json).await?;
     Ok(axum::Json(body).into_response())
 }
 
 async fn healthz(State(s): State<AppState>) -> Result<Response, ApiError> {
-    s.db.run(|db| Ok(db.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
+    s.db.read(|db| Ok(db.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
         .await?;
     Ok(axum::Json(json!({ "status": "ok" })).into_response())
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
     let db_ok =
-        s.db.run(|db| Ok(db.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
+        s.db.read(|db| Ok(db.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
             .await
             .is_ok();
     let broker = s.rpc.connected();
@@ -533,7 +533,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
 
 async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
     let (holds, lag) =
-        s.db.run(|db| Ok((ledger::open_holds(db)?, outbox::lag(db)?)))
+        s.db.read(|db| Ok((ledger::open_holds(db)?, outbox::lag(db)?)))
             .await?;
     let text = s.metrics.render(&[
         (

@@ -179,7 +179,7 @@ impl Matcher {
         let costs = self.cfg.points;
         let begin = self
             .db
-            .run(move |c| {
+            .write(move |c| {
                 begin(
                     c,
                     user,
@@ -214,7 +214,7 @@ impl Matcher {
         let max_picked = self.cfg.matching.max_picked;
         let (outcome, pool_changed) = self
             .db
-            .run(move |c| finish(c, user, &options, &costs, max_picked, &reserved, reply.ok()))
+            .write(move |c| finish(c, user, &options, &costs, max_picked, &reserved, reply.ok()))
             .await?;
         if pool_changed {
             self.outbox_wake.notify_one();
@@ -281,7 +281,8 @@ fn begin(
     deadline_unix_ms: i64,
     hold_deadline: i64,
 ) -> Result<Begin, ApiError> {
-    let tx = c.transaction()?;
+    // A savepoint, not a transaction: `Db::write` may group this with other calls.
+    let tx = c.savepoint()?;
     let existing: Option<(String, String, Option<i64>, Option<String>)> = tx
         .query_row(
             "SELECT body_hash, state, response_status, response_body FROM match_requests \
@@ -443,7 +444,8 @@ fn finish(
     r: &Reserved,
     reply: Option<MatchReply>,
 ) -> Result<(StoredResponse, bool), ApiError> {
-    let tx = c.transaction()?;
+    // A savepoint, not a transaction: `Db::write` may group this with other calls.
+    let tx = c.savepoint()?;
     let still_reserved: bool = tx.query_row(
         "SELECT state = 'reserved' FROM holds WHERE hold_id = ?1",
         [&r.hold_id],

@@ -176,32 +176,40 @@ impl World {
         }
     }
 
-    /// Waits until every appliance holds exactly the relay's pool and is ready.
+    /// Waits until every appliance holds exactly the relay's pool and is ready. Appliances are
+    /// polled every 50 ms; the relay's pool (a full scan of it on the relay) at most once a
+    /// second, so that waiting on a large pool does not load the relay being measured.
     pub async fn wait_converged(&mut self, timeout: Duration) -> RelayPool {
         let deadline = Instant::now() + timeout;
         loop {
             let pool = self.relay_pool().await;
-            let mut all = true;
-            for a in &self.appliances {
-                let ok = a.status().await.is_some_and(|s| {
-                    s["ready"] == Value::Bool(true)
-                        && s["count"].as_u64() == Some(pool.count)
-                        && s["digest"].as_str() == Some(pool.digest.as_str())
-                        && s["applied_seq"].as_u64() >= Some(pool.seq)
-                });
-                all &= ok;
-            }
-            if all {
-                return pool;
-            }
-            if Instant::now() > deadline {
-                let mut detail = String::new();
+            let refresh = Instant::now() + Duration::from_secs(1);
+            loop {
+                let mut all = true;
                 for a in &self.appliances {
-                    detail.push_str(&format!("{}\n", a.status().await.unwrap_or_default()));
+                    let ok = a.status().await.is_some_and(|s| {
+                        s["ready"] == Value::Bool(true)
+                            && s["count"].as_u64() == Some(pool.count)
+                            && s["digest"].as_str() == Some(pool.digest.as_str())
+                            && s["applied_seq"].as_u64() >= Some(pool.seq)
+                    });
+                    all &= ok;
                 }
-                panic!("appliances did not converge to {pool:?} within {timeout:?}:\n{detail}");
+                if all {
+                    return pool;
+                }
+                if Instant::now() > deadline {
+                    let mut detail = String::new();
+                    for a in &self.appliances {
+                        detail.push_str(&format!("{}\n", a.status().await.unwrap_or_default()));
+                    }
+                    panic!("appliances did not converge to {pool:?} within {timeout:?}:\n{detail}");
+                }
+                if Instant::now() > refresh {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -225,10 +233,13 @@ pub async fn drive_matches(
 ) -> (Vec<f64>, std::collections::BTreeMap<u16, u64>) {
     let stop = Instant::now() + duration;
     let issued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The first few failures are printed, so a run with errors explains itself.
+    let shown = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for c in 0..concurrency {
         let users = users.clone();
         let issued = issued.clone();
+        let shown = shown.clone();
         tasks.push(tokio::spawn(async move {
             let mut pop =
                 Population::new(seed ^ (c as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -259,6 +270,9 @@ pub async fn drive_matches(
                 if r.status == 201 {
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);
                 } else {
+                    if shown.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 5 {
+                        eprintln!("match request answered HTTP {}: {}", r.status, r.text);
+                    }
                     *errs.entry(r.status).or_insert(0u64) += 1;
                 }
             }

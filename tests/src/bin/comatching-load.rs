@@ -56,10 +56,8 @@ async fn run(args: Args) {
     eprintln!("registering {} users", args.users);
     let t = Instant::now();
     let users = world.register(args.users, 64, args.seed).await;
-    eprintln!(
-        "registered in {:.1}s; granting points",
-        t.elapsed().as_secs_f64()
-    );
+    let register_s = t.elapsed().as_secs_f64();
+    eprintln!("registered in {register_s:.1}s; granting points");
     world.grant_all(&users, 1_000_000, 64).await;
     world.wait_converged(Duration::from_secs(600)).await;
 
@@ -75,14 +73,20 @@ async fn run(args: Args) {
     )
     .await;
     let elapsed = t.elapsed().as_secs_f64();
+    let load_during = loadavg_1m();
     lat.sort_by(|a, b| a.total_cmp(b));
     let errors: u64 = errs.values().sum();
     eprintln!("non-201 answers by status: {errs:?}");
 
-    // Sync burst: every user rewrites their profile; time until the replica has it all.
+    // Sync burst: users rewrite their profiles while the appliance is paused (SIGSTOP), so the
+    // changes queue up at the broker; then the time for the resumed appliance to apply them
+    // all is its apply rate. (Measured with the appliance running, the figure would only be
+    // the rate at which the relay accepts profile changes, reported as `profile_puts_per_s`.)
     let burst = users.len().min(20_000);
     let mut pop = comatching_tests::population::Population::new(args.seed ^ 0xb0b);
     let bodies: Vec<_> = (0..burst).map(|i| pop.profile(i)).collect();
+    let app_pid = world.appliances[0].pid().expect("appliance running");
+    signal(app_pid, libc::SIGSTOP);
     let t = Instant::now();
     futures_util::stream::iter(users.iter().take(burst).zip(bodies))
         .for_each_concurrent(64, |(u, body)| async move {
@@ -98,8 +102,20 @@ async fn run(args: Args) {
                 .expect(200);
         })
         .await;
+    let put_s = t.elapsed().as_secs_f64();
+    // Every change confirmed by the broker (queued for the appliance) before it resumes.
+    let lag_deadline = Instant::now() + Duration::from_secs(600);
+    while world.operator.stats().await["outbox_lag"].as_u64() != Some(0) {
+        assert!(Instant::now() < lag_deadline, "the outbox never drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = Instant::now();
+    signal(app_pid, libc::SIGCONT);
     world.wait_converged(Duration::from_secs(600)).await;
     let sync_s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "sync burst: {burst} profile changes accepted in {put_s:.1}s, applied in {sync_s:.2}s"
+    );
 
     // Resync from an empty data dir (a re-image).
     let pool = world.relay_pool().await;
@@ -133,9 +149,30 @@ async fn run(args: Args) {
         "relay_rss_mb": relay_rss.map(|v| (v * 10.0).round() / 10.0),
         "appliance_rss_mb": app_rss.map(|v| (v * 10.0).round() / 10.0),
         "sync_apply_per_s": (burst as f64 / sync_s).round(),
+        "sync_changes": burst,
+        "profile_puts_per_s": (burst as f64 / put_s).round(),
         "resync_users": pool.count,
         "resync_s": (resync_s * 100.0).round() / 100.0,
         "restart_ready_s": (restart_s * 100.0).round() / 100.0,
+        "register_s": (register_s * 10.0).round() / 10.0,
+        "loadavg_during_matches": load_during,
     });
     println!("{out}");
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) with a pid of a child this process started.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
+/// The 1-minute load average (the machine is shared: measurements are only comparable at
+/// similar load).
+fn loadavg_1m() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
