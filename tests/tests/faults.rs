@@ -285,7 +285,12 @@ async fn f02_appliance_crash_with_matches_in_flight() {
         w.appliances[0].restart().await;
         load.await.expect("load");
         ck.check_round(&mut w, LIVENESS).await;
-        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+        serving(
+            &ck.history,
+            &users[round as usize % users.len()],
+            &format!("r{round}"),
+        )
+        .await;
         ck.check_round(&mut w, LIVENESS).await;
     }
 }
@@ -333,7 +338,12 @@ async fn broker_fault(row: &'static str, label: &str, crash: bool) {
         burst.await.expect("burst");
         load.await.expect("load");
         ck.check_round(&mut w, LIVENESS).await;
-        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+        serving(
+            &ck.history,
+            &users[round as usize % users.len()],
+            &format!("r{round}"),
+        )
+        .await;
     }
 }
 
@@ -365,7 +375,12 @@ async fn f05_broker_wiped() {
         burst.await.expect("burst");
         updates(users.clone(), 5, plan.seed ^ 0x5 ^ u64::from(round)).await;
         ck.check_round(&mut w, LIVENESS).await;
-        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+        serving(
+            &ck.history,
+            &users[round as usize % users.len()],
+            &format!("r{round}"),
+        )
+        .await;
     }
 }
 
@@ -402,7 +417,12 @@ async fn f06_connection_dropped() {
         burst.await.expect("burst");
         load.await.expect("load");
         ck.check_round(&mut w, LIVENESS).await;
-        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+        serving(
+            &ck.history,
+            &users[round as usize % users.len()],
+            &format!("r{round}"),
+        )
+        .await;
     }
 }
 
@@ -443,7 +463,12 @@ async fn f07_half_open_link() {
         proxy.set(Mode::Pass);
         proxy.reset();
         ck.check_round(&mut w, LIVENESS).await;
-        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+        serving(
+            &ck.history,
+            &users[round as usize % users.len()],
+            &format!("r{round}"),
+        )
+        .await;
     }
 }
 
@@ -507,7 +532,9 @@ async fn f09_reordering() {
     let plan = Plan::new("f09_reordering");
     let mut w = World::start(&opts("f09")).await;
     let tap = SyncTap::bind(&w.amqp_url).await;
-    let users = w.register(30, 16, 7).await;
+    // Two users per round (one updated, one deleted), then ten that stay for the final change.
+    let spare = 2 * plan.rounds as usize;
+    let users = w.register(spare + 10, 16, 7).await;
     w.wait_converged(LIVENESS).await;
     let (_c, ch) = channel(&w.amqp_url).await;
     let mut ck = Checker::new();
@@ -562,7 +589,7 @@ async fn f09_reordering() {
         publish_events(&ch, &mine).await;
         publish_events(&ch, &theirs).await;
         updates(
-            Arc::new(users[20..].to_vec()),
+            Arc::new(users[spare..].to_vec()),
             1,
             plan.seed ^ u64::from(round),
         )
@@ -796,7 +823,12 @@ async fn f15_power_loss_rollback() {
         ck.fault_begins(&w).await;
         w.appliances[0].restart().await;
         ck.check_round(&mut w, LIVENESS).await;
-        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+        serving(
+            &ck.history,
+            &users[round as usize % users.len()],
+            &format!("r{round}"),
+        )
+        .await;
     }
 }
 
@@ -834,7 +866,12 @@ async fn f16_relay_crash() {
         w.relay.restart().await;
         w.relay.wait_ready().await;
         ck.check_round(&mut w, LIVENESS).await;
-        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+        serving(
+            &ck.history,
+            &users[round as usize % users.len()],
+            &format!("r{round}"),
+        )
+        .await;
     }
 }
 
@@ -844,7 +881,7 @@ async fn f17_concurrent_retries() {
     let (mut w, users) = populated(&opts("f17"), 30).await;
     let mut ck = Checker::new();
     for round in 0..plan.rounds {
-        let u = users[round as usize].clone();
+        let u = users[round as usize % users.len()].clone();
         let key = format!("same-{round}");
         let mut tasks = Vec::new();
         for _ in 0..10 {
@@ -904,7 +941,12 @@ async fn f18_stalled_appliance() {
             "expired requests are not processed"
         );
         assert_eq!(w.operator.stats().await["points_spent"], spent, "no charge");
-        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+        serving(
+            &ck.history,
+            &users[round as usize % users.len()],
+            &format!("r{round}"),
+        )
+        .await;
     }
 }
 
@@ -948,6 +990,11 @@ async fn f19_relay_restored_from_backup() {
         ck.check_round(&mut w, LIVENESS).await;
         let s = w.appliances[0].status().await.expect("status");
         assert_ne!(s["epoch"], old_epoch, "the new lineage was adopted");
-        serving(&ck.history, &users[round as usize], &format!("r{round}")).await;
+        serving(
+            &ck.history,
+            &users[round as usize % users.len()],
+            &format!("r{round}"),
+        )
+        .await;
     }
 }
