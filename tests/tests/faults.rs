@@ -10,6 +10,10 @@
 //!
 //! Liveness bound: after a fault clears, the system is quiescent (no open holds, outbox
 //! published, every replica converged and ready) and serves matches again within [`LIVENESS`].
+//!
+//! Not built yet: F13 (poison message) — the only failure the appliance's sync handler requeues
+//! is a store commit error, and nothing here can make one from outside. F14 re-images 300 users
+//! unless `FAULT_REIMAGE_USERS` says otherwise (10000 for the figure).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
