@@ -182,14 +182,18 @@ struct WriteQueue {
     leader: bool,
 }
 
-/// Ends the leader's turn, also when it unwinds: calls still queued are dropped then, so their
-/// callers get an error instead of waiting for a leader that is gone.
-struct LeaderTurn(Arc<Mutex<WriteQueue>>);
+/// A leader's turn. If the leader unwinds before ending its turn normally, the calls still
+/// queued are dropped (their callers get an error instead of waiting for a leader that is gone)
+/// and the next call starts a new leader.
+struct LeaderTurn {
+    queue: Arc<Mutex<WriteQueue>>,
+    ended: bool,
+}
 
 impl Drop for LeaderTurn {
     fn drop(&mut self) {
-        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if q.leader {
+        if !self.ended {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             q.leader = false;
             q.jobs.clear();
         }
@@ -301,12 +305,17 @@ impl Db {
             let queue = self.queue.clone();
             tokio::task::spawn_blocking(move || {
                 let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-                let turn = LeaderTurn(queue);
+                let mut turn = LeaderTurn {
+                    queue,
+                    ended: false,
+                };
                 loop {
                     let jobs: Vec<GroupJob> = {
-                        let mut q = turn.0.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut q = turn.queue.lock().unwrap_or_else(|p| p.into_inner());
                         if q.jobs.is_empty() {
+                            // Under the queue's lock: a call queued after this starts a leader.
                             q.leader = false;
+                            turn.ended = true;
                             return;
                         }
                         let n = q.jobs.len().min(GROUP_MAX);
