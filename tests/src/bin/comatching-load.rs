@@ -77,6 +77,15 @@ async fn run(args: Args) {
     lat.sort_by(|a, b| a.total_cmp(b));
     let errors: u64 = errs.values().sum();
     eprintln!("non-201 answers by status: {errs:?}");
+    // Each phase's figures go to stderr as the phase ends, so a run that stalls later still
+    // tells what it measured.
+    eprintln!(
+        "matches: {} in {elapsed:.1}s = {:.1}/s, p50 {:.1} ms, p99 {:.1} ms, load average {load_during:?}",
+        lat.len(),
+        lat.len() as f64 / elapsed,
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99)
+    );
 
     // Sync burst: users rewrite their profiles while the appliance is paused (SIGSTOP), so the
     // changes queue up at the broker; then the time for the resumed appliance to apply them
@@ -126,6 +135,7 @@ async fn run(args: Args) {
     app.restart().await;
     world.wait_converged(Duration::from_secs(600)).await;
     let resync_s = t.elapsed().as_secs_f64();
+    eprintln!("resync of {} users from empty: {resync_s:.2}s", pool.count);
 
     // Restart to ready with the replica in place (a power cut).
     let app = &mut world.appliances[0];
@@ -134,6 +144,7 @@ async fn run(args: Args) {
     app.restart().await;
     app.wait_ready().await;
     let restart_s = t.elapsed().as_secs_f64();
+    eprintln!("restart to ready: {restart_s:.2}s");
 
     let relay_rss = world.relay.pid().and_then(peak_rss_mb);
     let app_rss = world.appliances[0].pid().and_then(peak_rss_mb);
