@@ -391,13 +391,14 @@ async fn publish_all(ch: &Channel, queue: &str, msgs: &[Message]) -> Result<(), 
         confirms.push(c);
     }
     for c in confirms {
-        match c.await {
-            Ok(Confirmation::Ack(None)) => {}
-            Ok(Confirmation::Ack(Some(_))) => {
+        match tokio::time::timeout(outbox::CONFIRM_DEADLINE, c).await {
+            Ok(Ok(Confirmation::Ack(None))) => {}
+            Ok(Ok(Confirmation::Ack(Some(_)))) => {
                 return Err(format!("{UNROUTABLE}: queue {queue} does not exist"));
             }
-            Ok(other) => return Err(format!("publish to {queue} not confirmed: {other:?}")),
-            Err(e) => return Err(format!("confirm from {queue}: {e}")),
+            Ok(Ok(other)) => return Err(format!("publish to {queue} not confirmed: {other:?}")),
+            Ok(Err(e)) => return Err(format!("confirm from {queue}: {e}")),
+            Err(_) => return Err(format!("no confirm from {queue} in time")),
         }
     }
     Ok(())

@@ -104,6 +104,8 @@ pub struct OutboxPublisher {
 }
 
 const BATCH: usize = 256;
+/// Longest wait for a publisher confirm before the session is declared broken.
+pub const CONFIRM_DEADLINE: Duration = Duration::from_secs(15);
 
 impl OutboxPublisher {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
@@ -171,14 +173,20 @@ impl OutboxPublisher {
         let mut confirmed_upto = None;
         let mut failure = None;
         for (seq, confirm) in pending {
-            match confirm.await {
-                Ok(Confirmation::Ack(None)) => confirmed_upto = Some(seq),
-                Ok(other) => {
+            // A broker can accept a publish and never confirm it (a quorum queue left without
+            // a leader after a crash); waiting forever would stall the outbox silently.
+            match tokio::time::timeout(CONFIRM_DEADLINE, confirm).await {
+                Ok(Ok(Confirmation::Ack(None))) => confirmed_upto = Some(seq),
+                Ok(Ok(other)) => {
                     failure = Some(format!("seq {seq} not confirmed: {other:?}"));
                     break;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     failure = Some(format!("seq {seq} confirm failed: {e}"));
+                    break;
+                }
+                Err(_) => {
+                    failure = Some(format!("seq {seq}: no confirm within {CONFIRM_DEADLINE:?}"));
                     break;
                 }
             }

@@ -711,16 +711,25 @@ async fn f11_corrupt_message() {
         bad.push(b);
         hostile(&mut w, &mut ck, &users, &bad, plan.seed ^ u64::from(round)).await;
 
-        // Wrong epoch: not from this lineage, so nothing changes (the appliance asks the relay).
+        // Wrong epoch: not the relay's lineage, so it is dead-lettered and nothing changes.
         let mut alien = ev.clone();
         alien.epoch = Epoch(ev.epoch.0 ^ 0x5a5a);
         alien.version += 100;
-        let digest = w.relay_pool().await.digest;
+        let dead_before = w.appliances[0].status().await.expect("status")["sync"]["dead_lettered"]
+            .as_u64()
+            .expect("dead_lettered");
         publish_events(&ch, &[alien]).await;
         updates(users.clone(), 1, plan.seed ^ 0xe ^ u64::from(round)).await;
         let after = ck.check_round(&mut w, LIVENESS).await;
         assert_eq!(after.violations(), 0);
-        let _ = digest;
+        let dead_after = w.appliances[0].status().await.expect("status")["sync"]["dead_lettered"]
+            .as_u64()
+            .expect("dead_lettered");
+        assert_eq!(
+            dead_after,
+            dead_before + 1,
+            "the wrong-epoch event was dead-lettered"
+        );
     }
 }
 

@@ -40,6 +40,8 @@ pub const MATCH_QUEUE: &str = "comatching.match";
 /// Must equal the relay's: both declare the shared queues, and RabbitMQ refuses a redeclare
 /// with other arguments.
 const SHARED_DELIVERY_LIMIT: i64 = 5;
+/// Longest the broker may take to set up a session, or to confirm a hello.
+const SETUP_DEADLINE: Duration = Duration::from_secs(15);
 /// At most one gap- or error-driven hello per this interval.
 const HELLO_MIN_GAP: Duration = Duration::from_secs(1);
 
@@ -219,37 +221,44 @@ impl Link {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), String> {
         let e = |what: &'static str| move |err: lapin::Error| format!("{what}: {err}");
-        let setup = conn.create_channel().await.map_err(e("channel"))?;
-        declare_topology(&setup, &self.cfg)
+        // Every step of the set-up has a deadline: a broker can accept a connection and then
+        // never answer a declare (a quorum queue without a leader after a crash).
+        let setup = async {
+            let setup = conn.create_channel().await.map_err(e("channel"))?;
+            declare_topology(&setup, &self.cfg)
+                .await
+                .map_err(e("declare topology"))?;
+            let _ = setup.close(200, "declared".into()).await;
+            let sync_ch = conn.create_channel().await.map_err(e("channel"))?;
+            let prefetch = (self.cfg.sync.batch_max * 2).min(u16::MAX as usize) as u16;
+            sync_ch
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await
+                .map_err(e("qos"))?;
+            let sync_consumer = sync_ch
+                .basic_consume(
+                    sync_queue(&self.cfg).as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(e("consume sync"))?;
+            let ctl = conn.create_channel().await.map_err(e("channel"))?;
+            ctl.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(e("confirm"))?;
+            let match_ch = conn.create_channel().await.map_err(e("channel"))?;
+            match_ch
+                .basic_qos(self.cfg.matching.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(e("qos"))?;
+            Ok::<_, String>((sync_consumer, ctl, match_ch))
+        };
+        let (mut sync_consumer, ctl, match_ch) = tokio::time::timeout(SETUP_DEADLINE, setup)
             .await
-            .map_err(e("declare topology"))?;
-        let _ = setup.close(200, "declared".into()).await;
-
-        let sync_ch = conn.create_channel().await.map_err(e("channel"))?;
-        let prefetch = (self.cfg.sync.batch_max * 2).min(u16::MAX as usize) as u16;
-        sync_ch
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(e("qos"))?;
+            .map_err(|_| format!("broker set-up took longer than {SETUP_DEADLINE:?}"))??;
         let queue = sync_queue(&self.cfg);
-        let mut sync_consumer = sync_ch
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(e("consume sync"))?;
-        let ctl = conn.create_channel().await.map_err(e("channel"))?;
-        ctl.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(e("confirm"))?;
-        let match_ch = conn.create_channel().await.map_err(e("channel"))?;
-        match_ch
-            .basic_qos(self.cfg.matching.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(e("qos"))?;
         let workers = Arc::new(Semaphore::new(self.cfg.matching.workers));
         let mut match_consumer: Option<Consumer> = None;
 
@@ -368,8 +377,8 @@ impl Link {
             )
             .await
             .map_err(|e| format!("hello: {e}"))?;
-        match confirm.await {
-            Ok(Confirmation::Ack(_)) => {}
+        match tokio::time::timeout(SETUP_DEADLINE, confirm).await {
+            Ok(Ok(Confirmation::Ack(_))) => {}
             other => return Err(format!("hello not confirmed: {other:?}")),
         }
         st.want_hello = false;
@@ -412,7 +421,19 @@ impl Link {
                         .await?;
                 }
                 Ok(Message::SyncEvent(ev)) => {
-                    if st.staging.is_some() {
+                    let relay_epoch = self
+                        .replica
+                        .link
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .relay_epoch;
+                    if relay_epoch.is_some_and(|e| e != ev.epoch) {
+                        // Not the lineage the relay answered our last hello with: a stale or
+                        // forged event. Dead-letter it; a real lineage change reaches us as a
+                        // snapshot after the next hello.
+                        let why = format!("sync event of epoch {} (relay is on another)", ev.epoch);
+                        self.dead_letter(&d, &why).await?;
+                    } else if st.staging.is_some() {
                         // Covered by the replay the relay sends after the snapshot.
                         ack(&d).await?;
                     } else {
