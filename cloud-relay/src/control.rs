@@ -94,35 +94,47 @@ pub fn decide(hello: &Hello, relay: &RelayPosition) -> CatchUp {
     }
 }
 
-fn position(c: &Connection) -> Result<(RelayPosition, Vec<SnapshotUser>), ApiError> {
+/// Where the relay stands: epoch, last seq, oldest retained seq, and the pool's count and
+/// digest computed from `(user_id, version)` alone (cheap: no features are decoded).
+fn position(c: &Connection) -> Result<RelayPosition, ApiError> {
     let epoch = outbox::epoch(c)?;
     let last_seq = meta_u64(c, "last_seq")?;
     let oldest: Option<i64> = c.query_row("SELECT MIN(seq) FROM outbox", [], |r| r.get(0))?;
-    let pool = profiles::pool(c)?;
-    let digest = Digest::of(pool.iter().map(|(u, e)| (*u, e.version)));
-    let users = pool
+    let mut stmt = c.prepare_cached("SELECT user_id, version FROM profiles WHERE in_pool = 1")?;
+    let mut rows = stmt.query([])?;
+    let (mut count, mut digest) = (0u64, Digest::default());
+    while let Some(r) = rows.next()? {
+        let id: String = r.get(0)?;
+        let user = id
+            .parse()
+            .map_err(|_| ApiError::internal(format!("stored user id {id}")))?;
+        digest.add(user, r.get::<_, i64>(1)? as u64);
+        count += 1;
+    }
+    Ok(RelayPosition {
+        epoch,
+        last_seq,
+        oldest_retained: oldest.map(|s| s as u64),
+        count,
+        digest,
+    })
+}
+
+/// Every live user with features, for a snapshot.
+fn snapshot_users(c: &Connection) -> Result<Vec<SnapshotUser>, ApiError> {
+    Ok(profiles::pool(c)?
         .into_iter()
         .map(|(user_id, e)| SnapshotUser {
             user_id,
             version: e.version,
             features: e.features,
         })
-        .collect::<Vec<_>>();
-    Ok((
-        RelayPosition {
-            epoch,
-            last_seq,
-            oldest_retained: oldest.map(|s| s as u64),
-            count: users.len() as u64,
-            digest,
-        },
-        users,
-    ))
+        .collect())
 }
 
 /// The relay's live pool digest and position (for tests and the admin view).
 pub fn relay_position(c: &Connection) -> Result<RelayPosition, ApiError> {
-    Ok(position(c)?.0)
+    position(c)
 }
 
 pub fn queue_for(appliance: &str) -> String {
@@ -230,17 +242,23 @@ impl ControlConsumer {
     }
 
     async fn answer(&self, ch: &Channel, hello: &Hello) -> Result<(), String> {
-        let (pos, users) = self
+        let h = hello.clone();
+        let (pos, action, users) = self
             .db
-            .run(|c| {
+            .run(move |c| {
+                // One transaction: the users of a snapshot are exactly the pool at H.
                 let tx = c.transaction()?;
-                let out = position(&tx)?;
+                let pos = position(&tx)?;
+                let action = decide(&h, &pos);
+                let users = match action {
+                    CatchUp::Snapshot { .. } => snapshot_users(&tx)?,
+                    _ => Vec::new(),
+                };
                 tx.commit()?;
-                Ok(out)
+                Ok((pos, action, users))
             })
             .await
             .map_err(|e| e.to_string())?;
-        let action = decide(hello, &pos);
         let queue = queue_for(hello.appliance_id.as_str());
         tracing::info!(appliance = %hello.appliance_id, applied_seq = hello.applied_seq, relay_seq = pos.last_seq, ?action, "hello");
         let action_name = match action {

@@ -42,6 +42,8 @@ pub const MATCH_QUEUE: &str = "comatching.match";
 const SHARED_DELIVERY_LIMIT: i64 = 5;
 /// Longest the broker may take to set up a session, or to confirm a hello.
 const SETUP_DEADLINE: Duration = Duration::from_secs(15);
+/// How long an unanswered hello blocks the next one (a lost hello or answer is retried then).
+const ACK_PATIENCE: Duration = Duration::from_secs(30);
 /// At most one gap- or error-driven hello per this interval.
 const HELLO_MIN_GAP: Duration = Duration::from_secs(1);
 
@@ -162,6 +164,10 @@ struct SessionState {
     staging: Option<Staging>,
     want_hello: bool,
     last_hello: Option<Instant>,
+    /// When the hello still unanswered was sent. While one is outstanding no other is sent:
+    /// each hello makes the relay replay everything after our cursor, so hellos sent faster
+    /// than the relay answers them would pile up duplicate replays (seen at 100k users).
+    awaiting_ack: Option<Instant>,
 }
 
 impl Link {
@@ -272,6 +278,7 @@ impl Link {
             staging: None,
             want_hello: true,
             last_hello: None,
+            awaiting_ack: None,
         };
         self.maybe_hello(&ctl, &mut st, true).await?;
         let mut hello_tick = tokio::time::interval(Duration::from_millis(
@@ -354,6 +361,9 @@ impl Link {
         if !force && st.last_hello.is_some_and(|t| t.elapsed() < HELLO_MIN_GAP) {
             return Ok(());
         }
+        if st.awaiting_ack.is_some_and(|t| t.elapsed() < ACK_PATIENCE) {
+            return Ok(());
+        }
         let replica = self.replica.clone();
         let meta = tokio::task::spawn_blocking(move || replica.meta_blocking())
             .await
@@ -383,6 +393,7 @@ impl Link {
         }
         st.want_hello = false;
         st.last_hello = Some(Instant::now());
+        st.awaiting_ack = Some(Instant::now());
         self.replica
             .link
             .lock()
@@ -552,6 +563,7 @@ impl Link {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        st.awaiting_ack = None;
         let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
         l.relay_epoch = Some(a.epoch);
         l.relay_seq = a.relay_seq;
