@@ -5,16 +5,15 @@
 //! crash tests work. When a test panics, the tail of the relay's logs is printed so the failure
 //! explains itself.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::PATIENCE;
+use crate::process::{ServiceChild, workspace_binary};
 
 /// Environment variable naming the relay binary, overriding the lookup next to the tests.
 pub const RELAY_BIN_ENV: &str = "COMATCHING_RELAY_BIN";
@@ -128,32 +127,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Where the relay binary is: `$COMATCHING_RELAY_BIN`, or `target/debug/comatching-relay` next
-/// to this test executable (`target/debug/deps/<test>`).
+/// Where the relay binary is: `$COMATCHING_RELAY_BIN`, or next to this executable.
 pub fn relay_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os(RELAY_BIN_ENV) {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable lives in target/<profile>/deps");
-    let bin = profile_dir.join(format!("comatching-relay{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "relay binary not found at {}: run `cargo build --bins` first (scripts/test.sh does), \
-         or set {RELAY_BIN_ENV}",
-        bin.display()
-    );
-    bin
+    workspace_binary("comatching-relay", RELAY_BIN_ENV)
 }
 
 /// One relay process and its private directory. Killed (SIGKILL) on drop.
 pub struct RelayProcess {
-    dir: tempfile::TempDir,
+    /// Declared first so it drops (kills the process) before the directory goes.
+    service: ServiceChild,
+    _dir: tempfile::TempDir,
     config: RelayConfig,
-    child: Option<Child>,
     base_url: String,
     http: reqwest::Client,
 }
@@ -169,10 +153,17 @@ impl RelayProcess {
         config.http.listen = format!("127.0.0.1:{}", free_port());
         config.storage.data_dir = dir.path().join("data");
         let base_url = format!("http://{}", config.http.listen);
-        let mut relay = RelayProcess {
-            dir,
-            config,
+        let service = ServiceChild {
+            name: "relay",
+            bin: relay_binary(),
+            env_prefix: "COMATCHING_RELAY__",
+            dir: dir.path().to_path_buf(),
             child: None,
+        };
+        let mut relay = RelayProcess {
+            service,
+            _dir: dir,
+            config,
             base_url,
             http: reqwest::Client::new(),
         };
@@ -191,19 +182,11 @@ impl RelayProcess {
     }
 
     pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("relay.toml")
+        self.service.config_path()
     }
 
     pub fn data_dir(&self) -> &Path {
         &self.config.storage.data_dir
-    }
-
-    fn stdout_path(&self) -> PathBuf {
-        self.dir.path().join("relay.stdout.log")
-    }
-
-    fn stderr_path(&self) -> PathBuf {
-        self.dir.path().join("relay.stderr.log")
     }
 
     fn write_config(&self) {
@@ -211,69 +194,19 @@ impl RelayProcess {
         std::fs::write(self.config_path(), text).expect("write relay config");
     }
 
-    /// A `comatching-relay` command with this relay's config and a clean environment (no stray
-    /// `COMATCHING_RELAY__*` overrides from the caller's shell).
+    /// A `comatching-relay` command with this relay's directory and a clean environment (no
+    /// stray `COMATCHING_RELAY__*` overrides from the caller's shell); it dies with the test.
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(relay_binary());
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("COMATCHING_RELAY__") {
-                cmd.env_remove(k);
-            }
-        }
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
-        cmd.env("NO_COLOR", "1");
-        // If the test process dies without unwinding (SIGKILL, abort), take the relay with it
-        // rather than leaving an orphan holding a port and broker connections.
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        cmd.current_dir(self.dir.path());
-        cmd
+        self.service.command()
     }
 
     fn spawn(&mut self) {
-        assert!(self.child.is_none(), "relay already running");
-        self.write_config();
-        let append = |p: PathBuf| -> File {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .expect("open relay log")
-        };
-        let child = self
-            .command()
-            .arg("serve")
-            .arg("--config")
-            .arg(self.config_path())
-            .stdin(Stdio::null())
-            .stdout(append(self.stdout_path()))
-            .stderr(append(self.stderr_path()))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", relay_binary().display()));
-        self.child = Some(child);
+        let text = toml::to_string(&self.config).expect("config serialises");
+        self.service.spawn("serve", &text);
     }
 
-    /// Panics (with the logs) if the process has exited.
     fn assert_running(&mut self) {
-        if let Some(child) = self.child.as_mut()
-            && let Ok(Some(status)) = child.try_wait()
-        {
-            self.child = None;
-            panic!("relay exited early with {status}\n{}", self.log_tail());
-        }
+        self.service.assert_running();
     }
 
     async fn probe(&self, path: &str) -> Option<u16> {
@@ -316,15 +249,12 @@ impl RelayProcess {
 
     /// The running process's pid (for RSS measurements and SIGSTOP).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.service.pid()
     }
 
     /// SIGKILL: no shutdown hooks, no flushing — a crash.
     pub fn kill_9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.service.kill_9();
     }
 
     /// Starts the process again on the same database, port and (possibly edited) config, and
@@ -368,36 +298,6 @@ impl RelayProcess {
 
     /// The last lines of the relay's stdout and stderr, for failure messages.
     pub fn log_tail(&self) -> String {
-        format!(
-            "--- relay stdout ({}) ---\n{}\n--- relay stderr ({}) ---\n{}",
-            self.stdout_path().display(),
-            tail(&self.stdout_path(), 60),
-            self.stderr_path().display(),
-            tail(&self.stderr_path(), 60)
-        )
-    }
-}
-
-/// The last `lines` lines of a file (reading at most its last 64 KiB).
-fn tail(path: &Path, lines: usize) -> String {
-    let Ok(mut f) = File::open(path) else {
-        return "(no log)".into();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(64 * 1024);
-    let _ = f.seek(SeekFrom::Start(start));
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("{}", self.log_tail());
-        }
-        self.kill_9();
+        self.service.log_tail()
     }
 }
