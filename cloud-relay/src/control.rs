@@ -347,33 +347,40 @@ async fn drop_into_snapshot(
     users: Vec<SnapshotUser>,
 ) -> Result<(), String> {
     let snapshot_id: u64 = rand::random();
-    let mut msgs = Vec::with_capacity(users.len() / MAX_CHUNK_USERS + 2);
-    msgs.push(Message::SnapshotBegin(SnapshotBegin {
+    let begin = Message::SnapshotBegin(SnapshotBegin {
         epoch: pos.epoch,
         snapshot_id,
         high_water_seq: pos.last_seq,
-    }));
-    let mut chunks = 0u32;
-    for (i, chunk) in users.chunks(MAX_CHUNK_USERS).enumerate() {
-        chunks += 1;
-        msgs.push(Message::SnapshotChunk(SnapshotChunk {
-            epoch: pos.epoch,
-            snapshot_id,
-            index: i as u32,
-            users: chunk.to_vec(),
-        }));
+    });
+    publish_all(ch, queue, &[begin]).await?;
+    // A few chunks at a time: the relay has 1 GiB, and a 100k-user snapshot encoded at once
+    // would double the pool's footprint.
+    let chunks = users.chunks(MAX_CHUNK_USERS).count() as u32;
+    let mut index = 0u32;
+    for group in users.chunks(MAX_CHUNK_USERS * SNAPSHOT_CHUNKS_IN_FLIGHT) {
+        let msgs: Vec<Message> = group
+            .chunks(MAX_CHUNK_USERS)
+            .map(|chunk| {
+                index += 1;
+                Message::SnapshotChunk(SnapshotChunk {
+                    epoch: pos.epoch,
+                    snapshot_id,
+                    index: index - 1,
+                    users: chunk.to_vec(),
+                })
+            })
+            .collect();
+        publish_all(ch, queue, &msgs).await?;
     }
-    msgs.push(Message::SnapshotEnd(SnapshotEnd {
+    let end = Message::SnapshotEnd(SnapshotEnd {
         epoch: pos.epoch,
         snapshot_id,
         high_water_seq: pos.last_seq,
         chunks,
         count: pos.count,
         digest: pos.digest,
-    }));
-    for batch in msgs.chunks(256) {
-        publish_all(ch, queue, batch).await?;
-    }
+    });
+    publish_all(ch, queue, &[end]).await?;
     tracing::info!(
         queue,
         users = pos.count,
@@ -385,6 +392,8 @@ async fn drop_into_snapshot(
 }
 
 const UNROUTABLE: &str = "unroutable";
+/// Snapshot chunks encoded and awaiting confirms at once.
+const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 32;
 
 /// Publishes to one queue (default exchange) and waits for every confirm.
 async fn publish_all(ch: &Channel, queue: &str, msgs: &[Message]) -> Result<(), String> {
