@@ -42,6 +42,20 @@ pub const MATCH_QUEUE: &str = "comatching.match";
 const SHARED_DELIVERY_LIMIT: i64 = 5;
 /// Longest the broker may take to set up a session, or to confirm a hello.
 const SETUP_DEADLINE: Duration = Duration::from_secs(15);
+/// Longest any one step of a running session may take (a sync batch, a hello, a consumer
+/// change, waiting for a match worker). An await on a connection that died mid-call can hang
+/// forever in the client; past this the session is torn down and the link reconnects.
+const STEP_DEADLINE: Duration = Duration::from_secs(15);
+
+async fn bounded<T>(
+    what: &str,
+    step: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(STEP_DEADLINE, step)
+        .await
+        .map_err(|_| format!("{what} took longer than {STEP_DEADLINE:?}"))?
+}
+
 /// How long an unanswered hello blocks the next one (a lost hello or answer is retried then).
 const ACK_PATIENCE: Duration = Duration::from_secs(30);
 /// At most one gap- or error-driven hello per this interval.
@@ -291,24 +305,35 @@ impl Link {
             tokio::select! {
                 d = sync_consumer.next() => {
                     let d = d.ok_or("sync consumer ended")?.map_err(e("sync delivery"))?;
-                    self.handle_sync_batch(d, &mut sync_consumer, &mut st).await?;
-                    self.maybe_hello(&ctl, &mut st, false).await?;
+                    bounded("a sync batch", async {
+                        self.handle_sync_batch(d, &mut sync_consumer, &mut st).await?;
+                        self.maybe_hello(&ctl, &mut st, false).await
+                    })
+                    .await?;
                 }
                 d = next_opt(&mut match_consumer) => {
                     let d = d.ok_or("match consumer ended")?.map_err(e("match delivery"))?;
-                    let permit = workers.clone().acquire_owned().await.map_err(|_| "workers closed")?;
+                    let permit = bounded("a free match worker", async {
+                        workers.clone().acquire_owned().await.map_err(|_| "workers closed".to_owned())
+                    })
+                    .await?;
                     let replica = self.replica.clone();
                     let ch = match_ch.clone();
                     tokio::spawn(async move {
-                        handle_match(replica, ch, d).await;
+                        // A reply or ack on a connection that died mid-call may never resolve;
+                        // the worker must come back either way.
+                        let _ = tokio::time::timeout(STEP_DEADLINE, handle_match(replica, ch, d)).await;
                         drop(permit);
                     });
                 }
                 _ = hello_tick.tick() => {
                     st.want_hello = true;
-                    self.maybe_hello(&ctl, &mut st, true).await?;
+                    bounded("a hello", self.maybe_hello(&ctl, &mut st, true)).await?;
                 }
                 _ = ready_tick.tick() => {
+                    if !conn.status().connected() {
+                        return Err("connection closed".into());
+                    }
                     let replica = self.replica.clone();
                     let meta = tokio::task::spawn_blocking(move || replica.meta_blocking())
                         .await
@@ -317,18 +342,24 @@ impl Link {
                     let ready = self.replica.ready(&meta);
                     match (&match_consumer, ready) {
                         (None, true) => {
-                            let c = match_ch
-                                .basic_consume(MATCH_QUEUE.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-                                .await
-                                .map_err(e("consume match"))?;
+                            let c = bounded("consuming the match queue", async {
+                                match_ch
+                                    .basic_consume(MATCH_QUEUE.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+                                    .await
+                                    .map_err(e("consume match"))
+                            })
+                            .await?;
                             tracing::info!(applied_seq = meta.cursor.applied_seq, "caught up: serving matches");
                             match_consumer = Some(c);
                         }
                         (Some(c), false) => {
-                            match_ch
-                                .basic_cancel(c.tag(), BasicCancelOptions::default())
-                                .await
-                                .map_err(e("cancel match"))?;
+                            bounded("cancelling the match consumer", async {
+                                match_ch
+                                    .basic_cancel(c.tag(), BasicCancelOptions::default())
+                                    .await
+                                    .map_err(e("cancel match"))
+                            })
+                            .await?;
                             tracing::info!("behind the relay: stopped serving matches");
                             match_consumer = None;
                         }
