@@ -62,25 +62,8 @@ impl Storage {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Broker {
-    pub url: String,
-    /// AMQP heartbeat; a half-open link is noticed within about twice this.
-    pub heartbeat_s: u16,
-    /// Longest wait between reconnect attempts.
-    pub max_backoff_ms: u64,
-}
-
-impl Default for Broker {
-    fn default() -> Self {
-        Broker {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            heartbeat_s: 10,
-            max_backoff_ms: 5_000,
-        }
-    }
-}
+/// The `[broker]` section, shared with the other binary.
+pub use comatching_protocol::config::BrokerSettings as Broker;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -57,6 +57,27 @@ where
     Ok(table)
 }
 
+/// The `[broker]` section both binaries share.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerSettings {
+    pub url: String,
+    /// AMQP heartbeat; a half-open link is noticed within about twice this.
+    pub heartbeat_s: u16,
+    /// Longest wait between reconnect attempts.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        BrokerSettings {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            heartbeat_s: 10,
+            max_backoff_ms: 5_000,
+        }
+    }
+}
+
 /// `overlay`, then deserialised into the binary's config type.
 pub fn parse<T, I>(file: &str, prefix: &str, vars: I) -> Result<T, ConfigError>
 where

@@ -72,23 +72,8 @@ impl Default for Storage {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Broker {
-    pub url: String,
-    pub heartbeat_s: u16,
-    pub max_backoff_ms: u64,
-}
-
-impl Default for Broker {
-    fn default() -> Self {
-        Broker {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            heartbeat_s: 10,
-            max_backoff_ms: 5_000,
-        }
-    }
-}
+/// The `[broker]` section, shared with the other binary.
+pub use comatching_protocol::config::BrokerSettings as Broker;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
