@@ -150,6 +150,17 @@ async fn matches(history: History, users: Arc<Vec<User>>, n: usize, tag: String)
     }
 }
 
+/// The end of every round: the history checker's invariants, then liveness.
+async fn end_round(ck: &mut Checker, w: &mut World, users: &[User], round: u32) {
+    ck.check_round(w, LIVENESS).await;
+    serving(
+        &ck.history,
+        &users[round as usize % users.len()],
+        &format!("r{round}"),
+    )
+    .await;
+}
+
 /// Liveness: a match is answered (201 or 404, not 503) within [`LIVENESS`], retrying a 503
 /// with a new key as a client would.
 async fn serving(history: &History, user: &User, tag: &str) {
@@ -288,13 +299,7 @@ async fn f02_appliance_crash_with_matches_in_flight() {
         jitter(&mut rng, 1_000).await;
         w.appliances[0].restart().await;
         load.await.expect("load");
-        ck.check_round(&mut w, LIVENESS).await;
-        serving(
-            &ck.history,
-            &users[round as usize % users.len()],
-            &format!("r{round}"),
-        )
-        .await;
+        end_round(&mut ck, &mut w, &users, round).await;
         ck.check_round(&mut w, LIVENESS).await;
     }
 }
@@ -341,13 +346,7 @@ async fn broker_fault(row: &'static str, label: &str, crash: bool) {
         }
         burst.await.expect("burst");
         load.await.expect("load");
-        ck.check_round(&mut w, LIVENESS).await;
-        serving(
-            &ck.history,
-            &users[round as usize % users.len()],
-            &format!("r{round}"),
-        )
-        .await;
+        end_round(&mut ck, &mut w, &users, round).await;
     }
 }
 
@@ -378,13 +377,7 @@ async fn f05_broker_wiped() {
         in_blocking(|| broker.reset());
         burst.await.expect("burst");
         updates(users.clone(), 5, plan.seed ^ 0x5 ^ u64::from(round)).await;
-        ck.check_round(&mut w, LIVENESS).await;
-        serving(
-            &ck.history,
-            &users[round as usize % users.len()],
-            &format!("r{round}"),
-        )
-        .await;
+        end_round(&mut ck, &mut w, &users, round).await;
     }
 }
 
@@ -420,13 +413,7 @@ async fn f06_connection_dropped() {
         }
         burst.await.expect("burst");
         load.await.expect("load");
-        ck.check_round(&mut w, LIVENESS).await;
-        serving(
-            &ck.history,
-            &users[round as usize % users.len()],
-            &format!("r{round}"),
-        )
-        .await;
+        end_round(&mut ck, &mut w, &users, round).await;
     }
 }
 
@@ -466,13 +453,7 @@ async fn f07_half_open_link() {
         jitter(&mut rng, 1_000).await;
         proxy.set(Mode::Pass);
         proxy.reset();
-        ck.check_round(&mut w, LIVENESS).await;
-        serving(
-            &ck.history,
-            &users[round as usize % users.len()],
-            &format!("r{round}"),
-        )
-        .await;
+        end_round(&mut ck, &mut w, &users, round).await;
     }
 }
 
@@ -835,13 +816,7 @@ async fn f15_power_loss_rollback() {
         ck.forget_replica(0);
         ck.fault_begins(&w).await;
         w.appliances[0].restart().await;
-        ck.check_round(&mut w, LIVENESS).await;
-        serving(
-            &ck.history,
-            &users[round as usize % users.len()],
-            &format!("r{round}"),
-        )
-        .await;
+        end_round(&mut ck, &mut w, &users, round).await;
     }
 }
 
@@ -878,13 +853,7 @@ async fn f16_relay_crash() {
         load.await.expect("load");
         w.relay.restart().await;
         w.relay.wait_ready().await;
-        ck.check_round(&mut w, LIVENESS).await;
-        serving(
-            &ck.history,
-            &users[round as usize % users.len()],
-            &format!("r{round}"),
-        )
-        .await;
+        end_round(&mut ck, &mut w, &users, round).await;
     }
 }
 
