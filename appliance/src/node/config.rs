@@ -87,6 +87,9 @@ pub struct Sync {
     pub hello_interval_ms: u64,
     /// Deliveries of one sync message before the broker dead-letters it.
     pub delivery_limit: i64,
+    /// While a sync event cannot be committed, the pause between replays doubles from one
+    /// second up to this (see `node::retry`).
+    pub retry_max_ms: u64,
 }
 
 impl Default for Sync {
@@ -96,6 +99,7 @@ impl Default for Sync {
             batch_wait_ms: 5,
             hello_interval_ms: 10_000,
             delivery_limit: 5,
+            retry_max_ms: 30_000,
         }
     }
 }
@@ -140,6 +144,11 @@ impl Config {
                 "sync.batch_max, matching.workers and matching.prefetch must be positive".into(),
             ));
         }
+        if cfg.sync.delivery_limit < 1 || cfg.sync.retry_max_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "sync.delivery_limit and sync.retry_max_ms must be positive".into(),
+            ));
+        }
         Ok(cfg)
     }
 
@@ -176,5 +185,9 @@ mod tests {
         assert_eq!(c.http.listen.port(), 9);
         assert!(c.masked().contains("guest:***@"));
         assert!(Config::from_parts("[appliance]\nid = \"Bad Id\"\n", Vec::new()).is_err());
+        for bad in ["delivery_limit = 0", "retry_max_ms = 0"] {
+            let e = Config::from_parts(&format!("[sync]\n{bad}\n"), Vec::new()).unwrap_err();
+            assert!(e.to_string().contains("must be positive"), "{bad}: {e}");
+        }
     }
 }

@@ -4,8 +4,11 @@
 //! a heartbeat → declare the topology → consume this appliance's sync queue → say hello → apply
 //! sync batches (durable commit first, then ack) → take match requests only while caught up →
 //! on any failure, back off and start again. Malformed messages are rejected without requeue, so
-//! the broker dead-letters them and the queue keeps flowing; a batch the store cannot commit is
-//! requeued, so a message that always fails is dead-lettered after the delivery limit.
+//! the broker dead-letters them and the queue keeps flowing. A batch the store cannot commit is
+//! applied event by event: the events before the failing one commit, the failing one is
+//! requeued (so a message that always fails is dead-lettered after the delivery limit) and the
+//! replica halts before it, retrying through replays spaced out by a [`RetryGate`]
+//! (`node::retry` says why it halts rather than skips).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +32,8 @@ use lapin::{
 use tokio::sync::{Semaphore, watch};
 
 use super::config::Config;
-use super::replica::Replica;
+use super::replica::{Replica, Stuck};
+use super::retry::RetryGate;
 use comatching_protocol::config::amqp_url_with_heartbeat;
 
 pub const SYNC_EXCHANGE: &str = "comatching.sync";
@@ -182,6 +186,8 @@ struct SessionState {
     /// each hello makes the relay replay everything after our cursor, so hellos sent faster
     /// than the relay answers them would pile up duplicate replays (seen at 100k users).
     awaiting_ack: Option<Instant>,
+    /// Spaces out replays while a sync event cannot be committed.
+    retry: RetryGate,
 }
 
 impl Link {
@@ -293,6 +299,10 @@ impl Link {
             want_hello: true,
             last_hello: None,
             awaiting_ack: None,
+            retry: RetryGate::new(
+                Duration::from_secs(1),
+                Duration::from_millis(self.cfg.sync.retry_max_ms),
+            ),
         };
         self.maybe_hello(&ctl, &mut st, true).await?;
         let mut hello_tick = tokio::time::interval(Duration::from_millis(
@@ -334,6 +344,9 @@ impl Link {
                     if !conn.status().connected() {
                         return Err("connection closed".into());
                     }
+                    // A hello held back (by the minimum gap or a retry pause) goes out when due,
+                    // not only when the next batch or the periodic tick comes.
+                    bounded("a hello", self.maybe_hello(&ctl, &mut st, false)).await?;
                     let replica = self.replica.clone();
                     let meta = tokio::task::spawn_blocking(move || replica.meta_blocking())
                         .await
@@ -395,6 +408,10 @@ impl Link {
         if st.awaiting_ack.is_some_and(|t| t.elapsed() < ACK_PATIENCE) {
             return Ok(());
         }
+        if !st.retry.open(Instant::now()) {
+            // A commit failed: the replay this hello would bring waits for the pause.
+            return Ok(());
+        }
         let replica = self.replica.clone();
         let meta = tokio::task::spawn_blocking(move || replica.meta_blocking())
             .await
@@ -423,6 +440,7 @@ impl Link {
             other => return Err(format!("hello not confirmed: {other:?}")),
         }
         st.want_hello = false;
+        st.retry.passed();
         st.last_hello = Some(Instant::now());
         st.awaiting_ack = Some(Instant::now());
         self.replica
@@ -542,24 +560,17 @@ impl Link {
         let replica = self.replica.clone();
         let max_seq = batch.iter().map(|e| e.seq).max().unwrap_or(0);
         let batch_epoch = batch[0].epoch;
-        let result = tokio::task::spawn_blocking(move || replica.apply_blocking(&batch))
-            .await
-            .map_err(|e| e.to_string())?;
+        let (result, batch) = tokio::task::spawn_blocking(move || {
+            let r = replica.apply_blocking(&batch);
+            (r, batch)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         let plan = match result {
             Ok(plan) => plan,
             Err(err) => {
-                // Not acked: redelivered, and dead-lettered by the broker after the limit.
-                tracing::error!(code = err.code(), error = %err, "replica commit failed; requeueing the batch");
-                self.replica.set_error(format!("{}: {err}", err.code()));
-                for d in &deliveries {
-                    let _ = d
-                        .nack(BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        })
-                        .await;
-                }
-                return Err(format!("replica commit failed: {err}"));
+                tracing::warn!(code = err.code(), error = %err, "batch commit failed; applying its events one by one");
+                return self.flush_isolating(batch, deliveries, st).await;
             }
         };
         {
@@ -582,10 +593,111 @@ impl Link {
             );
             st.want_hello = true;
         }
+        self.unstick(plan.cursor.applied_seq, st);
         for d in &deliveries {
             ack(d).await?;
         }
         Ok(())
+    }
+
+    /// The batch did not commit as a whole: commit its events one by one up to the first that
+    /// fails, ack those, requeue the failing one (the broker dead-letters it after the delivery
+    /// limit) and drop the rest (past our cursor, so the replay resends them). The replica halts
+    /// at the failing event until a retry commits it; see `node::retry`.
+    async fn flush_isolating(
+        &self,
+        batch: Vec<SyncEvent>,
+        deliveries: Vec<Delivery>,
+        st: &mut SessionState,
+    ) -> Result<(), String> {
+        let replica = self.replica.clone();
+        let (iso, batch) = tokio::task::spawn_blocking(move || {
+            let iso = replica.apply_isolating(&batch);
+            (iso, batch)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let max_seq = batch.iter().map(|e| e.seq).max().unwrap_or(0);
+        {
+            let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
+            l.events_applied += iso.changes as u64;
+            if let Some(plan) = &iso.last {
+                l.gap = plan.gap.map(|g| (g.from, g.to));
+            }
+            if l.relay_epoch == Some(batch[0].epoch) {
+                l.relay_seq = l.relay_seq.max(max_seq);
+            }
+        }
+        if let Some(plan) = &iso.last {
+            if plan.resync.is_some() || plan.gap.is_some() {
+                st.want_hello = true;
+            }
+            self.unstick(plan.cursor.applied_seq, st);
+        }
+        let Some((bad, err)) = iso.failed else {
+            // It went through this time (a transient failure).
+            for d in &deliveries {
+                ack(d).await?;
+            }
+            return Ok(());
+        };
+        let ev = &batch[bad];
+        let why = format!("{}: {err}", err.code());
+        tracing::error!(
+            seq = ev.seq,
+            user = %ev.user_id,
+            error = %why,
+            "cannot commit this sync event: holding the replica before it and requeueing it"
+        );
+        {
+            let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
+            l.apply_failures += 1;
+            let failures = match &l.stuck {
+                Some(s) if s.seq == ev.seq => s.failures + 1,
+                _ => 1,
+            };
+            let since_unix_ms = match &l.stuck {
+                Some(s) if s.seq == ev.seq => s.since_unix_ms,
+                _ => now_unix_ms(),
+            };
+            l.stuck = Some(Stuck {
+                seq: ev.seq,
+                user_id: ev.user_id.to_hex(),
+                failures,
+                error: why.clone(),
+                since_unix_ms,
+            });
+            l.last_error = Some(format!("sync seq {} cannot be committed: {why}", ev.seq));
+        }
+        st.retry.failed(Instant::now());
+        st.want_hello = true;
+        for (i, d) in deliveries.iter().enumerate() {
+            if i == bad {
+                d.nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await
+                .map_err(|e| format!("nack: {e}"))?;
+            } else {
+                ack(d).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The replica's cursor is at `applied_seq`: an event stuck at or below it is behind us.
+    fn unstick(&self, applied_seq: u64, st: &mut SessionState) {
+        let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
+        if l.stuck.as_ref().is_some_and(|s| s.seq <= applied_seq) {
+            let s = l.stuck.take().expect("checked");
+            tracing::info!(
+                seq = s.seq,
+                failures = s.failures,
+                "the stuck sync event is committed; the replica moves on"
+            );
+            st.retry.reset();
+        }
     }
 
     async fn on_hello_ack(&self, a: &HelloAck, st: &mut SessionState) -> Result<(), String> {
@@ -684,6 +796,7 @@ impl Link {
             let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
             l.snapshot_in_progress = None;
             l.snapshots_loaded += 1;
+            l.stuck = None;
             l.relay_epoch = Some(epoch);
             l.relay_seq = hw;
             l.gap = None;

@@ -4,6 +4,7 @@
 //! * [`config`] — the one `Config` (TOML + `COMATCHING_APPLIANCE__SECTION__KEY`).
 //! * [`replica`] — store + engine + link status; the readiness rule.
 //! * [`link`] — the broker loop: topology, sync batches, snapshots, hellos, match serving.
+//! * [`retry`] — what happens when a sync event cannot be committed (halt, retry with a pause).
 //! * [`status`] — `/healthz`, `/status`, `/metrics`.
 //! * [`notify`] — sd_notify READY/WATCHDOG.
 
@@ -11,6 +12,7 @@ pub mod config;
 pub mod link;
 pub mod notify;
 pub mod replica;
+pub mod retry;
 pub mod status;
 
 use std::sync::Arc;

@@ -37,6 +37,32 @@ pub struct LinkStatus {
     pub hellos_sent: u64,
     pub last_error: Option<String>,
     pub index_rebuild_ms: u64,
+    /// Sync commits that failed (each failed delivery of a stuck event counts).
+    pub apply_failures: u64,
+    /// The event the replica is halted at, while its commit keeps failing (see `node::retry`).
+    pub stuck: Option<Stuck>,
+}
+
+/// A sync event whose commit failed; the replica does not move past it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stuck {
+    pub seq: u64,
+    pub user_id: String,
+    /// Failed commits of this seq so far (redeliveries and replays).
+    pub failures: u64,
+    pub error: String,
+    pub since_unix_ms: u64,
+}
+
+/// A batch applied event by event after its one-commit apply failed.
+#[derive(Debug, Default)]
+pub struct Isolated {
+    /// Replica changes committed.
+    pub changes: usize,
+    /// The plan of the last event that committed (its gap, if any, is the batch's).
+    pub last: Option<SyncPlan>,
+    /// The first event (index into the batch) whose commit failed; later events were not tried.
+    pub failed: Option<(usize, StoreError)>,
 }
 
 pub struct Replica {
@@ -106,6 +132,28 @@ impl Replica {
         Ok(plan)
     }
 
+    /// Applies the batch one event at a time in seq order, each in its own durable commit, and
+    /// stops at the first that fails: so a batch with one event the store refuses still commits
+    /// everything before it, and the failing event is known.
+    pub fn apply_isolating(&self, events: &[SyncEvent]) -> Isolated {
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        order.sort_by_key(|&i| events[i].seq);
+        let mut out = Isolated::default();
+        for i in order {
+            match self.apply_blocking(std::slice::from_ref(&events[i])) {
+                Ok(plan) => {
+                    out.changes += plan.changes.len();
+                    out.last = Some(plan);
+                }
+                Err(err) => {
+                    out.failed = Some((i, err));
+                    break;
+                }
+            }
+        }
+        out
+    }
+
     /// Swaps in a verified snapshot and rebuilds the engine once.
     pub fn replace_blocking(
         &self,
@@ -171,7 +219,7 @@ impl Replica {
 
     /// May this appliance answer matches? Connected, acknowledged by the relay in this session,
     /// same lineage, applied everything the relay had when it answered, no gap, no snapshot in
-    /// flight.
+    /// flight, not halted at an event it cannot commit.
     pub fn ready(&self, meta: &ReplicaMeta) -> bool {
         let l = self.link.lock().unwrap_or_else(|p| p.into_inner());
         l.broker_connected
@@ -181,5 +229,6 @@ impl Replica {
             && meta.cursor.applied_seq >= l.relay_seq
             && l.gap.is_none()
             && l.snapshot_in_progress.is_none()
+            && l.stuck.is_none()
     }
 }

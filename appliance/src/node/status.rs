@@ -72,6 +72,8 @@ pub async fn status_json(s: &StatusState) -> Result<Value, String> {
             "events_applied": link.events_applied,
             "dead_lettered": link.dead_lettered,
             "hellos_sent": link.hellos_sent,
+            "apply_failures": link.apply_failures,
+            "stuck": link.stuck,
         },
         "matches": { "answered": link.matches_answered, "expired": link.matches_expired },
         "tailscale": s.tailscale.lock().unwrap_or_else(|p| p.into_inner()).clone(),
@@ -163,10 +165,11 @@ fn render_html(doc: &Value) -> String {
          td{{font-family:monospace}}</style></head><body><h1>COMAtching appliance</h1>\
          <p class=\"s\">{}</p><table>{}</table></body></html>",
         if ready { "#2a7" } else { "#c33" },
-        if ready {
-            "READY — serving matches"
-        } else {
-            "NOT READY — catching up or offline"
+        match (ready, doc["sync"]["stuck"]["seq"].as_u64()) {
+            (true, _) => "READY — serving matches".to_owned(),
+            (false, Some(seq)) =>
+                format!("NOT READY — cannot commit sync seq {seq} (see last_error)"),
+            (false, None) => "NOT READY — catching up or offline".to_owned(),
         },
         rows
     )
@@ -219,6 +222,16 @@ async fn metrics(State(s): State<StatusState>) -> Response {
             "comatching_sync_dead_lettered_total",
             "Messages rejected to the dead-letter queue.",
             n(&doc["sync"]["dead_lettered"]),
+        ),
+        (
+            "comatching_sync_apply_failures_total",
+            "Sync commits that failed.",
+            n(&doc["sync"]["apply_failures"]),
+        ),
+        (
+            "comatching_sync_stuck_seq",
+            "The seq the replica is halted at because it cannot commit it; 0 when not.",
+            n(&doc["sync"]["stuck"]["seq"]),
         ),
         (
             "comatching_snapshots_loaded_total",
