@@ -52,6 +52,8 @@ pub struct BrokerSection {
 pub struct SyncSection {
     pub hello_interval_ms: u64,
     pub batch_max: usize,
+    /// The longest pause between replays while an event cannot be committed (F13).
+    pub retry_max_ms: u64,
 }
 #[derive(Clone, Debug, Serialize)]
 pub struct MatchingSection {
@@ -82,6 +84,7 @@ impl ApplianceConfig {
             sync: SyncSection {
                 hello_interval_ms: 1_000,
                 batch_max: 1_000,
+                retry_max_ms: 2_000,
             },
             matching: MatchingSection {
                 engine: "hnsw".into(),

@@ -11,8 +11,8 @@
 //! Liveness bound: after a fault clears, the system is quiescent (no open holds, outbox
 //! published, every replica converged and ready) and serves matches again within [`LIVENESS`].
 //!
-//! Not built yet: F13 (poison message) — the only failure the appliance's sync handler requeues
-//! is a store commit error, and nothing here can make one from outside. F14 re-images 300 users
+//! F13 makes a real, persistent commit failure: a trigger in box-1's SQLite replica that aborts
+//! every write of one user's row (so F13 runs on the SQLite backend). F14 re-images 300 users
 //! unless `FAULT_REIMAGE_USERS` says otherwise (10000 for the issue's figure).
 
 use std::sync::Arc;
@@ -29,7 +29,7 @@ use comatching_tests::sync_tap::TappedEvent;
 use comatching_tests::world::{World, WorldOptions, peak_rss_mb};
 use comatching_tests::{Responder, ResponderAction, SyncTap, User, wait_until};
 use lapin::options::{BasicPublishOptions, QueueBindOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -758,6 +758,194 @@ async fn f12_malformed_messagepack() {
             rss < rss0 + 64.0,
             "memory stays bounded: peak {rss0:.0} MiB → {rss:.0} MiB"
         );
+    }
+}
+
+/// Installs (or removes) SQLite triggers in a replica that abort every write of `user`'s row:
+/// the store then refuses any sync event for that user, for as long as the triggers stay.
+fn poison_user(replica: &std::path::Path, user: &UserId, on: bool) {
+    let c = rusqlite::Connection::open(replica).expect("replica db");
+    c.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    let sql = if on {
+        let id = user.to_hex();
+        format!(
+            "CREATE TRIGGER f13_insert BEFORE INSERT ON users WHEN NEW.user_id = X'{id}' \
+             BEGIN SELECT RAISE(ABORT, 'f13: this row cannot be written'); END;
+             CREATE TRIGGER f13_update BEFORE UPDATE ON users WHEN OLD.user_id = X'{id}' \
+             BEGIN SELECT RAISE(ABORT, 'f13: this row cannot be written'); END;"
+        )
+    } else {
+        "DROP TRIGGER f13_insert; DROP TRIGGER f13_update;".to_owned()
+    };
+    c.execute_batch(&sql).expect("poison triggers");
+}
+
+/// Takes every message off the dead-letter queue; returns the sync events among them with the
+/// reason the broker dead-lettered each.
+async fn drain_dead_letters(ch: &Channel) -> Vec<(SyncEvent, String)> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(
+            "comatching.dead".into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic.get")
+    {
+        let reason = m
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| match h.inner().get("x-death") {
+                Some(AMQPValue::FieldArray(a)) => a.as_slice().first().cloned(),
+                _ => None,
+            })
+            .and_then(|d| match d {
+                AMQPValue::FieldTable(t) => t.inner().get("reason").cloned(),
+                _ => None,
+            })
+            .map(|r| match r {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_default();
+        if let Ok(Message::SyncEvent(ev)) = Envelope::decode(
+            &m.delivery.data,
+            &comatching_protocol::WireLimits::default(),
+        ) {
+            out.push((ev, reason));
+        }
+    }
+    out
+}
+
+async fn queue_depth(ch: &Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue exists")
+    .message_count()
+}
+
+/// F13: box-1's store refuses every write of one user (a trigger in its SQLite file), in the
+/// middle of a burst of updates. Box-1 must commit everything before that user's event, halt
+/// there (not ready, saying why), let the broker dead-letter the event after the delivery limit,
+/// keep its queue flowing, and heal unattended once the store accepts the write again; box-2
+/// serves matches meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f13_poison_message() {
+    let plan = Plan::new("f13_poison_message");
+    let mut o = opts("f13");
+    o.appliances = 2;
+    let (mut w, users) = populated(&o, 40).await;
+    let (_c, ch) = channel(&w.amqp_url).await;
+    let relay = comatching_tests::checker::relay_db(&w);
+    let replica = comatching_tests::checker::replica_db(w.appliances[0].data_dir());
+    let mut ck = Checker::new();
+    for round in 0..plan.rounds {
+        let mut rng = plan.rng(round);
+        let seed = plan.seed ^ u64::from(round);
+        let victim = users[rng.random_range(0..users.len())].clone();
+        in_blocking(|| poison_user(&replica, &victim.id(), true));
+        ck.fault_begins(&w).await;
+        let before = w.relay_pool().await.seq;
+        let burst = tokio::spawn(updates(users.clone(), 120, seed));
+        jitter(&mut rng, 300).await;
+        let profile = Population::new(seed).profile(round as usize);
+        victim
+            .api
+            .request(
+                Method::PUT,
+                "/api/v1/me/profile",
+                Some(&victim.token),
+                Some(&profile),
+                &[],
+            )
+            .await
+            .expect(200);
+        burst.await.expect("burst");
+        let poison: u64 = in_blocking(|| {
+            rusqlite::Connection::open(&relay)
+                .expect("relay db")
+                .query_row(
+                    "SELECT MIN(seq) FROM outbox WHERE user_id = ?1 AND seq > ?2",
+                    rusqlite::params![victim.user_id, before as i64],
+                    |r| r.get::<_, i64>(0),
+                )
+                .expect("the victim's event") as u64
+        });
+        eprintln!("f13 round {round}: user {} at seq {poison}", victim.user_id);
+
+        // The broker dead-letters it after the delivery limit...
+        let dead = Arc::new(std::sync::Mutex::new(Vec::new()));
+        wait_until(LIVENESS, "the poison event is dead-lettered", || {
+            let (ch, dead) = (ch.clone(), dead.clone());
+            async move {
+                let got = drain_dead_letters(&ch).await;
+                let mut dead = dead.lock().expect("lock");
+                dead.extend(got);
+                dead.iter().any(|(ev, _)| ev.seq == poison)
+            }
+        })
+        .await;
+        for (ev, reason) in dead.lock().expect("lock").iter() {
+            assert_eq!(ev.seq, poison, "only the poison event is dead-lettered");
+            assert_eq!(
+                reason, "delivery_limit",
+                "dead-lettered by the delivery limit"
+            );
+        }
+        // ... box-1 holds everything before it and says why it stopped ...
+        let a = &w.appliances[0];
+        wait_until(
+            LIVENESS,
+            "box-1 halted just before the poison event",
+            || async {
+                a.status().await.is_some_and(|s| {
+                    s["applied_seq"].as_u64() == Some(poison - 1)
+                        && s["sync"]["stuck"]["seq"].as_u64() == Some(poison)
+                        && s["ready"] == Value::Bool(false)
+                })
+            },
+        )
+        .await;
+        let s = a.status().await.expect("status");
+        assert_eq!(
+            s["sync"]["stuck"]["user_id"],
+            victim.user_id.as_str(),
+            "{s}"
+        );
+        assert!(
+            s["last_error"].as_str().unwrap_or("").contains("f13"),
+            "the store's own error is shown: {s}"
+        );
+        // ... its queue keeps flowing (nothing parked at the head) ...
+        wait_until(LIVENESS, "box-1's queue drains", || async {
+            queue_depth(&ch, SYNC_QUEUE).await == 0
+        })
+        .await;
+        // ... and box-2, which has no such problem, is caught up and serving.
+        serving(&ck.history, &users[0], &format!("r{round}-during")).await;
+        assert_eq!(
+            status_u64(&w.appliances[0], &["applied_seq"]).await,
+            poison - 1,
+            "box-1 never moves past the event it cannot commit"
+        );
+
+        // The store accepts the write again: box-1 converges by itself.
+        in_blocking(|| poison_user(&replica, &victim.id(), false));
+        end_round(&mut ck, &mut w, &users, round).await;
+        let s = w.appliances[0].status().await.expect("status");
+        assert!(s["sync"]["stuck"].is_null(), "{s}");
+        assert!(s["sync"]["apply_failures"].as_u64() >= Some(1), "{s}");
     }
 }
 
