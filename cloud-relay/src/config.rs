@@ -30,6 +30,9 @@ pub struct Http {
     pub listen: SocketAddr,
     /// Request bodies larger than this are refused with 413.
     pub max_body_bytes: usize,
+    /// With both set, the listener speaks HTTPS only (PEM chain, leaf first, and its key).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for Http {
@@ -37,6 +40,8 @@ impl Default for Http {
         Http {
             listen: "127.0.0.1:8080".parse().expect("literal address"),
             max_body_bytes: 16 * 1024,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -179,6 +184,9 @@ impl Config {
         }
         if self.http.max_body_bytes < 1024 {
             return bad("http.max_body_bytes must be at least 1024");
+        }
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            return bad("http.tls_cert and http.tls_key go together: set both or neither");
         }
         Ok(())
     }

@@ -7,7 +7,8 @@
 //! `outbox` (ordered change log + publisher), `control` (hellos → replay/snapshot, appliance
 //! tracking, outbox trimming), `broker` (connection supervisor), `rpc` (match
 //! request/reply client), `matching` (the match flow + sweeper), `limits` (rate limits),
-//! `metrics` (Prometheus text), `http` (routes), `server` (wiring it all together).
+//! `metrics` (Prometheus text), `http` (routes), `tls` (the HTTPS accept loop), `pki` (the
+//! private CA behind `comatching-relay pki`), `server` (wiring it all together).
 
 pub mod auth;
 pub mod broker;
@@ -21,6 +22,8 @@ pub mod limits;
 pub mod matching;
 pub mod metrics;
 pub mod outbox;
+pub mod pki;
 pub mod profiles;
 pub mod rpc;
 pub mod server;
+pub mod tls;

@@ -33,6 +33,42 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// The private CA: certificates for HTTPS and for AMQP over TLS.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Mints a CA into DIR (ca.pem, ca.key); refuses if one is there.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "COMAtching Edge private CA")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issues NAME.pem and NAME.key in DIR, signed by its CA.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Common name and file stem (for a client certificate: the identity, e.g. the broker user).
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        kind: comatching_relay::pki::Kind,
+        /// A DNS name the server answers to (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// An IP address the server answers on (repeatable).
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        #[arg(long, default_value_t = 397)]
+        days: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -54,6 +90,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Command::Pki { command } = cli.command {
+        return pki(command);
+    }
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -79,6 +118,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Pki { .. } => unreachable!("handled before the configuration is loaded"),
         Command::Migrate => match Db::open(&cfg.storage.db_path()) {
             Ok(_) => {
                 println!("database ready at {}", cfg.storage.db_path().display());
@@ -140,6 +180,46 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `pki init|issue`: no configuration needed; errors print their stable code.
+fn pki(command: PkiCommand) -> ExitCode {
+    use comatching_relay::pki;
+    let done = match command {
+        PkiCommand::Init { dir, name, days } => pki::init_dir(&dir, &name, days).map(|cert| {
+            println!(
+                "CA written: {} (its key, {}, never leaves this machine)",
+                cert.display(),
+                dir.join(pki::CA_KEY).display()
+            );
+        }),
+        PkiCommand::Issue {
+            dir,
+            name,
+            kind,
+            dns,
+            ip,
+            days,
+        } => {
+            let spec = pki::LeafSpec {
+                name,
+                kind,
+                dns,
+                ips: ip,
+                days,
+            };
+            pki::issue_into_dir(&dir, &spec).map(|(cert, key)| {
+                println!("issued: {} and {}", cert.display(), key.display());
+            })
+        }
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("comatching-relay: {}: {e}", e.code());
+            ExitCode::from(2)
         }
     }
 }

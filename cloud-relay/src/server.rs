@@ -20,6 +20,14 @@ use crate::outbox::OutboxPublisher;
 use crate::rpc::MatchRpc;
 
 pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
+    // Certificates are read first, so a bad file stops the relay at once, by name.
+    let tls = match (&cfg.http.tls_cert, &cfg.http.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            crate::tls::server_config(cert, key)
+                .map_err(|e| anyhow_like::err(format!("HTTPS: {e}")))?,
+        ),
+        _ => None,
+    };
     let db = Db::open(&cfg.storage.db_path()).map_err(|e| {
         anyhow_like::err(format!("opening {}: {e}", cfg.storage.db_path().display()))
     })?;
@@ -68,19 +76,39 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
     let local = listener
         .local_addr()
         .map_err(|e| anyhow_like::err(e.to_string()))?;
-    tracing::info!(address = %local, "comatching-relay listening");
-    println!("comatching-relay listening on http://{local}");
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let mut stop = shutdown_rx.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = stop.changed().await;
-    });
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(address = %local, scheme, "comatching-relay listening");
+    println!("comatching-relay listening on {scheme}://{local}");
     let signals = tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
         let _ = shutdown_tx.send(true);
     });
-    server.await.map_err(|e| anyhow_like::err(e.to_string()))?;
+    match tls {
+        Some(tls) => {
+            // Browsers that once reached us over HTTPS never fall back to plain HTTP.
+            let app = router(state).layer(axum::middleware::map_response(
+                |mut r: axum::response::Response| async move {
+                    r.headers_mut().insert(
+                        axum::http::header::STRICT_TRANSPORT_SECURITY,
+                        axum::http::HeaderValue::from_static("max-age=31536000"),
+                    );
+                    r
+                },
+            ));
+            crate::tls::serve(listener, tls, app, shutdown_rx.clone()).await;
+        }
+        None => {
+            let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+            let mut stop = shutdown_rx.clone();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await
+                .map_err(|e| anyhow_like::err(e.to_string()))?;
+        }
+    }
     signals.abort();
     let _ = tokio::join!(
         supervisor_task,
