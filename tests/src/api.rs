@@ -5,6 +5,7 @@
 //! the common flows; their `*_ok` helpers panic with the relay's answer when the status is not
 //! the expected one.
 
+use std::path::Path;
 use std::time::Duration;
 
 use comatching_protocol::UserId;
@@ -85,13 +86,57 @@ pub struct Api {
     base: String,
 }
 
+/// Every reqwest client of the tests starts here: reqwest is built without a crypto provider of
+/// its own (one provider in the tree, `ring`; see NOTES), so the process installs `ring` once.
+pub fn http_builder() -> reqwest::ClientBuilder {
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        // Err = a provider is already installed, which is all we need.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::builder()
+}
+
+/// An HTTP client; with `trust_ca`, an HTTPS client that trusts that CA (PEM) and no other.
+pub fn http_client(trust_ca: Option<&Path>) -> reqwest::Client {
+    let b = http_builder().timeout(Duration::from_secs(60));
+    let b = match trust_ca {
+        None => b,
+        Some(ca) => b.tls_backend_preconfigured(tls_trusting(ca)),
+    };
+    b.build().expect("http client")
+}
+
+/// A rustls client configuration (the `ring` provider) whose only root is the CA in `ca`.
+pub fn tls_trusting(ca: &Path) -> rustls::ClientConfig {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(c.expect("CA certificate")).expect("CA accepted");
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth()
+}
+
 impl Api {
     pub fn new(base_url: &str) -> Api {
+        Api::with_client(base_url, http_client(None))
+    }
+
+    /// For a relay serving HTTPS with a certificate from the CA in `ca`.
+    pub fn trusting(base_url: &str, ca: &Path) -> Api {
+        Api::with_client(base_url, http_client(Some(ca)))
+    }
+
+    pub fn with_client(base_url: &str, http: reqwest::Client) -> Api {
         Api {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .expect("http client"),
+            http,
             base: base_url.trim_end_matches('/').to_owned(),
         }
     }

@@ -128,7 +128,7 @@ impl ApplianceProcess {
             config,
             service,
             status_url,
-            http: reqwest::Client::new(),
+            http: crate::api::http_client(None),
         };
         a.spawn();
         a.wait_healthy().await;

@@ -62,7 +62,7 @@ pub struct History {
 impl History {
     /// `POST /api/v1/matches` that records the answer and never panics on a dropped connection.
     pub async fn post_match(&self, user: &User, key: &str, body: &Value) -> Answer {
-        let client = reqwest::Client::builder()
+        let client = crate::api::http_builder()
             .timeout(Duration::from_secs(30))
             .build()
             .expect("http client");

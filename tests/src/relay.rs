@@ -45,6 +45,13 @@ pub struct AuthSection {
 pub struct HttpSection {
     pub listen: String,
     pub max_body_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// Not the relay's: the CA the test's clients trust when the relay serves HTTPS.
+    #[serde(skip)]
+    pub trust_ca: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -90,6 +97,9 @@ impl RelayConfig {
             http: HttpSection {
                 listen: String::new(),
                 max_body_bytes: 16 * 1024,
+                tls_cert: None,
+                tls_key: None,
+                trust_ca: None,
             },
             storage: StorageSection {
                 data_dir: PathBuf::new(),
@@ -152,7 +162,12 @@ impl RelayProcess {
             .expect("temp dir");
         config.http.listen = format!("127.0.0.1:{}", free_port());
         config.storage.data_dir = dir.path().join("data");
-        let base_url = format!("http://{}", config.http.listen);
+        let scheme = if config.http.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let base_url = format!("{scheme}://{}", config.http.listen);
         let service = ServiceChild {
             name: "relay",
             bin: relay_binary(),
@@ -160,12 +175,13 @@ impl RelayProcess {
             dir: dir.path().to_path_buf(),
             child: None,
         };
+        let http = crate::api::http_client(config.http.trust_ca.as_deref());
         let mut relay = RelayProcess {
             service,
             _dir: dir,
             config,
             base_url,
-            http: reqwest::Client::new(),
+            http,
         };
         relay.spawn();
         relay.wait_healthy().await;

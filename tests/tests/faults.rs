@@ -112,7 +112,7 @@ async fn updates(users: Arc<Vec<User>>, n: usize, seed: u64) {
     let work: Vec<(usize, Value)> = (0..n)
         .map(|i| (pop.pick(users.len()), pop.profile(i)))
         .collect();
-    let http = reqwest::Client::builder()
+    let http = comatching_tests::api::http_builder()
         .timeout(Duration::from_secs(30))
         .build()
         .expect("client");
