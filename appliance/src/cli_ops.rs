@@ -125,10 +125,11 @@ fn broker_check(cfg: &Config) -> Result<String, String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    let tls = comatching_protocol::amqp::tls_config(&cfg.broker).map_err(|e| e.to_string())?;
     rt.block_on(async {
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
-            lapin::Connection::connect(&cfg.broker.url, lapin::ConnectionProperties::default()),
+            comatching_protocol::amqp::connect(&cfg.broker.url, &tls),
         )
         .await
         .map_err(|_| "timed out connecting".to_owned())?

@@ -15,8 +15,9 @@ use futures_util::StreamExt;
 use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use tokio::sync::{Notify, watch};
 
 use crate::config;
@@ -87,12 +88,18 @@ impl BrokerHandle {
 
 pub struct BrokerSupervisor {
     cfg: config::Broker,
+    tls: OwnedTLSConfig,
     tx: watch::Sender<Option<Arc<Session>>>,
 }
 
-pub fn supervisor(cfg: config::Broker) -> (BrokerSupervisor, BrokerHandle) {
+/// The supervisor and the handle the rest of the relay uses. Fails when the TLS files named in
+/// `[broker]` cannot be read: better to stop at start than to fail every reconnect.
+pub fn supervisor(
+    cfg: config::Broker,
+) -> Result<(BrokerSupervisor, BrokerHandle), comatching_protocol::config::ConfigError> {
+    let tls = comatching_protocol::amqp::tls_config(&cfg)?;
     let (tx, rx) = watch::channel(None);
-    (BrokerSupervisor { cfg, tx }, BrokerHandle { rx })
+    Ok((BrokerSupervisor { cfg, tls, tx }, BrokerHandle { rx }))
 }
 
 pub fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
@@ -172,8 +179,8 @@ pub fn control_queue_args() -> FieldTable {
     ])
 }
 
-async fn connect(url: &str, id: u64) -> lapin::Result<Session> {
-    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+async fn connect(url: &str, tls: &OwnedTLSConfig, id: u64) -> lapin::Result<Session> {
+    let connection = comatching_protocol::amqp::connect(url, tls).await?;
     let setup = connection.create_channel().await?;
     declare_topology(&setup).await?;
     let _ = setup.close(200, "topology declared".into()).await;
@@ -209,7 +216,8 @@ impl BrokerSupervisor {
                 break;
             }
             id += 1;
-            let attempt = tokio::time::timeout(Duration::from_secs(10), connect(&url, id)).await;
+            let attempt =
+                tokio::time::timeout(Duration::from_secs(10), connect(&url, &self.tls, id)).await;
             let session = match attempt {
                 Ok(Ok(s)) => Arc::new(s),
                 Ok(Err(e)) => {

@@ -32,7 +32,8 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         anyhow_like::err(format!("opening {}: {e}", cfg.storage.db_path().display()))
     })?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (supervisor, broker) = broker::supervisor(cfg.broker.clone());
+    let (supervisor, broker) = broker::supervisor(cfg.broker.clone())
+        .map_err(|e| anyhow_like::err(format!("broker: {e}")))?;
     let supervisor_task = tokio::spawn(supervisor.run(shutdown_rx.clone()));
     let rpc = MatchRpc::start(broker.clone());
     let outbox_wake = Arc::new(Notify::new());

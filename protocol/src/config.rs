@@ -66,6 +66,38 @@ pub struct BrokerSettings {
     pub heartbeat_s: u16,
     /// Longest wait between reconnect attempts.
     pub max_backoff_ms: u64,
+    /// With an `amqps://` URL: the CA (PEM) the broker's certificate must chain to. Only this
+    /// CA is trusted, not the system's roots.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The client certificate (PEM) and its key presented to the broker; set both or neither.
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+impl BrokerSettings {
+    /// The rules a reader cannot see in the types: TLS files only with `amqps://`, a CA with
+    /// every `amqps://` URL, certificate and key together.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        let tls = self.url.starts_with("amqps://");
+        if !tls && !self.url.starts_with("amqp://") {
+            return bad("broker.url must start with amqp:// or amqps://");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("broker.tls_cert and broker.tls_key go together: set both or neither");
+        }
+        let any_file = self.tls_ca.is_some() || self.tls_cert.is_some();
+        if !tls && any_file {
+            return bad("broker.tls_* is set but broker.url is not amqps://");
+        }
+        if tls && self.tls_ca.is_none() {
+            return bad(
+                "broker.url is amqps:// but broker.tls_ca is not set (the broker's certificate \
+                 is checked against that CA only)",
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for BrokerSettings {
@@ -74,6 +106,9 @@ impl Default for BrokerSettings {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             heartbeat_s: 10,
             max_backoff_ms: 5_000,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -133,6 +168,36 @@ pub fn mask_url_password(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_tls_settings_must_be_coherent() {
+        let with = |url: &str, ca: bool, cert: bool, key: bool| BrokerSettings {
+            url: url.into(),
+            tls_ca: ca.then(|| "ca.pem".into()),
+            tls_cert: cert.then(|| "c.pem".into()),
+            tls_key: key.then(|| "c.key".into()),
+            ..BrokerSettings::default()
+        };
+        assert!(BrokerSettings::default().check().is_ok());
+        assert!(with("amqps://h:5671/%2f", true, true, true).check().is_ok());
+        assert!(
+            with("amqps://h:5671/%2f", true, false, false)
+                .check()
+                .is_ok()
+        );
+        for (s, why) in [
+            (
+                with("amqps://h/%2f", false, true, true),
+                "tls_ca is not set",
+            ),
+            (with("amqps://h/%2f", true, true, false), "go together"),
+            (with("amqp://h/%2f", true, false, false), "not amqps"),
+            (with("http://h/", false, false, false), "must start with"),
+        ] {
+            let e = s.check().unwrap_err().to_string();
+            assert!(e.contains(why), "{s:?}: {e}");
+        }
+    }
 
     #[test]
     fn env_overrides_file_and_types_values() {

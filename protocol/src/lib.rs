@@ -2,9 +2,12 @@
 //!
 //! It owns the domain types (validated on construction, so nothing past a boundary is a raw
 //! string), the match cost function, the order-independent replica digest, and the wire
-//! messages with their bounded MessagePack codec. It must never perform I/O: no sockets, no
-//! files, no clocks.
+//! messages with their bounded MessagePack codec. It performs no I/O — no sockets, no files, no
+//! clocks — except in the `amqp` module, behind the feature of that name, which only the two
+//! binaries switch on: the one way both connect to the broker (plain or TLS).
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod config;
 pub mod digest;
 pub mod domain;

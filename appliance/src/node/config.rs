@@ -144,6 +144,7 @@ impl Config {
                 "sync.batch_max, matching.workers and matching.prefetch must be positive".into(),
             ));
         }
+        cfg.broker.check()?;
         if cfg.sync.delivery_limit < 1 || cfg.sync.retry_max_ms == 0 {
             return Err(ConfigError::Invalid(
                 "sync.delivery_limit and sync.retry_max_ms must be positive".into(),

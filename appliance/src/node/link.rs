@@ -25,10 +25,7 @@ use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
-    ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, ExchangeKind};
 use tokio::sync::{Semaphore, watch};
 
 use super::config::Config;
@@ -175,6 +172,8 @@ struct Staging {
 pub struct Link {
     pub cfg: Arc<Config>,
     pub replica: Arc<Replica>,
+    /// Read from `[broker]` at start (`comatching_protocol::amqp::tls_config`).
+    pub tls: lapin::tcp::OwnedTLSConfig,
 }
 
 /// Per-session mutable state of the sync consumer.
@@ -193,6 +192,7 @@ struct SessionState {
 impl Link {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let url = amqp_url_with_heartbeat(&self.cfg.broker.url, self.cfg.broker.heartbeat_s);
+        let tls = self.tls.clone();
         let mut backoff = Duration::from_millis(100);
         let max_backoff = Duration::from_millis(self.cfg.broker.max_backoff_ms.max(100));
         loop {
@@ -202,7 +202,7 @@ impl Link {
             let started = Instant::now();
             let result = match tokio::time::timeout(
                 Duration::from_secs(10),
-                Connection::connect(&url, ConnectionProperties::default()),
+                comatching_protocol::amqp::connect(&url, &tls),
             )
             .await
             {

@@ -36,9 +36,12 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     let replica = Arc::new(replica);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
+    let tls =
+        comatching_protocol::amqp::tls_config(&cfg.broker).map_err(|e| format!("broker: {e}"))?;
     let link = link::Link {
         cfg: cfg.clone(),
         replica: replica.clone(),
+        tls,
     };
     let link_task = tokio::spawn(link.run(shutdown_rx.clone()));
 
