@@ -23,6 +23,16 @@ const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
 impl PrivateBroker {
     /// Starts a fresh node and waits until it answers (a few seconds).
     pub fn start(label: &str) -> PrivateBroker {
+        Self::start_with(label, None)
+    }
+
+    /// A node that speaks AMQP over TLS only, with the server certificate `<pki>/broker.pem`
+    /// from the CA in `<pki>/ca.pem`, and refuses clients without a certificate from that CA.
+    pub fn start_tls(label: &str, pki: &Path) -> PrivateBroker {
+        Self::start_with(label, Some(pki))
+    }
+
+    fn start_with(label: &str, tls: Option<&Path>) -> PrivateBroker {
         crate::broker::ensure_shared_node(); // installs the packages when missing
         let dir = tempfile::Builder::new()
             .prefix(&format!("comatching-broker-{label}-"))
@@ -35,14 +45,24 @@ impl PrivateBroker {
             dist_port: free_port(),
             dir,
         };
-        std::fs::write(
-            b.path("rabbitmq.conf"),
-            format!(
+        let conf = match tls {
+            None => format!(
                 "listeners.tcp.default = 127.0.0.1:{}\nloopback_users.guest = true\n",
                 b.amqp_port
             ),
-        )
-        .expect("write rabbitmq.conf");
+            Some(pki) => format!(
+                "listeners.tcp = none\nlisteners.ssl.default = 127.0.0.1:{}\n\
+                 loopback_users.guest = true\n\
+                 ssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\nssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = true\n",
+                b.amqp_port,
+                pki.join("ca.pem").display(),
+                pki.join("broker.pem").display(),
+                pki.join("broker.key").display(),
+            ),
+        };
+        std::fs::write(b.path("rabbitmq.conf"), conf).expect("write rabbitmq.conf");
         std::fs::write(b.path("plugins"), "[].\n").expect("write plugins");
         // An empty env file of its own: the system one (written by broker.sh) names the shared
         // node and sets NODE_IP_ADDRESS, which would add a second listener on port 5672.
@@ -114,6 +134,11 @@ impl PrivateBroker {
 
     pub fn amqp_url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    /// The URL of a node started with [`PrivateBroker::start_tls`].
+    pub fn amqps_url(&self) -> String {
+        format!("amqps://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
     }
 
     /// `rabbitmqctl stop_app`: the node stays, AMQP goes away (connections are closed).

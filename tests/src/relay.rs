@@ -62,6 +62,12 @@ pub struct StorageSection {
 #[derive(Clone, Debug, Serialize)]
 pub struct BrokerSection {
     pub url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -106,6 +112,9 @@ impl RelayConfig {
             },
             broker: BrokerSection {
                 url: amqp_url.into(),
+                tls_ca: None,
+                tls_cert: None,
+                tls_key: None,
             },
             matching: MatchingSection {
                 deadline_ms: 5_000,

@@ -1,6 +1,7 @@
 //! A whole running system for the demo and the load benchmark: a broker vhost, a relay, one or
 //! more appliances, an operator, and helpers to fill it with synthetic students.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,9 @@ pub struct WorldOptions {
     pub label: String,
     /// A broker of the caller's (a private node); `None` = a fresh vhost on the shared node.
     pub amqp_url: Option<String>,
+    /// With an `amqps://` URL: a `comatching-relay pki` directory holding `ca.pem` and client
+    /// certificates named `relay` and `box-N` (the appliances' ids).
+    pub broker_tls: Option<PathBuf>,
 }
 
 impl WorldOptions {
@@ -38,6 +42,7 @@ impl WorldOptions {
             max_picked: 5,
             label: label.into(),
             amqp_url: None,
+            broker_tls: None,
         }
     }
 }
@@ -50,6 +55,7 @@ pub struct World {
     pub operator: Operator,
     pub vhost: Option<Vhost>,
     pub amqp_url: String,
+    broker_tls: Option<PathBuf>,
 }
 
 /// The relay's own view of its pool.
@@ -75,6 +81,11 @@ impl World {
             (None, None) => unreachable!("a vhost was created"),
         };
         let mut config = RelayConfig::new(amqp_url.clone());
+        if let Some(dir) = &opts.broker_tls {
+            config.broker.tls_ca = Some(dir.join("ca.pem"));
+            config.broker.tls_cert = Some(dir.join("relay.pem"));
+            config.broker.tls_key = Some(dir.join("relay.key"));
+        }
         config.matching.max_picked = opts.max_picked;
         if opts.cheap_hashing {
             config.auth = Some(AuthSection {
@@ -93,6 +104,7 @@ impl World {
             operator,
             vhost,
             amqp_url,
+            broker_tls: opts.broker_tls.clone(),
         };
         for _ in 0..opts.appliances {
             world.add_appliance(&opts.backend).await;
@@ -102,10 +114,13 @@ impl World {
 
     /// Starts one more appliance (`box-N`) on this world's broker.
     pub async fn add_appliance(&mut self, backend: &str) -> &mut ApplianceProcess {
-        let mut cfg = ApplianceConfig::new(
-            &format!("box-{}", self.appliances.len() + 1),
-            self.amqp_url.clone(),
-        );
+        let id = format!("box-{}", self.appliances.len() + 1);
+        let mut cfg = ApplianceConfig::new(&id, self.amqp_url.clone());
+        if let Some(dir) = &self.broker_tls {
+            cfg.broker.tls_ca = Some(dir.join("ca.pem"));
+            cfg.broker.tls_cert = Some(dir.join(format!("{id}.pem")));
+            cfg.broker.tls_key = Some(dir.join(format!("{id}.key")));
+        }
         cfg.storage.backend = backend.to_owned();
         self.appliances.push(ApplianceProcess::start(cfg).await);
         self.appliances.last_mut().expect("just pushed")

@@ -1,13 +1,19 @@
-//! HTTPS and the private CA (DESIGN.md §7), end to end through the real binary: `comatching-relay
-//! pki init|issue` mints the certificates, `serve` with `http.tls_cert`/`http.tls_key` speaks
-//! HTTPS only, clients trusting the CA get the whole API, everyone else gets nothing.
+//! Transport security (DESIGN.md §7), end to end through the real binaries: `comatching-relay
+//! pki init|issue` mints the certificates; `serve` with `http.tls_cert`/`http.tls_key` speaks
+//! HTTPS only, clients trusting the CA get the whole API, everyone else gets nothing; relay and
+//! appliance reach a broker that speaks AMQP over TLS only and demands client certificates
+//! from the same CA.
 
 use std::path::Path;
 use std::process::{Command, Output};
 
+use comatching_protocol::config::BrokerSettings;
 use comatching_tests::api::{PASSWORD, http_builder, http_client};
+use comatching_tests::private_broker::PrivateBroker;
 use comatching_tests::relay::relay_binary;
+use comatching_tests::world::{World, WorldOptions};
 use comatching_tests::{Api, RelayConfig, RelayProcess, Vhost};
+use serde_json::json;
 
 fn pki(args: &[&str]) -> Output {
     Command::new(relay_binary())
@@ -213,4 +219,89 @@ async fn pki_and_tls_configuration_errors_are_clear_and_change_nothing() {
     assert!(!mismatched.status.success());
     let err = String::from_utf8_lossy(&mismatched.stderr);
     assert!(err.contains("do not fit"), "{err}");
+}
+
+/// Issues one more certificate into `dir`.
+fn issue(dir: &Path, name: &str, kind: &str, extra: &[&str]) {
+    let d = dir.to_str().expect("utf-8 path");
+    let mut args = vec!["issue", "--dir", d, "--name", name, "--kind", kind];
+    args.extend_from_slice(extra);
+    ok(pki(&args));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_and_appliance_use_amqp_over_tls_with_client_certificates() {
+    let dir = tempfile::tempdir().expect("pki dir");
+    let d = dir.path();
+    ok(pki(&["init", "--dir", d.to_str().expect("utf-8")]));
+    issue(
+        d,
+        "broker",
+        "server",
+        &["--ip", "127.0.0.1", "--dns", "localhost"],
+    );
+    issue(d, "relay", "client", &[]);
+    issue(d, "box-1", "client", &[]);
+    let broker = PrivateBroker::start_tls("tls", d);
+    let mut opts = WorldOptions::new("amqps");
+    opts.amqp_url = Some(broker.amqps_url());
+    opts.broker_tls = Some(d.to_path_buf());
+    let mut w = World::start(&opts).await;
+
+    // Sync (relay → appliance), hellos (appliance → relay) and match RPCs all cross TLS.
+    let users = w.register(20, 8, 3).await;
+    w.grant_all(&users, 10_000, 8).await;
+    let pool = w.wait_converged(std::time::Duration::from_secs(60)).await;
+    assert_eq!(pool.count, 20);
+    let r = users[0].post_match_json("tls-match-1", &json!({})).await;
+    assert!(matches!(r.status, 201 | 404), "a match over AMQPS: {r:?}");
+
+    // The broker admits nobody else: no client certificate, a certificate of another CA, or
+    // plain AMQP on its TLS port.
+    let attempt = |ca: &Path, cert: Option<(&Path, &str)>, url: String| {
+        let settings = BrokerSettings {
+            url: url.clone(),
+            tls_ca: url.starts_with("amqps").then(|| ca.join("ca.pem")),
+            tls_cert: cert.map(|(dir, n)| dir.join(format!("{n}.pem"))),
+            tls_key: cert.map(|(dir, n)| dir.join(format!("{n}.key"))),
+            ..BrokerSettings::default()
+        };
+        async move {
+            let tls = comatching_protocol::amqp::tls_config(&settings).expect("tls files");
+            tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                comatching_protocol::amqp::connect(&url, &tls),
+            )
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false)
+        }
+    };
+    assert!(
+        attempt(d, Some((d, "relay")), broker.amqps_url()).await,
+        "the control case connects"
+    );
+    assert!(
+        !attempt(d, None, broker.amqps_url()).await,
+        "no client certificate"
+    );
+    let other = tempfile::tempdir().expect("other pki");
+    ok(pki(&[
+        "init",
+        "--dir",
+        other.path().to_str().expect("utf-8"),
+    ]));
+    issue(other.path(), "relay", "client", &[]);
+    assert!(
+        !attempt(d, Some((other.path(), "relay")), broker.amqps_url()).await,
+        "a client certificate from another CA"
+    );
+    assert!(
+        !attempt(other.path(), Some((d, "relay")), broker.amqps_url()).await,
+        "a broker certificate the client's CA did not issue"
+    );
+    assert!(
+        !attempt(d, None, broker.amqp_url()).await,
+        "plain AMQP on the TLS port"
+    );
 }

@@ -20,14 +20,8 @@ fn main() {
         .unwrap_or(200);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
-        let opts = WorldOptions {
-            appliances: 2,
-            backend: "sqlite".into(),
-            cheap_hashing: true,
-            max_picked: 5,
-            label: "demo".into(),
-            amqp_url: None,
-        };
+        let mut opts = WorldOptions::new("demo");
+        opts.appliances = 2;
         println!("starting the relay and two appliances…");
         let mut world = World::start(&opts).await;
         println!("registering {users} students through the API…");

@@ -44,14 +44,9 @@ async fn run(args: Args) {
     if args.amqp.is_some() {
         eprintln!("--amqp: this benchmark manages its own vhost on the local broker; ignoring");
     }
-    let opts = WorldOptions {
-        appliances: 1,
-        backend: args.backend.clone(),
-        cheap_hashing: true,
-        max_picked: 1_000_000,
-        label: "load".into(),
-        amqp_url: None,
-    };
+    let mut opts = WorldOptions::new("load");
+    opts.backend = args.backend.clone();
+    opts.max_picked = 1_000_000;
     let mut world = World::start(&opts).await;
     eprintln!("registering {} users", args.users);
     let t = Instant::now();
