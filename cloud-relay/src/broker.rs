@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use comatching_protocol::amqp::LinkAuth;
 use futures_util::StreamExt;
 use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -59,6 +60,8 @@ impl Session {
 #[derive(Clone)]
 pub struct BrokerHandle {
     rx: watch::Receiver<Option<Arc<Session>>>,
+    /// Tags what the relay publishes and checks what it receives (`broker.link_key_file`).
+    pub auth: Arc<LinkAuth>,
 }
 
 impl BrokerHandle {
@@ -98,8 +101,9 @@ pub fn supervisor(
     cfg: config::Broker,
 ) -> Result<(BrokerSupervisor, BrokerHandle), comatching_protocol::config::ConfigError> {
     let tls = comatching_protocol::amqp::tls_config(&cfg)?;
+    let auth = Arc::new(LinkAuth::from_settings(&cfg)?);
     let (tx, rx) = watch::channel(None);
-    Ok((BrokerSupervisor { cfg, tls, tx }, BrokerHandle { rx }))
+    Ok((BrokerSupervisor { cfg, tls, tx }, BrokerHandle { rx, auth }))
 }
 
 pub fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {

@@ -28,6 +28,7 @@ use crate::broker::{BrokerHandle, CONTROL_QUEUE, Session};
 use crate::db::{Db, meta_u64, now_ms};
 use crate::error::ApiError;
 use crate::{outbox, profiles};
+use comatching_protocol::amqp::LinkAuth;
 
 /// Outbox rows kept below the slowest appliance's position, so a briefly lagging or new
 /// appliance can catch up by replay instead of a snapshot.
@@ -194,6 +195,14 @@ impl ControlConsumer {
                 return Err("control consumer ended".into());
             };
             let delivery = delivery.map_err(|e| e.to_string())?;
+            if let Err(e) = self.broker.auth.admit(&delivery.properties, &delivery.data) {
+                tracing::warn!(code = e.code(), error = %e, "unauthenticated control message; dead-lettering");
+                delivery
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                continue;
+            }
             let hello = match Envelope::decode(&delivery.data, &WireLimits::default()) {
                 Ok(Message::Hello(h)) => h,
                 Ok(other) => {
@@ -273,7 +282,7 @@ impl ControlConsumer {
             CatchUp::InSync => pos.last_seq,
             CatchUp::Replay { from } => self.replay(ch, &queue, from).await?,
             CatchUp::Snapshot { .. } => {
-                drop_into_snapshot(ch, &queue, &pos, users).await?;
+                drop_into_snapshot(ch, &self.broker.auth, &queue, &pos, users).await?;
                 self.replay(ch, &queue, pos.last_seq + 1)
                     .await?
                     .max(pos.last_seq)
@@ -284,7 +293,7 @@ impl ControlConsumer {
             epoch: pos.epoch,
             relay_seq,
         });
-        publish_all(ch, &queue, &[ack]).await
+        publish_all(ch, &self.broker.auth, &queue, &[ack]).await
     }
 
     /// Sends rows from `from` to the end of the outbox; returns the last seq sent (or
@@ -302,7 +311,7 @@ impl ControlConsumer {
             };
             after = last.seq;
             let msgs: Vec<Message> = rows.into_iter().map(Message::SyncEvent).collect();
-            publish_all(ch, queue, &msgs).await?;
+            publish_all(ch, &self.broker.auth, queue, &msgs).await?;
         }
     }
 
@@ -342,6 +351,7 @@ impl ControlConsumer {
 
 async fn drop_into_snapshot(
     ch: &Channel,
+    auth: &LinkAuth,
     queue: &str,
     pos: &RelayPosition,
     users: Vec<SnapshotUser>,
@@ -352,7 +362,7 @@ async fn drop_into_snapshot(
         snapshot_id,
         high_water_seq: pos.last_seq,
     });
-    publish_all(ch, queue, &[begin]).await?;
+    publish_all(ch, auth, queue, &[begin]).await?;
     // A few chunks at a time: the relay has 1 GiB, and a 100k-user snapshot encoded at once
     // would double the pool's footprint.
     let chunks = users.chunks(MAX_CHUNK_USERS).count() as u32;
@@ -370,7 +380,7 @@ async fn drop_into_snapshot(
                 })
             })
             .collect();
-        publish_all(ch, queue, &msgs).await?;
+        publish_all(ch, auth, queue, &msgs).await?;
     }
     let end = Message::SnapshotEnd(SnapshotEnd {
         epoch: pos.epoch,
@@ -380,7 +390,7 @@ async fn drop_into_snapshot(
         count: pos.count,
         digest: pos.digest,
     });
-    publish_all(ch, queue, &[end]).await?;
+    publish_all(ch, auth, queue, &[end]).await?;
     tracing::info!(
         queue,
         users = pos.count,
@@ -396,7 +406,12 @@ const UNROUTABLE: &str = "unroutable";
 const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 32;
 
 /// Publishes to one queue (default exchange) and waits for every confirm.
-async fn publish_all(ch: &Channel, queue: &str, msgs: &[Message]) -> Result<(), String> {
+async fn publish_all(
+    ch: &Channel,
+    auth: &LinkAuth,
+    queue: &str,
+    msgs: &[Message],
+) -> Result<(), String> {
     let mut confirms = Vec::with_capacity(msgs.len());
     for m in msgs {
         let body = Envelope::encode(m);
@@ -409,9 +424,12 @@ async fn publish_all(ch: &Channel, queue: &str, msgs: &[Message]) -> Result<(), 
                     ..Default::default()
                 },
                 &body,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/x-comatching".into()),
+                auth.sign(
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type("application/x-comatching".into()),
+                    &body,
+                ),
             )
             .await
             .map_err(|e| format!("publish to {queue}: {e}"))?;

@@ -558,6 +558,11 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
                 .stray_replies
                 .load(std::sync::atomic::Ordering::Relaxed) as f64,
         ),
+        (
+            "comatching_unauthenticated_messages",
+            "Messages refused because their link-key tag was missing or wrong.",
+            s.rpc.refused_messages() as f64,
+        ),
     ]);
     Ok((
         [(

@@ -69,6 +69,11 @@ enum PkiCommand {
         #[arg(long, default_value_t = 397)]
         days: u32,
     },
+    /// Writes a fresh link key to DIR/link.key (for broker.link_key_file on every service).
+    LinkKey {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -214,6 +219,12 @@ fn pki(command: PkiCommand) -> ExitCode {
                 println!("issued: {} and {}", cert.display(), key.display());
             })
         }
+        PkiCommand::LinkKey { dir } => pki::link_key_into_dir(&dir).map(|path| {
+            println!(
+                "link key written: {} (copy it to every relay and appliance)",
+                path.display()
+            );
+        }),
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,

@@ -153,10 +153,13 @@ impl OutboxPublisher {
         for ev in &rows {
             let seq = ev.seq;
             let body = Envelope::encode(&Message::SyncEvent(ev.clone()));
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/x-comatching".into())
-                .with_message_id(seq.to_string().into());
+            let props = self.broker.auth.sign(
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/x-comatching".into())
+                    .with_message_id(seq.to_string().into()),
+                &body,
+            );
             let confirm = session
                 .outbox
                 .basic_publish(

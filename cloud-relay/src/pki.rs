@@ -276,6 +276,23 @@ pub fn issue_into_dir(dir: &Path, spec: &LeafSpec) -> Result<(PathBuf, PathBuf),
     Ok((cert, key))
 }
 
+/// The link key's file name in a pki directory.
+pub const LINK_KEY: &str = "link.key";
+
+/// `pki link-key`: writes a fresh random link key (64 hex digits, 0600) to `dir/link.key`, for
+/// `broker.link_key_file` on every service (see `comatching_protocol::mac`).
+pub fn link_key_into_dir(dir: &Path) -> Result<PathBuf, PkiError> {
+    let path = dir.join(LINK_KEY);
+    refuse_existing(&[&path])?;
+    std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let key = comatching_protocol::mac::LinkKey::from_bytes(rand::random());
+    write_new(&path, &format!("{}\n", key.to_hex()), 0o600)?;
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,5 +409,12 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let no_ca = issue_into_dir(empty.path(), &server("relay")).unwrap_err();
         assert_eq!(no_ca.code(), "pki_io", "{no_ca}");
+        let key = link_key_into_dir(dir.path()).unwrap();
+        let text = std::fs::read_to_string(&key).unwrap();
+        comatching_protocol::mac::LinkKey::from_hex(&text).expect("a valid link key");
+        assert_eq!(
+            link_key_into_dir(dir.path()).unwrap_err().code(),
+            "pki_exists"
+        );
     }
 }

@@ -68,6 +68,11 @@ impl MatchRpc {
         self.broker.connected() && self.ready.borrow().is_some()
     }
 
+    /// Broker messages the relay refused for a missing or wrong link-key tag.
+    pub fn refused_messages(&self) -> u64 {
+        self.broker.auth.refused()
+    }
+
     /// Sends `req` and waits for its reply until `deadline`.
     pub async fn call(
         &self,
@@ -126,12 +131,15 @@ impl MatchRpc {
             return Err(RpcError::Timeout);
         }
         let body = Envelope::encode(&Message::MatchRequest(req.clone()));
-        let props = BasicProperties::default()
-            .with_correlation_id(correlation.into())
-            .with_reply_to(REPLY_TO.into())
-            .with_expiration(left.as_millis().to_string().into())
-            .with_delivery_mode(2)
-            .with_content_type("application/x-comatching".into());
+        let props = self.broker.auth.sign(
+            BasicProperties::default()
+                .with_correlation_id(correlation.into())
+                .with_reply_to(REPLY_TO.into())
+                .with_expiration(left.as_millis().to_string().into())
+                .with_delivery_mode(2)
+                .with_content_type("application/x-comatching".into()),
+            &body,
+        );
         let publish = async {
             let confirm = session
                 .rpc
@@ -173,6 +181,7 @@ async fn dispatch(
     stray: Arc<AtomicU64>,
 ) {
     let mut sessions = broker.subscribe();
+    let auth = broker.auth.clone();
     loop {
         let Some(session) = sessions.borrow_and_update().clone() else {
             let _ = ready.send(None);
@@ -215,6 +224,12 @@ async fn dispatch(
                         .as_ref()
                         .map(|c| c.to_string())
                         .unwrap_or_default();
+                    if let Err(e) = auth.admit(&delivery.properties, &delivery.data) {
+                        // Forged or altered: the request it claims to answer times out and its
+                        // hold is voided, as if no appliance had answered.
+                        tracing::warn!(code = e.code(), error = %e, "unauthenticated match reply dropped");
+                        continue;
+                    }
                     let reply = match Envelope::decode(&delivery.data, &WireLimits::default()) {
                         Ok(Message::MatchReply(r)) if r.request_id.to_hex() == correlation => r,
                         Ok(other) => {

@@ -3,10 +3,103 @@
 //! certificate. The files are read once, at start, by [`tls_config`], so a missing or unreadable
 //! file stops the service with its name instead of failing every reconnect.
 
+use lapin::BasicProperties;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::types::{AMQPValue, ByteArray, FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties};
 
 use crate::config::{BrokerSettings, ConfigError};
+use crate::mac::{LinkKey, MAC_HEADER, MacError};
+
+/// Reads the link key named by `broker.link_key_file`, if any.
+pub fn link_key(settings: &BrokerSettings) -> Result<Option<LinkKey>, ConfigError> {
+    let Some(path) = &settings.link_key_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+    LinkKey::from_hex(&text)
+        .map(Some)
+        .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// A service's side of message authentication: its key (if the deployment has one) and how
+/// many received messages it refused.
+#[derive(Debug, Default)]
+pub struct LinkAuth {
+    key: Option<LinkKey>,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl LinkAuth {
+    pub fn new(key: Option<LinkKey>) -> LinkAuth {
+        LinkAuth {
+            key,
+            refused: Default::default(),
+        }
+    }
+
+    /// Reads `broker.link_key_file` (none → messages are neither tagged nor checked).
+    pub fn from_settings(settings: &BrokerSettings) -> Result<LinkAuth, ConfigError> {
+        Ok(LinkAuth::new(link_key(settings)?))
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// The properties to publish `body` with.
+    pub fn sign(&self, props: BasicProperties, body: &[u8]) -> BasicProperties {
+        authenticate(props, self.key.as_ref(), body)
+    }
+
+    /// May this received message be decoded? A refusal is counted; the caller dead-letters or
+    /// drops the message and logs the error's code.
+    pub fn admit(&self, props: &BasicProperties, body: &[u8]) -> Result<(), MacError> {
+        let r = check(props, self.key.as_ref(), body);
+        if r.is_err() {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Messages refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// `props` with the tag of `body` added, when there is a key.
+pub fn authenticate(props: BasicProperties, key: Option<&LinkKey>, body: &[u8]) -> BasicProperties {
+    let Some(key) = key else {
+        return props;
+    };
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        ShortString::from(MAC_HEADER),
+        AMQPValue::ByteArray(ByteArray::from(key.tag(body).to_vec())),
+    );
+    props.with_headers(headers)
+}
+
+/// Whether a received message may be looked at: always without a key; with one, only when its
+/// tag matches its body.
+pub fn check(props: &BasicProperties, key: Option<&LinkKey>, body: &[u8]) -> Result<(), MacError> {
+    let Some(key) = key else {
+        return Ok(());
+    };
+    let tag = props
+        .headers()
+        .as_ref()
+        .and_then(|h: &FieldTable| h.inner().get(MAC_HEADER))
+        .and_then(|v| match v {
+            AMQPValue::ByteArray(b) => Some(b.as_slice().to_vec()),
+            AMQPValue::LongString(s) => Some(s.as_bytes().to_vec()),
+            _ => None,
+        });
+    key.verify(body, tag.as_deref())
+}
 
 /// Reads the TLS files named in `settings` (after [`BrokerSettings::check`]).
 pub fn tls_config(settings: &BrokerSettings) -> Result<OwnedTLSConfig, ConfigError> {
@@ -73,6 +166,44 @@ mod tests {
         // Plain AMQP needs no files at all.
         let plain = tls_config(&BrokerSettings::default()).unwrap();
         assert!(plain.cert_chain.is_none() && plain.identity.is_none());
+        // A link key file that is not one.
+        let key_file = BrokerSettings {
+            link_key_file: Some(junk.clone()),
+            ..BrokerSettings::default()
+        };
+        let e = link_key(&key_file).unwrap_err();
+        assert!(e.to_string().contains("junk.pem"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::*;
+
+    #[test]
+    fn the_tag_travels_in_a_header_and_is_checked_against_the_body() {
+        let key = LinkKey::from_hex(&"0123456789abcdef".repeat(4)).unwrap();
+        let other = LinkKey::from_hex(&"fedcba9876543210".repeat(4)).unwrap();
+        let props = authenticate(
+            BasicProperties::default().with_delivery_mode(2),
+            Some(&key),
+            b"m",
+        );
+        assert_eq!(props.delivery_mode(), &Some(2), "other properties are kept");
+        assert_eq!(check(&props, Some(&key), b"m"), Ok(()));
+        assert_eq!(check(&props, Some(&key), b"n"), Err(MacError::Mismatch));
+        assert_eq!(check(&props, Some(&other), b"m"), Err(MacError::Mismatch));
+        assert_eq!(
+            check(&BasicProperties::default(), Some(&key), b"m"),
+            Err(MacError::Missing)
+        );
+        // Without a key nothing is added and nothing is demanded.
+        assert!(
+            authenticate(BasicProperties::default(), None, b"m")
+                .headers()
+                .is_none()
+        );
+        assert_eq!(check(&BasicProperties::default(), None, b"m"), Ok(()));
     }
 }

@@ -72,6 +72,9 @@ pub struct BrokerSettings {
     /// The client certificate (PEM) and its key presented to the broker; set both or neither.
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
+    /// The link key file (64 hex digits, `comatching-relay pki link-key`): with it, every
+    /// message published carries an HMAC and every message received must (see `mac`).
+    pub link_key_file: Option<std::path::PathBuf>,
 }
 
 impl BrokerSettings {
@@ -109,6 +112,7 @@ impl Default for BrokerSettings {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            link_key_file: None,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod digest;
 pub mod domain;
 pub mod error;
 pub mod ids;
+pub mod mac;
 pub mod options;
 pub mod wire;
 

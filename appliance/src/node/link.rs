@@ -31,6 +31,7 @@ use tokio::sync::{Semaphore, watch};
 use super::config::Config;
 use super::replica::{Replica, Stuck};
 use super::retry::RetryGate;
+use comatching_protocol::amqp::LinkAuth;
 use comatching_protocol::config::amqp_url_with_heartbeat;
 
 pub const SYNC_EXCHANGE: &str = "comatching.sync";
@@ -174,6 +175,8 @@ pub struct Link {
     pub replica: Arc<Replica>,
     /// Read from `[broker]` at start (`comatching_protocol::amqp::tls_config`).
     pub tls: lapin::tcp::OwnedTLSConfig,
+    /// Tags what this appliance publishes, checks what it receives (`broker.link_key_file`).
+    pub auth: Arc<LinkAuth>,
 }
 
 /// Per-session mutable state of the sync consumer.
@@ -329,10 +332,11 @@ impl Link {
                     .await?;
                     let replica = self.replica.clone();
                     let ch = match_ch.clone();
+                    let auth = self.auth.clone();
                     tokio::spawn(async move {
                         // A reply or ack on a connection that died mid-call may never resolve;
                         // the worker must come back either way.
-                        let _ = tokio::time::timeout(STEP_DEADLINE, handle_match(replica, ch, d)).await;
+                        let _ = tokio::time::timeout(STEP_DEADLINE, handle_match(replica, ch, auth, d)).await;
                         drop(permit);
                     });
                 }
@@ -431,7 +435,8 @@ impl Link {
                 CONTROL_QUEUE.into(),
                 BasicPublishOptions::default(),
                 &body,
-                BasicProperties::default().with_delivery_mode(2),
+                self.auth
+                    .sign(BasicProperties::default().with_delivery_mode(2), &body),
             )
             .await
             .map_err(|e| format!("hello: {e}"))?;
@@ -474,6 +479,17 @@ impl Link {
         let mut events: Vec<SyncEvent> = Vec::new();
         let mut held: Vec<Delivery> = Vec::new();
         for d in deliveries {
+            if let Err(e) = self.auth.admit(&d.properties, &d.data) {
+                tracing::warn!(code = e.code(), error = %e, "unauthenticated sync message: dead-lettering");
+                self.replica
+                    .link
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unauthenticated += 1;
+                self.dead_letter(&d, &format!("unauthenticated sync message: {e}"))
+                    .await?;
+                continue;
+            }
             match Envelope::decode(&d.data, &limits) {
                 Err(err) => {
                     tracing::warn!(code = err.code(), error = %err, "malformed sync message: dead-lettering");
@@ -832,7 +848,16 @@ async fn next_opt(c: &mut Option<Consumer>) -> Option<lapin::Result<Delivery>> {
 /// Answers one match request: expired ones are dropped unread (the relay stopped waiting),
 /// malformed ones dead-lettered, and requests that arrive while this appliance is not caught up
 /// are handed back to the queue for another appliance.
-async fn handle_match(replica: Arc<Replica>, ch: Channel, d: Delivery) {
+async fn handle_match(replica: Arc<Replica>, ch: Channel, auth: Arc<LinkAuth>, d: Delivery) {
+    if let Err(e) = auth.admit(&d.properties, &d.data) {
+        tracing::warn!(code = e.code(), error = %e, "unauthenticated match request: dead-lettering");
+        {
+            let mut l = replica.link.lock().unwrap_or_else(|p| p.into_inner());
+            l.dead_lettered += 1;
+            l.unauthenticated += 1;
+        }
+        return reject(&d, false).await;
+    }
     let req = match Envelope::decode(&d.data, &WireLimits::default()) {
         Ok(Message::MatchRequest(r)) => r,
         Ok(other) => {
@@ -895,7 +920,10 @@ async fn handle_match(replica: Arc<Replica>, ch: Channel, d: Delivery) {
             reply_to,
             BasicPublishOptions::default(),
             &body,
-            BasicProperties::default().with_correlation_id(correlation),
+            auth.sign(
+                BasicProperties::default().with_correlation_id(correlation),
+                &body,
+            ),
         )
         .await;
     if let Err(err) = published {

@@ -38,10 +38,15 @@ pub async fn run(cfg: Config) -> Result<(), String> {
 
     let tls =
         comatching_protocol::amqp::tls_config(&cfg.broker).map_err(|e| format!("broker: {e}"))?;
+    let auth = std::sync::Arc::new(
+        comatching_protocol::amqp::LinkAuth::from_settings(&cfg.broker)
+            .map_err(|e| format!("broker: {e}"))?,
+    );
     let link = link::Link {
         cfg: cfg.clone(),
         replica: replica.clone(),
         tls,
+        auth,
     };
     let link_task = tokio::spawn(link.run(shutdown_rx.clone()));
 

@@ -32,6 +32,8 @@ pub struct LinkStatus {
     pub snapshots_loaded: u64,
     pub events_applied: u64,
     pub dead_lettered: u64,
+    /// Messages refused for a missing or wrong link-key tag (also in `dead_lettered`).
+    pub unauthenticated: u64,
     pub matches_answered: u64,
     pub matches_expired: u64,
     pub hellos_sent: u64,

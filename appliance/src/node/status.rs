@@ -71,6 +71,7 @@ pub async fn status_json(s: &StatusState) -> Result<Value, String> {
             "snapshots_loaded": link.snapshots_loaded,
             "events_applied": link.events_applied,
             "dead_lettered": link.dead_lettered,
+            "unauthenticated": link.unauthenticated,
             "hellos_sent": link.hellos_sent,
             "apply_failures": link.apply_failures,
             "stuck": link.stuck,
@@ -222,6 +223,11 @@ async fn metrics(State(s): State<StatusState>) -> Response {
             "comatching_sync_dead_lettered_total",
             "Messages rejected to the dead-letter queue.",
             n(&doc["sync"]["dead_lettered"]),
+        ),
+        (
+            "comatching_unauthenticated_messages_total",
+            "Messages refused for a missing or wrong link-key tag.",
+            n(&doc["sync"]["unauthenticated"]),
         ),
         (
             "comatching_sync_apply_failures_total",
