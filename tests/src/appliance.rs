@@ -53,6 +53,8 @@ pub struct BrokerSection {
     pub tls_cert: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link_key_file: Option<PathBuf>,
 }
 #[derive(Clone, Debug, Serialize)]
 pub struct SyncSection {
@@ -89,6 +91,7 @@ impl ApplianceConfig {
                 tls_ca: None,
                 tls_cert: None,
                 tls_key: None,
+                link_key_file: None,
             },
             sync: SyncSection {
                 hello_interval_ms: 1_000,

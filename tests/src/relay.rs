@@ -68,6 +68,8 @@ pub struct BrokerSection {
     pub tls_cert: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link_key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -115,6 +117,7 @@ impl RelayConfig {
                 tls_ca: None,
                 tls_cert: None,
                 tls_key: None,
+                link_key_file: None,
             },
             matching: MatchingSection {
                 deadline_ms: 5_000,

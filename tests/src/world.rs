@@ -31,6 +31,8 @@ pub struct WorldOptions {
     /// With an `amqps://` URL: a `comatching-relay pki` directory holding `ca.pem` and client
     /// certificates named `relay` and `box-N` (the appliances' ids).
     pub broker_tls: Option<PathBuf>,
+    /// A link key file every service of this world authenticates its messages with.
+    pub link_key: Option<PathBuf>,
 }
 
 impl WorldOptions {
@@ -43,6 +45,7 @@ impl WorldOptions {
             label: label.into(),
             amqp_url: None,
             broker_tls: None,
+            link_key: None,
         }
     }
 }
@@ -56,6 +59,7 @@ pub struct World {
     pub vhost: Option<Vhost>,
     pub amqp_url: String,
     broker_tls: Option<PathBuf>,
+    link_key: Option<PathBuf>,
 }
 
 /// The relay's own view of its pool.
@@ -86,6 +90,7 @@ impl World {
             config.broker.tls_cert = Some(dir.join("relay.pem"));
             config.broker.tls_key = Some(dir.join("relay.key"));
         }
+        config.broker.link_key_file = opts.link_key.clone();
         config.matching.max_picked = opts.max_picked;
         if opts.cheap_hashing {
             config.auth = Some(AuthSection {
@@ -105,6 +110,7 @@ impl World {
             vhost,
             amqp_url,
             broker_tls: opts.broker_tls.clone(),
+            link_key: opts.link_key.clone(),
         };
         for _ in 0..opts.appliances {
             world.add_appliance(&opts.backend).await;
@@ -116,6 +122,7 @@ impl World {
     pub async fn add_appliance(&mut self, backend: &str) -> &mut ApplianceProcess {
         let id = format!("box-{}", self.appliances.len() + 1);
         let mut cfg = ApplianceConfig::new(&id, self.amqp_url.clone());
+        cfg.broker.link_key_file = self.link_key.clone();
         if let Some(dir) = &self.broker_tls {
             cfg.broker.tls_ca = Some(dir.join("ca.pem"));
             cfg.broker.tls_cert = Some(dir.join(format!("{id}.pem")));

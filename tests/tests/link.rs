@@ -241,3 +241,131 @@ async fn matching_survives_one_appliance_dying_and_it_rejoins() {
     let pool = w.wait_converged(CONVERGE).await;
     assert_eq!(pool.count, 220, "the restarted appliance caught up");
 }
+
+/// With a link key (`broker.link_key_file`), every message between relay and appliances is
+/// tagged and checked: the system works as usual, and messages published by someone without
+/// the key — untagged, or tagged with another key — are refused before they are decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_key_authenticates_every_message_and_forgeries_are_refused() {
+    use comatching_protocol::amqp::authenticate;
+    use comatching_protocol::mac::LinkKey;
+    use comatching_protocol::{Digest, Envelope, Hello, Message};
+    use comatching_tests::{SyncTap, wait_until};
+
+    let keys = tempfile::tempdir().expect("key dir");
+    let out = std::process::Command::new(comatching_tests::relay::relay_binary())
+        .args(["pki", "link-key", "--dir"])
+        .arg(keys.path())
+        .output()
+        .expect("pki link-key");
+    assert!(out.status.success(), "{out:?}");
+    let mut opts = WorldOptions::new("link-mac");
+    opts.link_key = Some(keys.path().join("link.key"));
+    let mut w = World::start(&opts).await;
+    let tap = SyncTap::bind(&w.amqp_url).await;
+    let users = w.register(20, 8, 5).await;
+    w.grant_all(&users, 10_000, 8).await;
+    let pool = w.wait_converged(CONVERGE).await;
+    tap.wait_for_seq(pool.seq).await;
+    // Sync, hellos, match requests and replies all pass with their tags.
+    let r = users[0].post_match_json("mac-1", &json!({})).await;
+    assert!(matches!(r.status, 201 | 404), "{r:?}");
+    let status = w.appliances[0].status().await.expect("status");
+    let snapshots_before = status["sync"]["snapshots_loaded"].clone();
+
+    let conn = Connection::connect(&w.amqp_url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let publish = |queue: &'static str, body: Vec<u8>, props: BasicProperties| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await
+            .expect("publish");
+        }
+    };
+    // A newer version of a real user, as an attacker with broker access would send it.
+    let mut forged = tap.events()[0].event.clone();
+    forged.version += 100;
+    let body = Envelope::encode(&Message::SyncEvent(forged));
+    let wrong = LinkKey::from_bytes(std::array::from_fn(|i| i as u8 ^ 0x5a));
+    publish(
+        "comatching.sync.box-1",
+        body.clone(),
+        BasicProperties::default(),
+    )
+    .await;
+    publish(
+        "comatching.sync.box-1",
+        body.clone(),
+        authenticate(BasicProperties::default(), Some(&wrong), &body),
+    )
+    .await;
+    // A hello claiming box-1 lost everything (it would make the relay send a snapshot).
+    let hello = Envelope::encode(&Message::Hello(Hello {
+        appliance_id: "box-1".parse().expect("id"),
+        epoch: None,
+        applied_seq: 0,
+        count: 0,
+        digest: Digest::default(),
+    }));
+    publish("comatching.control", hello, BasicProperties::default()).await;
+
+    let a = &w.appliances[0];
+    wait_until(
+        CONVERGE,
+        "the appliance refuses both forged events",
+        || async {
+            a.status()
+                .await
+                .is_some_and(|s| s["sync"]["unauthenticated"] == 2)
+        },
+    )
+    .await;
+    let relay_url = w.relay.base_url().to_owned();
+    wait_until(CONVERGE, "the relay refuses the forged hello", || {
+        let url = relay_url.clone();
+        async move {
+            let text = comatching_tests::api::http_client(None)
+                .get(format!("{url}/metrics"))
+                .send()
+                .await
+                .ok();
+            match text {
+                Some(r) => r
+                    .text()
+                    .await
+                    .unwrap_or_default()
+                    .contains("comatching_unauthenticated_messages 1"),
+                None => false,
+            }
+        }
+    })
+    .await;
+    // Nothing changed: a real update still arrives, the replica equals the relay without a
+    // snapshot having been needed (a forged version applied would have forced one).
+    users[1]
+        .api
+        .request(
+            Method::PUT,
+            "/api/v1/me/profile",
+            Some(&users[1].token),
+            Some(&comatching_tests::population::Population::new(8).profile(1)),
+            &[],
+        )
+        .await
+        .expect(200);
+    w.wait_converged(CONVERGE).await;
+    let status = w.appliances[0].status().await.expect("status");
+    assert_eq!(
+        status["sync"]["snapshots_loaded"], snapshots_before,
+        "{status}"
+    );
+}
