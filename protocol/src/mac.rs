@@ -8,10 +8,10 @@
 //! event, a hello, a match request or a match reply.
 //!
 //! Why a shared key and not per-service signatures: one key is one more provisioned file, tag
-//! plus check cost 0.6 µs for a 200-byte body (measured, release), and every party that holds it
-//! is already trusted with the
-//! whole pool (an appliance holds every user's features). A stolen appliance key is handled by
-//! rotating the key (`comatching-relay pki link-key`) on every service.
+//! plus check cost 0.6 µs for a 200-byte body (measured, release), and every party that holds
+//! it is already trusted with the whole pool (an appliance holds every user's features). A
+//! stolen appliance key is handled by rotating the key (`comatching-relay pki link-key`) on
+//! every service.
 //!
 //! Pure: bytes in, bytes out. Reading the key file is `amqp::link_key`.
 
