@@ -5,6 +5,7 @@
 //! Password hashing is deliberately slow and memory-hungry; on a 1 GiB box only a few may run at
 //! once (`HASH_PERMITS`), and they run on blocking threads.
 
+use crate::db::Cached;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -85,7 +86,7 @@ pub fn token_hash(token: &str) -> String {
 pub fn create_session(conn: &rusqlite::Connection, user: UserId) -> Result<String, ApiError> {
     let token = new_token();
     let now = now_ms();
-    conn.execute(
+    conn.exec_cached(
         "INSERT INTO sessions(token_hash, user_id, created_ms, expires_ms) VALUES (?1, ?2, ?3, ?4)",
         params![token_hash(&token), user.to_hex(), now, now + SESSION_TTL_MS],
     )?;
@@ -150,7 +151,7 @@ impl FromRequestParts<AppState> for Caller {
             .db
             .read(move |c| {
                 let row: Option<(String, String)> = c
-                    .query_row(
+                    .row_cached(
                         "SELECT a.user_id, a.role FROM sessions s JOIN accounts a ON a.user_id = s.user_id \
                          WHERE s.token_hash = ?1 AND s.expires_ms > ?2 AND a.withdrawn_ms IS NULL",
                         params![hash, now_ms()],

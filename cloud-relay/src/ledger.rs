@@ -12,6 +12,7 @@
 //! `HoldState::settle` is the pure transition; the functions below apply it inside the caller's
 //! transaction. This module never talks to the network.
 
+use crate::db::Cached;
 use comatching_protocol::UserId;
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -61,12 +62,12 @@ pub fn grant(
 ) -> Result<(i64, i64), ApiError> {
     let amount = i64::try_from(amount).map_err(|_| ApiError::validation("amount", "too large"))?;
     let now = now_ms();
-    conn.execute(
+    conn.exec_cached(
         "INSERT INTO ledger_entries(user_id, kind, amount, reason, created_ms) VALUES (?1, 'grant', ?2, ?3, ?4)",
         params![user.to_hex(), amount, reason, now],
     )?;
     let entry_id = conn.last_insert_rowid();
-    conn.execute(
+    conn.exec_cached(
         "UPDATE accounts SET balance = balance + ?2 WHERE user_id = ?1",
         params![user.to_hex(), amount],
     )?;
@@ -75,7 +76,7 @@ pub fn grant(
 
 /// Grants minus charges.
 pub fn balance(conn: &Connection, user: UserId) -> Result<i64, ApiError> {
-    conn.query_row(
+    conn.row_cached(
         "SELECT balance FROM accounts WHERE user_id = ?1",
         [user.to_hex()],
         |r| r.get(0),
@@ -86,7 +87,7 @@ pub fn balance(conn: &Connection, user: UserId) -> Result<i64, ApiError> {
 
 /// Balance less open holds: what the user may still spend, and what the API shows as `points`.
 pub fn available(conn: &Connection, user: UserId) -> Result<i64, ApiError> {
-    let held: i64 = conn.query_row(
+    let held: i64 = conn.row_cached(
         "SELECT COALESCE(SUM(amount), 0) FROM holds WHERE user_id = ?1 AND state = 'reserved'",
         [user.to_hex()],
         |r| r.get(0),
@@ -110,7 +111,7 @@ pub fn reserve(
         ));
     }
     let hold_id = uuid::Uuid::now_v7().simple().to_string();
-    conn.execute(
+    conn.exec_cached(
         "INSERT INTO holds(hold_id, user_id, amount, state, deadline_ms, created_ms) VALUES (?1, ?2, ?3, 'reserved', ?4, ?5)",
         params![hold_id, user.to_hex(), amount_i, deadline_ms, now_ms()],
     )?;
@@ -120,7 +121,7 @@ pub fn reserve(
 /// Settles a hold if, and only if, it is still reserved. Returns whether this call settled it.
 pub fn settle(conn: &Connection, hold_id: &str, s: Settlement) -> Result<bool, ApiError> {
     let row: Option<(String, String, i64)> = conn
-        .query_row(
+        .row_cached(
             "SELECT user_id, state, amount FROM holds WHERE hold_id = ?1",
             [hold_id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -137,7 +138,7 @@ pub fn settle(conn: &Connection, hold_id: &str, s: Settlement) -> Result<bool, A
     let Some(next) = state.settle(s) else {
         return Ok(false);
     };
-    let changed = conn.execute(
+    let changed = conn.exec_cached(
         "UPDATE holds SET state = ?2, settled_ms = ?3 WHERE hold_id = ?1 AND state = 'reserved'",
         params![hold_id, next.as_str(), now_ms()],
     )?;
@@ -152,11 +153,11 @@ pub fn settle(conn: &Connection, hold_id: &str, s: Settlement) -> Result<bool, A
             )));
         }
         if amount > 0 {
-            conn.execute(
+            conn.exec_cached(
                 "INSERT INTO ledger_entries(user_id, kind, amount, reason, hold_id, created_ms) VALUES (?1, 'charge', ?2, 'match', ?3, ?4)",
                 params![user, amount, hold_id, now_ms()],
             )?;
-            conn.execute(
+            conn.exec_cached(
                 "UPDATE accounts SET balance = balance - ?2 WHERE user_id = ?1",
                 params![user, amount],
             )?;
@@ -177,7 +178,7 @@ pub fn expired_holds(conn: &Connection, now_ms: i64) -> Result<Vec<String>, ApiE
 }
 
 pub fn open_holds(conn: &Connection) -> Result<i64, ApiError> {
-    Ok(conn.query_row(
+    Ok(conn.row_cached(
         "SELECT COUNT(*) FROM holds WHERE state = 'reserved'",
         [],
         |r| r.get(0),
@@ -227,7 +228,7 @@ mod tests {
     fn account(db: &Db) -> UserId {
         let u = UserId::new_v7();
         db.run_sync(|c| {
-            c.execute(
+            c.exec_cached(
                 "INSERT INTO accounts(user_id, username, password_hash, created_ms) VALUES (?1, ?2, 'x', 0)",
                 params![u.to_hex(), u.to_hex()],
             )?;
@@ -352,7 +353,7 @@ mod tests {
                 db.run_sync(|c| settle(c, &id, Settlement::Void)).unwrap();
             }
             prop_assert_eq!(db.run_sync(|c| open_holds(c)).unwrap(), 0);
-            let states: i64 = db.run_sync(|c| Ok(c.query_row(
+            let states: i64 = db.run_sync(|c| Ok(c.row_cached(
                 "SELECT COUNT(*) FROM holds WHERE state IN ('charged','voided')", [], |r| r.get(0))?)).unwrap();
             prop_assert_eq!(states as usize, holds.len());
         }

@@ -15,6 +15,7 @@
 //! exists (validation, insufficient points) are not recorded: nothing changed, so a retry with
 //! the same key is a fresh attempt.
 
+use crate::db::Cached;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -235,7 +236,7 @@ impl Matcher {
                 let stored = StoredResponse::from_error(&body);
                 for hold in expired {
                     ledger::settle(&tx, &hold, Settlement::Void)?;
-                    tx.execute(
+                    tx.exec_cached(
                         "UPDATE match_requests SET state = 'done', response_status = ?2, response_body = ?3 \
                          WHERE hold_id = ?1 AND state = 'pending'",
                         params![hold, stored.status, stored.body.to_string()],
@@ -284,7 +285,7 @@ fn begin(
     // A savepoint, not a transaction: `Db::write` may group this with other calls.
     let tx = c.savepoint()?;
     let existing: Option<(String, String, Option<i64>, Option<String>)> = tx
-        .query_row(
+        .row_cached(
             "SELECT body_hash, state, response_status, response_body FROM match_requests \
              WHERE user_id = ?1 AND idempotency_key = ?2",
             params![user.to_hex(), key],
@@ -315,7 +316,7 @@ fn begin(
     let cost = costs.cost(options);
     let hold_id = ledger::reserve(&tx, user, cost, hold_deadline)?;
     let request_id = RequestId::new_v7();
-    tx.execute(
+    tx.exec_cached(
         "INSERT INTO match_requests(user_id, idempotency_key, body_hash, request_id, hold_id, state, created_ms) \
          VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
         params![user.to_hex(), key, hash, request_id.to_hex(), hold_id, now_ms()],
@@ -398,7 +399,7 @@ fn refuse_reason(
     if !in_pool || picked_count >= max_picked {
         return Ok(Some("not in the pool"));
     }
-    let withdrawn: bool = c.query_row(
+    let withdrawn: bool = c.row_cached(
         "SELECT withdrawn_ms IS NOT NULL FROM accounts WHERE user_id = ?1",
         [cand.to_hex()],
         |r| r.get(0),
@@ -422,7 +423,7 @@ fn refuse_reason(
         return Ok(Some("misses the important option"));
     }
     let (lo, hi) = ordered_pair(requester, cand);
-    let paired: bool = c.query_row(
+    let paired: bool = c.row_cached(
         "SELECT EXISTS(SELECT 1 FROM matches WHERE pair_lo = ?1 AND pair_hi = ?2)",
         params![lo, hi],
         |r| r.get(0),
@@ -446,7 +447,7 @@ fn finish(
 ) -> Result<(StoredResponse, bool), ApiError> {
     // A savepoint, not a transaction: `Db::write` may group this with other calls.
     let tx = c.savepoint()?;
-    let still_reserved: bool = tx.query_row(
+    let still_reserved: bool = tx.row_cached(
         "SELECT state = 'reserved' FROM holds WHERE hold_id = ?1",
         [&r.hold_id],
         |row| row.get(0),
@@ -454,7 +455,7 @@ fn finish(
     if !still_reserved {
         // The sweeper got here first; its stored answer stands.
         let stored: Option<(i64, String)> = tx
-            .query_row(
+            .row_cached(
                 "SELECT response_status, response_body FROM match_requests WHERE request_id = ?1 AND state = 'done'",
                 [r.request_id.to_hex()],
                 |row| Ok((row.get(0)?, row.get(1)?)),
@@ -516,7 +517,7 @@ fn finish(
                         let match_id = uuid::Uuid::now_v7().simple().to_string();
                         let (lo, hi) = ordered_pair(user, partner);
                         let relaxed: Vec<Criterion> = reply.relaxed.clone();
-                        tx.execute(
+                        tx.exec_cached(
                             "INSERT INTO matches(match_id, requester_id, partner_id, pair_lo, pair_hi, request_id, cost, refunded, relaxed, created_ms) \
                              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                             params![
@@ -565,7 +566,7 @@ fn finish(
             )?,
         },
     };
-    tx.execute(
+    tx.exec_cached(
         "UPDATE match_requests SET state = 'done', response_status = ?2, response_body = ?3 WHERE request_id = ?1",
         params![r.request_id.to_hex(), response.status, response.body.to_string()],
     )?;

@@ -8,6 +8,7 @@
 //! publish therefore loses nothing: the row is still there after restart. A crash after publish
 //! and before `published_upto` is saved republishes a few rows, which receivers drop by version.
 
+use crate::db::Cached;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +42,7 @@ pub fn append(
         ),
         OutboxOp::Delete => ("delete", None),
     };
-    conn.execute(
+    conn.exec_cached(
         "INSERT INTO outbox(seq, user_id, version, op, features, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![seq as i64, user.to_hex(), version as i64, op_name, features, now_ms()],
     )?;

@@ -7,6 +7,7 @@
 //! appends an outbox row in the caller's transaction, so the replica can never see a change the
 //! database rolled back (the original service's CSV could).
 
+use crate::db::Cached;
 use comatching_protocol::{
     Age, ContactFrequency, Features, Gender, Hobby, HobbySet, Major, Mbti, UserId,
 };
@@ -243,7 +244,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ProfileView, PoolEntry)>
 
 pub fn load(conn: &Connection, user: UserId) -> Result<Option<(ProfileView, PoolEntry)>, ApiError> {
     Ok(conn
-        .query_row(
+        .row_cached(
             &format!("{SELECT} WHERE p.user_id = ?1"),
             [user.to_hex()],
             read_row,
@@ -260,7 +261,7 @@ pub fn upsert(
 ) -> Result<ProfileView, ApiError> {
     let now = now_ms();
     let existing: Option<(i64, i64, bool)> = conn
-        .query_row(
+        .row_cached(
             "SELECT version, picked_count, in_pool FROM profiles WHERE user_id = ?1",
             [user.to_hex()],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -271,7 +272,7 @@ pub fn upsert(
         None => (1, true),
     };
     let f = &p.features;
-    conn.execute(
+    conn.exec_cached(
         "INSERT INTO profiles(user_id, version, nickname, gender, age, mbti, hobbies, contact_frequency, major, \
              song, comment, contact_kind, contact_handle, dont_pick_me, picked_count, in_pool, updated_ms) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15, ?16) \
@@ -311,7 +312,7 @@ pub fn upsert(
 /// Takes a user out of the pool (withdrawal). No-op when already out.
 pub fn leave_pool(conn: &Connection, user: UserId) -> Result<(), ApiError> {
     let row: Option<(i64, bool)> = conn
-        .query_row(
+        .row_cached(
             "SELECT version, in_pool FROM profiles WHERE user_id = ?1",
             [user.to_hex()],
             |r| Ok((r.get(0)?, r.get(1)?)),
@@ -319,7 +320,7 @@ pub fn leave_pool(conn: &Connection, user: UserId) -> Result<(), ApiError> {
         .optional()?;
     if let Some((version, true)) = row {
         let version = version + 1;
-        conn.execute(
+        conn.exec_cached(
             "UPDATE profiles SET version = ?2, in_pool = 0, updated_ms = ?3 WHERE user_id = ?1",
             params![user.to_hex(), version, now_ms()],
         )?;
@@ -330,11 +331,11 @@ pub fn leave_pool(conn: &Connection, user: UserId) -> Result<(), ApiError> {
 
 /// Counts one more pick of `partner`; at the cap they leave the pool.
 pub fn record_pick(conn: &Connection, partner: UserId, max_picked: u32) -> Result<(), ApiError> {
-    conn.execute(
+    conn.exec_cached(
         "UPDATE profiles SET picked_count = picked_count + 1 WHERE user_id = ?1",
         [partner.to_hex()],
     )?;
-    let picked: i64 = conn.query_row(
+    let picked: i64 = conn.row_cached(
         "SELECT picked_count FROM profiles WHERE user_id = ?1",
         [partner.to_hex()],
         |r| r.get(0),
