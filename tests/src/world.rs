@@ -313,6 +313,71 @@ pub async fn drive_matches(
     (lat, errs)
 }
 
+/// Open loop: match requests *offered* at `rate` per second for `duration`, whatever the
+/// answers' latency (a closed loop of N clients can only measure latency at the rate it
+/// reaches itself). Latency counts from each request's scheduled send time, so a stalled
+/// relay shows up as latency instead of as fewer requests (no coordinated omission). At most
+/// `max_in_flight` requests are outstanding; requests that would exceed it are counted as
+/// status 0 ("not sent: too many in flight").
+pub async fn drive_matches_open(
+    users: Arc<Vec<User>>,
+    rate: f64,
+    duration: Duration,
+    max_in_flight: usize,
+    seed: u64,
+) -> (Vec<f64>, std::collections::BTreeMap<u16, u64>) {
+    let start = tokio::time::Instant::now();
+    let total = (rate * duration.as_secs_f64()).round() as u64;
+    let gate = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
+    let shown = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut pop = Population::new(seed);
+    let mut tasks = Vec::with_capacity(total as usize);
+    let mut skipped = 0u64;
+    for n in 0..total {
+        let due = start + Duration::from_secs_f64(n as f64 / rate);
+        tokio::time::sleep_until(due).await;
+        let Ok(permit) = gate.clone().try_acquire_owned() else {
+            skipped += 1;
+            continue;
+        };
+        let u = users[pop.pick(users.len())].clone();
+        let body = pop.match_options();
+        let shown = shown.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = u
+                .api
+                .request(
+                    Method::POST,
+                    "/api/v1/matches",
+                    Some(&u.token),
+                    Some(&body),
+                    &[("Idempotency-Key", &format!("open-{seed}-{n}"))],
+                )
+                .await;
+            drop(permit);
+            let ms = due.elapsed().as_secs_f64() * 1000.0;
+            if r.status != 201 && shown.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 5 {
+                eprintln!("match request answered HTTP {}: {}", r.status, r.text);
+            }
+            (r.status, ms)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errs = std::collections::BTreeMap::new();
+    if skipped > 0 {
+        errs.insert(0, skipped);
+    }
+    for t in tasks {
+        let (status, ms) = t.await.expect("load task");
+        if status == 201 {
+            lat.push(ms);
+        } else {
+            *errs.entry(status).or_insert(0) += 1;
+        }
+    }
+    (lat, errs)
+}
+
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use comatching_tests::world::{World, WorldOptions, drive_matches, peak_rss_mb, percentile};
+use comatching_tests::world::{
+    World, WorldOptions, drive_matches, drive_matches_open, peak_rss_mb, percentile,
+};
 use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::json;
@@ -31,6 +33,10 @@ struct Args {
     backend: String,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Open loop: offer this many match requests per second (latency from each request's
+    /// scheduled time) instead of `--concurrency` closed-loop clients.
+    #[arg(long)]
+    rate: Option<f64>,
 }
 
 fn main() {
@@ -56,17 +62,35 @@ async fn run(args: Args) {
     world.grant_all(&users, 1_000_000, 64).await;
     world.wait_converged(Duration::from_secs(600)).await;
 
-    eprintln!("driving {} clients for {}s", args.concurrency, args.seconds);
     let users = Arc::new(users);
     let t = Instant::now();
-    let (mut lat, errs) = drive_matches(
-        users.clone(),
-        args.concurrency,
-        Duration::from_secs(args.seconds),
-        None,
-        args.seed,
-    )
-    .await;
+    let (mut lat, errs) = match args.rate {
+        Some(rate) => {
+            eprintln!(
+                "offering {rate} matches/s for {}s (open loop)",
+                args.seconds
+            );
+            drive_matches_open(
+                users.clone(),
+                rate,
+                Duration::from_secs(args.seconds),
+                4096,
+                args.seed,
+            )
+            .await
+        }
+        None => {
+            eprintln!("driving {} clients for {}s", args.concurrency, args.seconds);
+            drive_matches(
+                users.clone(),
+                args.concurrency,
+                Duration::from_secs(args.seconds),
+                None,
+                args.seed,
+            )
+            .await
+        }
+    };
     let elapsed = t.elapsed().as_secs_f64();
     let load_during = loadavg_1m();
     lat.sort_by(|a, b| a.total_cmp(b));
@@ -145,7 +169,9 @@ async fn run(args: Args) {
     let app_rss = world.appliances[0].pid().and_then(peak_rss_mb);
     let out = json!({
         "users": args.users,
-        "concurrency": args.concurrency,
+        "mode": if args.rate.is_some() { "open" } else { "closed" },
+        "offered_rate": args.rate,
+        "concurrency": if args.rate.is_some() { None } else { Some(args.concurrency) },
         "seconds": args.seconds,
         "matches": lat.len(),
         "rps": (lat.len() as f64 / elapsed * 10.0).round() / 10.0,
