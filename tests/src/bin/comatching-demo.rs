@@ -1,7 +1,9 @@
 //! `comatching-demo`: the README's first command runs this (through `scripts/demo.sh`). It
 //! starts a relay and two appliances on the local broker, registers 2,000 synthetic students
 //! through the API, grants points, runs 200 matches, prints a summary and the URLs, and keeps
-//! everything running until Ctrl-C, which stops everything it started.
+//! everything running until Ctrl-C, which stops everything it started. Every broker message is
+//! authenticated with a link key made for the run (`comatching-relay pki link-key`), as in a
+//! deployment.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +24,14 @@ fn main() {
     rt.block_on(async move {
         let mut opts = WorldOptions::new("demo");
         opts.appliances = 2;
+        let keys = tempfile::tempdir().expect("key dir");
+        let made = std::process::Command::new(comatching_tests::relay::relay_binary())
+            .args(["pki", "link-key", "--dir"])
+            .arg(keys.path())
+            .output()
+            .expect("comatching-relay pki link-key");
+        assert!(made.status.success(), "pki link-key: {made:?}");
+        opts.link_key = Some(keys.path().join("link.key"));
         println!("starting the relay and two appliances…");
         let mut world = World::start(&opts).await;
         println!("registering {users} students through the API…");
@@ -30,7 +40,7 @@ fn main() {
         println!("  done in {:.1}s; granting 10,000 points each", t.elapsed().as_secs_f64());
         world.grant_all(&people, 10_000, 32).await;
         let pool = world.wait_converged(Duration::from_secs(300)).await;
-        println!("  both appliances hold all {} matchable students (digest {})", pool.count, pool.digest);
+        println!("  both appliances hold all {} matchable students (digest {}); every broker message carried a link-key HMAC", pool.count, pool.digest);
 
         println!("running {matches} matches…");
         let (lat, errs) = drive_matches(Arc::new(people), 8, Duration::from_secs(300), Some(matches), 7).await;
