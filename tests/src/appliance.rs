@@ -47,14 +47,8 @@ pub struct BrokerSection {
     /// The appliance's default (10 s) when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_s: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_ca: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_cert: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_key: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub link_key_file: Option<PathBuf>,
+    #[serde(flatten)]
+    pub security: crate::broker::BrokerSecurity,
 }
 #[derive(Clone, Debug, Serialize)]
 pub struct SyncSection {
@@ -88,10 +82,7 @@ impl ApplianceConfig {
                 url: amqp_url.into(),
                 max_backoff_ms: 1_000,
                 heartbeat_s: None,
-                tls_ca: None,
-                tls_cert: None,
-                tls_key: None,
-                link_key_file: None,
+                security: Default::default(),
             },
             sync: SyncSection {
                 hello_interval_ms: 1_000,

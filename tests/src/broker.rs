@@ -193,3 +193,26 @@ mod tests {
         assert_eq!(super::percent_encode("a b"), "a%20b");
     }
 }
+
+/// The security keys of a `[broker]` section, shared by the relay's and the appliance's test
+/// configs (flattened into each): TLS files for `amqps://` and the link key file.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct BrokerSecurity {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<std::path::PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link_key_file: Option<std::path::PathBuf>,
+}
+
+impl BrokerSecurity {
+    /// TLS with the CA and the client certificate `<name>.pem`/`<name>.key` of a `pki` dir.
+    pub fn tls(&mut self, pki: &std::path::Path, name: &str) {
+        self.tls_ca = Some(pki.join("ca.pem"));
+        self.tls_cert = Some(pki.join(format!("{name}.pem")));
+        self.tls_key = Some(pki.join(format!("{name}.key")));
+    }
+}

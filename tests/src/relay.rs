@@ -62,14 +62,8 @@ pub struct StorageSection {
 #[derive(Clone, Debug, Serialize)]
 pub struct BrokerSection {
     pub url: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_ca: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_cert: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_key: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub link_key_file: Option<PathBuf>,
+    #[serde(flatten)]
+    pub security: crate::broker::BrokerSecurity,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -114,10 +108,7 @@ impl RelayConfig {
             },
             broker: BrokerSection {
                 url: amqp_url.into(),
-                tls_ca: None,
-                tls_cert: None,
-                tls_key: None,
-                link_key_file: None,
+                security: Default::default(),
             },
             matching: MatchingSection {
                 deadline_ms: 5_000,
@@ -152,6 +143,23 @@ pub fn free_port() -> u16 {
 /// Where the relay binary is: `$COMATCHING_RELAY_BIN`, or next to this executable.
 pub fn relay_binary() -> PathBuf {
     workspace_binary("comatching-relay", RELAY_BIN_ENV)
+}
+
+/// Runs `comatching-relay pki ARGS…` (no configuration needed) and returns its output.
+pub fn pki(args: &[&str]) -> std::process::Output {
+    Command::new(relay_binary())
+        .arg("pki")
+        .args(args)
+        .env_clear()
+        .output()
+        .expect("run comatching-relay pki")
+}
+
+/// A fresh link key in `dir` (`pki link-key`); returns the file's path.
+pub fn new_link_key(dir: &Path) -> PathBuf {
+    let out = pki(&["link-key", "--dir", dir.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "pki link-key: {out:?}");
+    dir.join("link.key")
 }
 
 /// One relay process and its private directory. Killed (SIGKILL) on drop.

@@ -86,11 +86,9 @@ impl World {
         };
         let mut config = RelayConfig::new(amqp_url.clone());
         if let Some(dir) = &opts.broker_tls {
-            config.broker.tls_ca = Some(dir.join("ca.pem"));
-            config.broker.tls_cert = Some(dir.join("relay.pem"));
-            config.broker.tls_key = Some(dir.join("relay.key"));
+            config.broker.security.tls(dir, "relay");
         }
-        config.broker.link_key_file = opts.link_key.clone();
+        config.broker.security.link_key_file = opts.link_key.clone();
         config.matching.max_picked = opts.max_picked;
         if opts.cheap_hashing {
             config.auth = Some(AuthSection {
@@ -122,11 +120,9 @@ impl World {
     pub async fn add_appliance(&mut self, backend: &str) -> &mut ApplianceProcess {
         let id = format!("box-{}", self.appliances.len() + 1);
         let mut cfg = ApplianceConfig::new(&id, self.amqp_url.clone());
-        cfg.broker.link_key_file = self.link_key.clone();
+        cfg.broker.security.link_key_file = self.link_key.clone();
         if let Some(dir) = &self.broker_tls {
-            cfg.broker.tls_ca = Some(dir.join("ca.pem"));
-            cfg.broker.tls_cert = Some(dir.join(format!("{id}.pem")));
-            cfg.broker.tls_key = Some(dir.join(format!("{id}.key")));
+            cfg.broker.security.tls(dir, &id);
         }
         cfg.storage.backend = backend.to_owned();
         self.appliances.push(ApplianceProcess::start(cfg).await);
@@ -279,16 +275,7 @@ pub async fn drive_matches(
                 let key = format!("load-{c}-{n}");
                 n += 1;
                 let t = Instant::now();
-                let r = u
-                    .api
-                    .request(
-                        Method::POST,
-                        "/api/v1/matches",
-                        Some(&u.token),
-                        Some(&body),
-                        &[("Idempotency-Key", &key)],
-                    )
-                    .await;
+                let r = u.post_match_json(&key, &body).await;
                 if r.status == 201 {
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);
                 } else {
@@ -344,16 +331,7 @@ pub async fn drive_matches_open(
         let body = pop.match_options();
         let shown = shown.clone();
         tasks.push(tokio::spawn(async move {
-            let r = u
-                .api
-                .request(
-                    Method::POST,
-                    "/api/v1/matches",
-                    Some(&u.token),
-                    Some(&body),
-                    &[("Idempotency-Key", &format!("open-{seed}-{n}"))],
-                )
-                .await;
+            let r = u.post_match_json(&format!("open-{seed}-{n}"), &body).await;
             drop(permit);
             let ms = due.elapsed().as_secs_f64() * 1000.0;
             if r.status != 201 && shown.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 5 {

@@ -253,14 +253,8 @@ async fn a_link_key_authenticates_every_message_and_forgeries_are_refused() {
     use comatching_tests::{SyncTap, wait_until};
 
     let keys = tempfile::tempdir().expect("key dir");
-    let out = std::process::Command::new(comatching_tests::relay::relay_binary())
-        .args(["pki", "link-key", "--dir"])
-        .arg(keys.path())
-        .output()
-        .expect("pki link-key");
-    assert!(out.status.success(), "{out:?}");
     let mut opts = WorldOptions::new("link-mac");
-    opts.link_key = Some(keys.path().join("link.key"));
+    opts.link_key = Some(comatching_tests::relay::new_link_key(keys.path()));
     let mut w = World::start(&opts).await;
     let tap = SyncTap::bind(&w.amqp_url).await;
     let users = w.register(20, 8, 5).await;

@@ -10,19 +10,10 @@ use std::process::{Command, Output};
 use comatching_protocol::config::BrokerSettings;
 use comatching_tests::api::{PASSWORD, http_builder, http_client};
 use comatching_tests::private_broker::PrivateBroker;
-use comatching_tests::relay::relay_binary;
+use comatching_tests::relay::{pki, relay_binary};
 use comatching_tests::world::{World, WorldOptions};
 use comatching_tests::{Api, RelayConfig, RelayProcess, Vhost};
 use serde_json::json;
-
-fn pki(args: &[&str]) -> Output {
-    Command::new(relay_binary())
-        .arg("pki")
-        .args(args)
-        .env_clear()
-        .output()
-        .expect("run comatching-relay pki")
-}
 
 fn ok(out: Output) {
     assert!(

@@ -25,13 +25,7 @@ fn main() {
         let mut opts = WorldOptions::new("demo");
         opts.appliances = 2;
         let keys = tempfile::tempdir().expect("key dir");
-        let made = std::process::Command::new(comatching_tests::relay::relay_binary())
-            .args(["pki", "link-key", "--dir"])
-            .arg(keys.path())
-            .output()
-            .expect("comatching-relay pki link-key");
-        assert!(made.status.success(), "pki link-key: {made:?}");
-        opts.link_key = Some(keys.path().join("link.key"));
+        opts.link_key = Some(comatching_tests::relay::new_link_key(keys.path()));
         println!("starting the relay and two appliances…");
         let mut world = World::start(&opts).await;
         println!("registering {users} students through the API…");
