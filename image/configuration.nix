@@ -18,6 +18,7 @@
 let
   site = config.comatching.site;
   provisionDir = config.comatching.provisionDir;
+  clib = import ../nix/lib;
 in
 {
   imports = [
@@ -42,11 +43,35 @@ in
       default = [ ];
       description = "Maintainers' ssh public keys for root (over the tailnet only).";
     };
+    brokerHost = lib.mkOption {
+      type = lib.types.str;
+      default = "comatching-relay";
+      description = ''
+        The relay's broker on the tailnet: its MagicDNS name or tailnet address. With
+        `brokerTls` it must be one of the names in the broker's certificate (`pki issue --name
+        broker --dns … --ip …`).
+      '';
+    };
+    brokerTls = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        AMQP over TLS to the broker (amqps:// on 5671), with a client certificate. The box then
+        needs broker-ca.pem, broker-client.pem and broker-client.key provisioned next to
+        appliance.env (docs/operations.md §3), and does not start the appliance without them.
+      '';
+    };
     brokerUrl = lib.mkOption {
       type = lib.types.str;
+      default = clib.tls.amqpUrl {
+        user = "appliance-${site.applianceId}";
+        host = site.brokerHost;
+        tls = site.brokerTls;
+      };
+      defaultText = lib.literalExpression ''"amqps://appliance-<applianceId>@<brokerHost>:5671/%2f" (amqp:// and 5672 without brokerTls)'';
       description = ''
-        The relay's broker on the tailnet, without the password (which comes with
-        appliance.env at provisioning), e.g. amqp://appliance-edge-1@relay:5672/%2f.
+        The relay's broker, without the password (which comes with appliance.env at
+        provisioning; the URL there must use the same scheme and port).
       '';
     };
     tailscaleUpFlags = lib.mkOption {
@@ -71,6 +96,12 @@ in
         broker.url = site.brokerUrl;
       };
       environmentFile = "${provisionDir}/appliance.env";
+      # Provisioned from the ESP like appliance.env (./provision.nix); systemd credentials.
+      brokerClient = lib.mkIf site.brokerTls {
+        caFile = "${provisionDir}/broker-ca.pem";
+        certFile = "${provisionDir}/broker-client.pem";
+        keyFile = "${provisionDir}/broker-client.key";
+      };
       openFirewallOnTailnet = true;
     };
 

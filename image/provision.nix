@@ -2,11 +2,15 @@
 # the ESP of the flashed disk (a FAT partition any laptop can mount):
 #
 #   <ESP>/comatching/tailscale-authkey   a tailscale auth key (tskey-auth-…)
-#   <ESP>/comatching/appliance.env       COMATCHING_APPLIANCE__BROKER__URL=amqp://appliance-<id>:…@…
+#   <ESP>/comatching/appliance.env       COMATCHING_APPLIANCE__BROKER__URL=amqps://appliance-<id>:…@…
+#   <ESP>/comatching/broker-ca.pem       with comatching.site.brokerTls: our CA's certificate (ca.pem),
+#   <ESP>/comatching/broker-client.pem   this box's client certificate (appliance-<id>.pem)
+#   <ESP>/comatching/broker-client.key   and its key (appliance-<id>.key), from `comatching-relay pki`
 #
 # At boot this unit moves them to /var/lib/comatching-provision (data partition, root-only) and
 # deletes them from the ESP, before tailscale's autoconnect and the appliance start. Nothing
-# secret is ever in the Nix store or in the image. The files stay on the data partition across
+# secret is ever in the Nix store or in the image. The appliance unit gets the three TLS files as
+# systemd credentials (image/configuration.nix, services.comatching-appliance.brokerClient). The files stay on the data partition across
 # reboots; a re-image or factory reset wipes them (copy them onto the ESP again).
 { lib, ... }:
 let
@@ -15,6 +19,9 @@ let
   files = [
     "tailscale-authkey"
     "appliance.env"
+    "broker-ca.pem"
+    "broker-client.pem"
+    "broker-client.key"
   ];
 in
 {
@@ -52,7 +59,7 @@ in
         for f in ${lib.concatStringsSep " " files}; do
           src=${espDir}/$f
           [ -f "$src" ] || continue
-          # Windows editors like CRLF; neither the key nor the env file wants it.
+          # Windows editors like CRLF; none of these files wants it (PEM parsers take LF).
           tr -d '\r' < "$src" > ${dir}/.$f.new
           sync ${dir}/.$f.new
           mv ${dir}/.$f.new ${dir}/$f
@@ -63,8 +70,8 @@ in
       '';
     };
 
-    # Provisioned files are read by tailscaled-autoconnect (as root) and by the appliance unit's
-    # EnvironmentFile= (read by systemd as root); nobody else needs them.
+    # Provisioned files are read by tailscaled-autoconnect (as root) and, for the appliance
+    # unit, by systemd as root (EnvironmentFile=, LoadCredential=); nobody else needs them.
     systemd.tmpfiles.rules = [ "d ${dir} 0700 root root -" ];
   };
 }

@@ -5,4 +5,5 @@
   rabbitmq = import ./rabbitmq.nix;
   settings = import ./settings.nix;
   systemd = import ./systemd.nix;
+  tls = import ./tls.nix;
 }

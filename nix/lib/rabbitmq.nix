@@ -233,11 +233,80 @@ let
         }) d.permissions
       );
     };
+
+  # The `rabbitmq.conf` items (services.rabbitmq.configItems) for the node's AMQP listeners.
+  #
+  #   listeners { port ? 5672; tailnetAddress ? null; tls ? null; }
+  #     tls = { port ? 5671; cacertfile; certfile; keyfile; plainLoopback ? false; }
+  #   -> { configItems = { "key" = "value"; … }; tailnetPort = port to open on the tailnet, or null; }
+  #
+  # Plain AMQP: 127.0.0.1 and, when given, the tailnet address. TLS: the same addresses on the
+  # TLS port, with exactly the settings the integration tests run RabbitMQ 3.10 with (peer
+  # verification against our CA, a client certificate required; passwords still apply on top)
+  # and `listeners.tcp = none`, unless `plainLoopback` keeps plain AMQP on 127.0.0.1 only (for a
+  # relay on the same host that then needs no client certificate). `listeners.tcp = none` wins
+  # over the `listeners.tcp.1` that nixpkgs' module always adds: rabbit.schema's translation of
+  # rabbit.tcp_listeners returns [] for `none` before it looks at numbered entries (checked in
+  # RabbitMQ 3.10.8's rabbit.schema, and on a node, see docs/operations.md).
+  listeners =
+    {
+      port ? 5672,
+      tailnetAddress ? null,
+      tls ? null,
+    }:
+    let
+      checkPort =
+        what: p:
+        if isInt p && p > 0 && p < 65536 then p else throw "rabbitmq: ${what} must be a port number";
+      addresses = [ "127.0.0.1" ] ++ (if tailnetAddress == null then [ ] else [ tailnetAddress ]);
+      numbered =
+        prefix: p:
+        listToAttrs (
+          builtins.genList (i: {
+            name = "${prefix}.${toString (i + 1)}";
+            value = "${builtins.elemAt addresses i}:${toString p}";
+          }) (length addresses)
+        );
+      plainPort = checkPort "port" port;
+      tlsPort = checkPort "tls.port" (tls.port or 5671);
+      plainLoopback = tls.plainLoopback or false;
+      file =
+        what:
+        if tls ? ${what} && builtins.isString tls.${what} && tls.${what} != "" then
+          tls.${what}
+        else
+          throw "rabbitmq: tls.${what} must be a file path";
+    in
+    if tls == null then
+      {
+        configItems = numbered "listeners.tcp" plainPort;
+        tailnetPort = if tailnetAddress == null then null else plainPort;
+      }
+    else
+      {
+        configItems =
+          (
+            if plainLoopback then
+              { "listeners.tcp.1" = "127.0.0.1:${toString plainPort}"; }
+            else
+              { "listeners.tcp" = "none"; }
+          )
+          // numbered "listeners.ssl" tlsPort
+          // {
+            "ssl_options.cacertfile" = file "cacertfile";
+            "ssl_options.certfile" = file "certfile";
+            "ssl_options.keyfile" = file "keyfile";
+            "ssl_options.verify" = "verify_peer";
+            "ssl_options.fail_if_no_peer_cert" = "true";
+          };
+        tailnetPort = if tailnetAddress == null then null else tlsPort;
+      };
 in
 {
   inherit
     definitions
     split
+    listeners
     syncQueue
     applianceUser
     relayPermissions

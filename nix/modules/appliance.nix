@@ -3,8 +3,16 @@
 # WATCHDOG=1 while it is healthy; systemd restarts it when the pings stop.
 #
 # The config file is rendered from `settings` by nix/lib/toml.nix into the store, so it must not
-# hold secrets: put COMATCHING_APPLIANCE__BROKER__URL=amqp://appliance-<id>:SECRET@relay:5672/%2f
+# hold secrets: put COMATCHING_APPLIANCE__BROKER__URL=amqps://appliance-<id>:SECRET@relay:5671/%2f
 # in `environmentFile`.
+#
+# AMQP over TLS (DESIGN.md §7): `brokerClient.{caFile,certFile,keyFile}` name files outside the
+# store (on the image: provisioned from the ESP, image/provision.nix). They reach the dynamic
+# user as systemd credentials (LoadCredential=) and the TOML names them by their absolute paths
+# /run/credentials/comatching-appliance.service/<id>, since a static file in the store cannot
+# say $CREDENTIALS_DIRECTORY (nix/lib/tls.nix). The binary reads them once at start and refuses
+# to start without them; a missing source file fails the unit at the credentials step
+# (status=243/CREDENTIALS), and Restart=always retries until it is there.
 #
 # Option names of nixpkgs used below were checked against nixpkgs' own module sources; see
 # docs/operations.md, "Sources checked".
@@ -18,6 +26,7 @@ let
   cfg = config.services.comatching-appliance;
   ts = config.services.tailscale;
   clib = import ../lib;
+  unit = "comatching-appliance";
   inherit (lib)
     mkOption
     mkEnableOption
@@ -55,6 +64,20 @@ let
   exe = lib.getExe' cfg.package "comatching-appliance";
   httpPort = lib.toInt (lib.last (lib.splitString ":" cfg.settings.http.listen));
 
+  clientCreds = clib.tls.brokerClient {
+    inherit unit;
+    what = "services.comatching-appliance.brokerClient";
+    inherit (cfg.brokerClient) caFile certFile keyFile;
+  };
+  brokerTls = cfg.brokerClient.caFile != null;
+
+  # The CLI runs in a transient unit with a name of its own, so it gets the same credentials
+  # under /run/credentials/run-….service/; this points the [broker] tls_* keys there (through
+  # COMATCHING_APPLIANCE__BROKER__TLS_* overrides) for `doctor`'s broker check.
+  cliCredentials = pkgs.writeShellScript "comatching-appliance-cli-credentials" ''
+    ${clib.tls.cliExports clib.settings.applianceEnvPrefix "broker" clientCreds}exec "$@"
+  '';
+
   # `comatching-appliance status|resync|doctor …` for maintainers over ssh, run as the service's
   # own dynamic user (same User= name, hence the same UID) on its state directory.
   cli = pkgs.writeShellScriptBin "comatching-appliance-cli" ''
@@ -71,6 +94,8 @@ let
           "--property=StateDirectory=${stateDir}"
         ]
         ++ optional (cfg.environmentFile != null) "--property=EnvironmentFile=-${cfg.environmentFile}"
+        ++ map (c: "--property=LoadCredential=${c}") clientCreds.loadCredential
+        ++ optional (clientCreds.loadCredential != [ ]) "${cliCredentials}"
         ++ [ exe ]
       )
     } "$@" --config ${configFile}
@@ -129,12 +154,37 @@ in
           broker = section {
             url = mkOption {
               type = types.str;
-              default = "amqp://appliance-${cfg.settings.appliance.id}@127.0.0.1:5672/%2f";
-              defaultText = literalExpression ''"amqp://appliance-''${settings.appliance.id}@127.0.0.1:5672/%2f"'';
+              default = clib.tls.amqpUrl {
+                user = "appliance-${cfg.settings.appliance.id}";
+                host = "127.0.0.1";
+                tls = brokerTls;
+              };
+              defaultText = literalExpression ''
+                "amqps://appliance-''${settings.appliance.id}@127.0.0.1:5671/%2f" with brokerClient.caFile set,
+                "amqp://appliance-''${settings.appliance.id}@127.0.0.1:5672/%2f" otherwise'';
               description = ''
                 AMQP URL without the password (set the full URL in `environmentFile` as
-                COMATCHING_APPLIANCE__BROKER__URL).
+                COMATCHING_APPLIANCE__BROKER__URL, with the same scheme: amqps:// when the
+                brokerClient files are set).
               '';
+            };
+            tls_ca = mkOption {
+              type = types.nullOr types.str;
+              default = clientCreds.settings.tls_ca;
+              defaultText = literalExpression ''"/run/credentials/comatching-appliance.service/broker-ca.pem" if brokerClient.caFile is set, else null'';
+              description = "The only CA the broker's certificate may chain to (the credential from `brokerClient.caFile`).";
+            };
+            tls_cert = mkOption {
+              type = types.nullOr types.str;
+              default = clientCreds.settings.tls_cert;
+              defaultText = literalExpression ''"/run/credentials/comatching-appliance.service/broker-cert.pem" if brokerClient.certFile is set, else null'';
+              description = "Client certificate presented to the broker (the credential from `brokerClient.certFile`).";
+            };
+            tls_key = mkOption {
+              type = types.nullOr types.str;
+              default = clientCreds.settings.tls_key;
+              defaultText = literalExpression ''"/run/credentials/comatching-appliance.service/broker-key.pem" if brokerClient.keyFile is set, else null'';
+              description = "Key of the client certificate (the credential from `brokerClient.keyFile`).";
             };
           };
           tailscale = section {
@@ -160,9 +210,38 @@ in
       example = "/var/lib/comatching-provision/appliance.env";
       description = ''
         A file outside the Nix store with `KEY=value` lines for systemd's EnvironmentFile=, e.g.
-        `COMATCHING_APPLIANCE__BROKER__URL=amqp://appliance-edge-1:SECRET@relay:5672/%2f`.
+        `COMATCHING_APPLIANCE__BROKER__URL=amqps://appliance-edge-1:SECRET@relay:5671/%2f`
+        (the scheme must match `brokerClient`, or the binary refuses to start).
         A missing file is tolerated (the unit starts with the settings alone).
       '';
+    };
+
+    brokerClient = {
+      caFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/comatching-provision/broker-ca.pem";
+        description = ''
+          Our private CA's certificate (`comatching-relay pki init` → ca.pem), the only root
+          trusted for the broker's certificate. Setting it makes the default broker URL
+          amqps:// on 5671. A file outside the store, loaded as a systemd credential.
+        '';
+      };
+      certFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/comatching-provision/broker-client.pem";
+        description = ''
+          This appliance's client certificate (`comatching-relay pki issue --name
+          appliance-<id> --kind client`), with `keyFile`; outside the store.
+        '';
+      };
+      keyFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/comatching-provision/broker-client.key";
+        description = "Key of `brokerClient.certFile` (outside the store).";
+      };
     };
 
     logFilter = mkOption {
@@ -208,7 +287,15 @@ in
         assertion = builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" cfg.settings.broker.url == null;
         message = "services.comatching-appliance.settings.broker.url must not contain a password (it would land in the Nix store); set COMATCHING_APPLIANCE__BROKER__URL in environmentFile.";
       }
-    ];
+    ]
+    # The rules the binary checks at start (nix/lib/tls.nix), so they fail here instead.
+    ++ map (message: {
+      assertion = false;
+      inherit message;
+    }) (
+      clientCreds.errors
+      ++ map (m: "services.comatching-appliance.settings: ${m}") (clib.tls.brokerErrors cfg.settings.broker)
+    );
 
     systemd.services.comatching-appliance = {
       description = "COMATCHING Edge appliance";
@@ -234,6 +321,8 @@ in
         ExecStart = "${exe} run --config ${configFile}";
         # "-": a box that has not been provisioned yet still starts and shows its status.
         EnvironmentFile = optional (cfg.environmentFile != null) "-${cfg.environmentFile}";
+        # The broker CA, client certificate and key, readable by the dynamic user.
+        LoadCredential = clientCreds.loadCredential;
       };
     };
 

@@ -3,8 +3,19 @@
 #
 # The relay's config file is rendered from `settings` by nix/lib/toml.nix into the store, so it
 # must not hold secrets: the broker password goes into `environmentFile` as
-# COMATCHING_RELAY__BROKER__URL=amqp://relay:SECRET@127.0.0.1:5672/%2f (the binary reads
+# COMATCHING_RELAY__BROKER__URL=amqps://relay:SECRET@127.0.0.1:5671/%2f (the binary reads
 # COMATCHING_RELAY__SECTION__KEY overrides).
+#
+# TLS (DESIGN.md §7): certificates and keys stay in files outside the store and reach the
+# services as systemd credentials (LoadCredential=, read by PID 1 as root, so root-only files
+# work with the relay's DynamicUser and with the `rabbitmq` user):
+#   https.{certFile,keyFile}               → the relay's HTTPS listener, [http] tls_cert/tls_key
+#   brokerClient.{caFile,certFile,keyFile} → the relay as a broker client, [broker] tls_*
+#   broker.tls.{caFile,certFile,keyFile}   → the local RabbitMQ's AMQPS listener (ssl_options.*)
+# The TOML and rabbitmq.conf are static files in the store, so they name the credentials by
+# their absolute paths /run/credentials/<unit>.service/<id> (why that is the path the service
+# sees: nix/lib/tls.nix). The services read the files once at start: after replacing a
+# certificate, restart the unit that uses it.
 #
 # Option names of nixpkgs used below were checked against nixpkgs' own module sources; see
 # docs/operations.md, "Sources checked".
@@ -18,6 +29,7 @@ let
   cfg = config.services.comatching-relay;
   brk = cfg.broker;
   clib = import ../lib;
+  unit = "comatching-relay";
   inherit (lib)
     mkOption
     mkEnableOption
@@ -74,8 +86,69 @@ let
   );
   brokerUsers = clib.rabbitmq.userNames { inherit (brk) appliances; };
 
+  # ---- TLS: credentials and the settings they render to (nix/lib/tls.nix) ----
+  httpsCreds = clib.tls.httpsServer {
+    inherit unit;
+    what = "services.comatching-relay.https";
+    inherit (cfg.https) certFile keyFile;
+  };
+  clientCreds = clib.tls.brokerClient {
+    inherit unit;
+    what = "services.comatching-relay.brokerClient";
+    inherit (cfg.brokerClient) caFile certFile keyFile;
+  };
+  # The local broker's server certificate, as credentials of rabbitmq.service: its static user
+  # `rabbitmq` reads them there, and they stay in place for as long as the unit runs (RabbitMQ
+  # reads TLS files when listeners start and may again for later connections).
+  brokerTlsFiles = {
+    cacertfile = {
+      id = "comatching-ca.pem";
+      file = brk.tls.caFile;
+      option = "caFile";
+    };
+    certfile = {
+      id = "comatching-broker.pem";
+      file = brk.tls.certFile;
+      option = "certFile";
+    };
+    keyfile = {
+      id = "comatching-broker.key";
+      file = brk.tls.keyFile;
+      option = "keyFile";
+    };
+  };
+  serverCreds = clib.tls.credentials {
+    unit = "rabbitmq";
+    what = "services.comatching-relay.broker.tls";
+    files = brokerTlsFiles;
+  };
+  localTls = brk.enable && brk.tls.enable;
+  # The relay speaks TLS to the local broker unless plain AMQP stays on loopback for it.
+  localClientTls = localTls && !brk.tls.plainLoopback;
+  brokerListeners = clib.rabbitmq.listeners {
+    inherit (brk) port tailnetAddress;
+    # Incomplete TLS files fail an assertion below; until then render the plain listeners.
+    tls =
+      if localTls && serverCreds.errors == [ ] && lib.all (f: f.file != null) (builtins.attrValues brokerTlsFiles) then
+        serverCreds.settings
+        // {
+          inherit (brk.tls) port plainLoopback;
+        }
+      else
+        null;
+  };
+  nullOrFile =
+    example: description:
+    mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      inherit example description;
+    };
+
   # `comatching-relay admin …` for operators on the host, run as the service's own dynamic user
-  # (same User= name, hence the same UID) so nothing in the state directory changes owner.
+  # (same User= name, hence the same UID) so nothing in the state directory changes owner. It
+  # needs no credentials: `admin` checks that the TLS settings are coherent but reads no
+  # certificate (cloud-relay/src/main.rs), so the service's credential paths in the TOML do.
   adminCli = pkgs.writeShellScriptBin "comatching-relay-admin" ''
     exec ${
       lib.escapeShellArgs (
@@ -119,7 +192,22 @@ in
             listen = mkOption {
               type = types.str;
               default = "127.0.0.1:8080";
-              description = "Address of the HTTP API (plain HTTP: put a TLS proxy in front).";
+              description = ''
+                Address of the API. HTTPS only when `https.certFile`/`keyFile` are set (then
+                e.g. "0.0.0.0:443"), plain HTTP otherwise (keep that on loopback).
+              '';
+            };
+            tls_cert = mkOption {
+              type = types.nullOr types.str;
+              default = httpsCreds.settings.tls_cert;
+              defaultText = literalExpression ''"/run/credentials/comatching-relay.service/https-cert.pem" if https.certFile is set, else null'';
+              description = "PEM chain of the HTTPS listener as the relay reads it (the credential from `https.certFile`).";
+            };
+            tls_key = mkOption {
+              type = types.nullOr types.str;
+              default = httpsCreds.settings.tls_key;
+              defaultText = literalExpression ''"/run/credentials/comatching-relay.service/https-key.pem" if https.keyFile is set, else null'';
+              description = "Private key of the HTTPS listener as the relay reads it (the credential from `https.keyFile`).";
             };
           };
           storage = section {
@@ -133,12 +221,38 @@ in
           broker = section {
             url = mkOption {
               type = types.str;
-              default = "amqp://relay@127.0.0.1:${toString brk.port}/%2f";
-              defaultText = literalExpression ''"amqp://relay@127.0.0.1:''${toString broker.port}/%2f"'';
+              default = clib.tls.amqpUrl {
+                user = "relay";
+                host = "127.0.0.1";
+                tls = cfg.brokerClient.caFile != null;
+                port = if cfg.brokerClient.caFile != null then brk.tls.port else brk.port;
+              };
+              defaultText = literalExpression ''
+                "amqps://relay@127.0.0.1:''${toString broker.tls.port}/%2f" with brokerClient.caFile set,
+                "amqp://relay@127.0.0.1:''${toString broker.port}/%2f" otherwise'';
               description = ''
                 AMQP URL without the password (set the full URL in `environmentFile` as
-                COMATCHING_RELAY__BROKER__URL).
+                COMATCHING_RELAY__BROKER__URL, with the same scheme: amqps:// when the
+                brokerClient files are set).
               '';
+            };
+            tls_ca = mkOption {
+              type = types.nullOr types.str;
+              default = clientCreds.settings.tls_ca;
+              defaultText = literalExpression ''"/run/credentials/comatching-relay.service/broker-ca.pem" if brokerClient.caFile is set, else null'';
+              description = "The only CA the broker's certificate may chain to (the credential from `brokerClient.caFile`).";
+            };
+            tls_cert = mkOption {
+              type = types.nullOr types.str;
+              default = clientCreds.settings.tls_cert;
+              defaultText = literalExpression ''"/run/credentials/comatching-relay.service/broker-cert.pem" if brokerClient.certFile is set, else null'';
+              description = "Client certificate presented to the broker (the credential from `brokerClient.certFile`).";
+            };
+            tls_key = mkOption {
+              type = types.nullOr types.str;
+              default = clientCreds.settings.tls_key;
+              defaultText = literalExpression ''"/run/credentials/comatching-relay.service/broker-key.pem" if brokerClient.keyFile is set, else null'';
+              description = "Key of the client certificate (the credential from `brokerClient.keyFile`).";
             };
           };
         };
@@ -151,8 +265,41 @@ in
       example = "/run/secrets/comatching-relay.env";
       description = ''
         A file outside the Nix store with `KEY=value` lines for systemd's EnvironmentFile=, e.g.
-        `COMATCHING_RELAY__BROKER__URL=amqp://relay:SECRET@127.0.0.1:5672/%2f`.
+        `COMATCHING_RELAY__BROKER__URL=amqps://relay:SECRET@127.0.0.1:5671/%2f` (amqp:// and
+        port 5672 without broker TLS; the scheme must match `brokerClient`, or the relay
+        refuses to start).
       '';
+    };
+
+    https = {
+      certFile = nullOrFile "/var/lib/acme/api.example.org/fullchain.pem" ''
+        PEM certificate chain (leaf first) for the relay's own HTTPS listener, a file outside the
+        store (loaded as a systemd credential). Browsers trust only public CAs, so for the web
+        app this comes from one, e.g. `security.acme` (then add "comatching-relay.service" to
+        that certificate's `reloadServices`: the relay reads it once at start). Set with
+        `keyFile`; the relay then serves HTTPS only (with HSTS) on `settings.http.listen`.
+      '';
+      keyFile = nullOrFile "/var/lib/acme/api.example.org/key.pem" "Private key of `https.certFile` (outside the store).";
+    };
+
+    brokerClient = {
+      caFile = mkOption {
+        type = types.nullOr types.str;
+        default = if localClientTls then brk.tls.caFile else null;
+        defaultText = literalExpression "broker.tls.caFile when the local broker speaks TLS to the relay, else null";
+        example = "/var/lib/comatching-secrets/ca.pem";
+        description = ''
+          Our private CA's certificate (`comatching-relay pki init` → ca.pem), the only root the
+          relay trusts for the broker's certificate. Setting it makes the default broker URL
+          amqps://. Outside the store; loaded as a systemd credential.
+        '';
+      };
+      certFile = nullOrFile "/var/lib/comatching-secrets/relay.pem" ''
+        Client certificate the relay presents to the broker (`pki issue --name relay --kind
+        client`), with `keyFile`. Required by a broker that demands client certificates, as the
+        local one does with `broker.tls.enable` (unless `broker.tls.plainLoopback`).
+      '';
+      keyFile = nullOrFile "/var/lib/comatching-secrets/relay.key" "Key of `brokerClient.certFile` (outside the store).";
     };
 
     logFilter = mkOption {
@@ -164,7 +311,7 @@ in
     openFirewall = mkOption {
       type = types.bool;
       default = false;
-      description = "Open the HTTP port (from settings.http.listen) on all interfaces.";
+      description = "Open the API port (from settings.http.listen; HTTPS with `https.*`) on all interfaces.";
     };
 
     broker = {
@@ -189,7 +336,39 @@ in
       port = mkOption {
         type = types.port;
         default = 5672;
-        description = "AMQP port (on loopback, and on the tailnet address when set).";
+        description = "Plain AMQP port (on loopback, and on the tailnet address when set), unless `tls.enable`.";
+      };
+
+      tls = {
+        enable = mkEnableOption ''
+          AMQP over TLS only (port `tls.port`, on loopback and the tailnet address), with client
+          certificates from our CA required (`ssl_options.verify = verify_peer`,
+          `fail_if_no_peer_cert = true`) on top of the passwords. Plain AMQP is then off, and the
+          tailnet firewall opens `tls.port` instead of `port`
+        '';
+        port = mkOption {
+          type = types.port;
+          default = 5671;
+          description = "AMQPS port.";
+        };
+        caFile = nullOrFile "/var/lib/comatching-secrets/ca.pem" ''
+          Our CA's certificate (`pki init` → ca.pem): clients must present a certificate it
+          issued. Outside the store; loaded as a credential of rabbitmq.service.
+        '';
+        certFile = nullOrFile "/var/lib/comatching-secrets/broker.pem" ''
+          The broker's server certificate (`pki issue --name broker --kind server`), whose
+          names must cover every host clients dial: `--ip 127.0.0.1` for the relay, and the
+          tailnet name and/or address for the appliances.
+        '';
+        keyFile = nullOrFile "/var/lib/comatching-secrets/broker.key" "Key of `tls.certFile` (outside the store).";
+        plainLoopback = mkOption {
+          type = types.bool;
+          default = false;
+          description = ''
+            Keep plain AMQP on 127.0.0.1:`port` for the relay on this host (which then needs no
+            client certificate); the tailnet still gets TLS only. Off: TLS everywhere.
+          '';
+        };
       };
 
       tailnetAddress = mkOption {
@@ -252,7 +431,18 @@ in
           assertion = builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" cfg.settings.broker.url == null;
           message = "services.comatching-relay.settings.broker.url must not contain a password (it would land in the Nix store); set COMATCHING_RELAY__BROKER__URL in environmentFile.";
         }
-      ];
+      ]
+      # The rules the binary checks at start (nix/lib/tls.nix), so they fail here instead.
+      ++ map (message: {
+        assertion = false;
+        inherit message;
+      }) (
+        httpsCreds.errors
+        ++ clientCreds.errors
+        ++ map (m: "services.comatching-relay.settings: ${m}") (
+          clib.tls.httpErrors cfg.settings.http ++ clib.tls.brokerErrors cfg.settings.broker
+        )
+      );
 
       systemd.services.comatching-relay = {
         description = "COMATCHING Edge cloud relay";
@@ -272,6 +462,8 @@ in
             ExecStartPre = "${exe} migrate --config ${configFile}";
             ExecStart = "${exe} serve --config ${configFile}";
             EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
+            # Certificates and keys, readable by the dynamic user under /run/credentials/.
+            LoadCredential = httpsCreds.loadCredential ++ clientCreds.loadCredential;
           }
           // optionalAttrs (listenPort < 1024) {
             AmbientCapabilities = [ "CAP_NET_BIND_SERVICE" ];
@@ -294,7 +486,27 @@ in
           assertion = lib.all (u: builtins.elem u brokerUsers) (builtins.attrNames brk.passwordFiles);
           message = "services.comatching-relay.broker.passwordFiles names users that do not exist; known: ${toString brokerUsers}.";
         }
-      ];
+      ]
+      ++ lib.optionals brk.tls.enable (
+        [
+          {
+            assertion = lib.all (f: f.file != null) (builtins.attrValues brokerTlsFiles);
+            message = "services.comatching-relay.broker.tls.enable needs caFile, certFile and keyFile.";
+          }
+          {
+            assertion = brk.tls.plainLoopback || (cfg.brokerClient.certFile != null && cfg.brokerClient.keyFile != null);
+            message = "services.comatching-relay.broker.tls: the broker refuses clients without a certificate; set brokerClient.certFile and keyFile (`comatching-relay pki issue --name relay --kind client`), or broker.tls.plainLoopback.";
+          }
+          {
+            assertion = brk.tls.port != brk.port;
+            message = "services.comatching-relay.broker.tls.port must differ from broker.port.";
+          }
+        ]
+        ++ map (message: {
+          assertion = false;
+          inherit message;
+        }) serverCreds.errors
+      );
 
       services.rabbitmq = {
         enable = true;
@@ -308,9 +520,17 @@ in
           "definitions.local.path" = "${topologyFile}";
           "definitions.skip_if_unchanged" = "true";
         }
-        // optionalAttrs (brk.tailnetAddress != null) {
-          "listeners.tcp.2" = "${brk.tailnetAddress}:${toString brk.port}";
-        };
+        # Plain listeners on loopback and the tailnet address; or, with tls.enable, TLS ones
+        # with `listeners.tcp = none` (or plain on loopback only). nix/lib/rabbitmq.nix.
+        // brokerListeners.configItems;
+      };
+
+      # The broker's certificate and key as credentials of its own unit: systemd copies them
+      # (as root) into /run/credentials/rabbitmq.service/, readable by the `rabbitmq` user,
+      # which rabbitmq.conf names (brokerListeners). So the operator's files can stay root-only
+      # and outside the store, as with the passwords. Replacing them needs a broker restart.
+      systemd.services.rabbitmq = mkIf localTls {
+        serviceConfig.LoadCredential = serverCreds.loadCredential;
       };
 
       # Erlang distribution (25672) and epmd (4369) are not bound to loopback: the node is
@@ -322,8 +542,9 @@ in
         "net.ipv4.ip_nonlocal_bind" = 1;
       };
 
-      networking.firewall.interfaces = mkIf (brk.tailnetAddress != null) {
-        ${brk.interface}.allowedTCPPorts = [ brk.port ];
+      # Only AMQP faces the tailnet: the TLS port with tls.enable, the plain one otherwise.
+      networking.firewall.interfaces = mkIf (brokerListeners.tailnetPort != null) {
+        ${brk.interface}.allowedTCPPorts = [ brokerListeners.tailnetPort ];
       };
 
       systemd.services.comatching-broker-users = {

@@ -1,6 +1,7 @@
 # Evaluation tests for nix/lib/rabbitmq.nix: exact topology, permission regexes exercised with
 # builtins.match (POSIX ERE, like RabbitMQ's anchored regexes here), refusal of bad input, the
-# golden JSON, and drift checks against the names the Rust code declares.
+# golden JSON, the listener/TLS config items, and drift checks against the names the Rust code
+# declares.
 let
   rmq = import ../lib/rabbitmq.nix;
   defs = rmq.definitions {
@@ -13,6 +14,12 @@ let
   queue = name: builtins.head (builtins.filter (q: q.name == name) defs.queues);
   allows = regex: name: builtins.match regex name != null;
   fails = x: !(builtins.tryEval (builtins.deepSeq x true)).success;
+
+  tlsFiles = {
+    cacertfile = "/run/credentials/rabbitmq.service/comatching-ca.pem";
+    certfile = "/run/credentials/rabbitmq.service/comatching-broker.pem";
+    keyfile = "/run/credentials/rabbitmq.service/comatching-broker.key";
+  };
 
   relay = perms "relay";
   edge = perms "appliance-edge-1";
@@ -360,6 +367,99 @@ import ./harness.nix [
       ];
       edge = [ edge ];
     };
+  }
+  {
+    name = "listeners-plain-loopback-only";
+    actual = rmq.listeners { };
+    expected = {
+      configItems."listeners.tcp.1" = "127.0.0.1:5672";
+      tailnetPort = null;
+    };
+  }
+  {
+    name = "listeners-plain-with-tailnet";
+    actual = rmq.listeners {
+      port = 5672;
+      tailnetAddress = "100.90.1.2";
+    };
+    expected = {
+      configItems = {
+        "listeners.tcp.1" = "127.0.0.1:5672";
+        "listeners.tcp.2" = "100.90.1.2:5672";
+      };
+      tailnetPort = 5672;
+    };
+  }
+  {
+    # The settings the integration tests run RabbitMQ 3.10 with, on both addresses.
+    name = "listeners-tls-only";
+    actual = rmq.listeners {
+      tailnetAddress = "100.90.1.2";
+      tls = tlsFiles;
+    };
+    expected = {
+      configItems = {
+        "listeners.tcp" = "none";
+        "listeners.ssl.1" = "127.0.0.1:5671";
+        "listeners.ssl.2" = "100.90.1.2:5671";
+        "ssl_options.cacertfile" = "/run/credentials/rabbitmq.service/comatching-ca.pem";
+        "ssl_options.certfile" = "/run/credentials/rabbitmq.service/comatching-broker.pem";
+        "ssl_options.keyfile" = "/run/credentials/rabbitmq.service/comatching-broker.key";
+        "ssl_options.verify" = "verify_peer";
+        "ssl_options.fail_if_no_peer_cert" = "true";
+      };
+      tailnetPort = 5671;
+    };
+  }
+  {
+    name = "listeners-tls-keeps-plain-on-loopback-only";
+    actual =
+      let
+        l = rmq.listeners {
+          tailnetAddress = "100.90.1.2";
+          tls = tlsFiles // {
+            plainLoopback = true;
+            port = 5700;
+          };
+        };
+      in
+      {
+        plain = builtins.filter (k: builtins.match "listeners\\.tcp.*" k != null) (
+          builtins.attrNames l.configItems
+        );
+        tcp1 = l.configItems."listeners.tcp.1";
+        ssl = [
+          l.configItems."listeners.ssl.1"
+          l.configItems."listeners.ssl.2"
+        ];
+        inherit (l) tailnetPort;
+      };
+    expected = {
+      plain = [ "listeners.tcp.1" ];
+      tcp1 = "127.0.0.1:5672";
+      ssl = [
+        "127.0.0.1:5700"
+        "100.90.1.2:5700"
+      ];
+      tailnetPort = 5700;
+    };
+  }
+  {
+    name = "listeners-refuse-missing-files-and-bad-ports";
+    actual = map fails [
+      (rmq.listeners { tls = removeAttrs tlsFiles [ "keyfile" ]; })
+      (rmq.listeners { tls = tlsFiles // { certfile = ""; }; })
+      (rmq.listeners { port = 0; })
+      (rmq.listeners { tls = tlsFiles // { port = 70000; }; })
+      (rmq.listeners { tls = tlsFiles; })
+    ];
+    expected = [
+      true
+      true
+      true
+      true
+      false
+    ];
   }
   {
     name = "drift:relay-names";
