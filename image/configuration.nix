@@ -61,6 +61,27 @@ in
         appliance.env (docs/operations.md §3), and does not start the appliance without them.
       '';
     };
+    # Required on the shipped image (site.nix sets it), like brokerTls, and for the same kind of
+    # reason. An appliance without the key in a deployment that has one is worse than one that
+    # does not start: the relay refuses its untagged hellos and replies, so it never becomes
+    # ready and serves no match, its status page says "not ready" without saying why, and it
+    # accepts any message anyone with broker access publishes to its queues. Not starting
+    # (status=243/CREDENTIALS, retried every 2 s, as for missing certificates) names the missing
+    # file, never runs unauthenticated, and heals once the file is provisioned. The option
+    # defaults to false like brokerTls and like the binaries (no key: nothing tagged or
+    # checked), so leaving it out of site.nix keeps the old behaviour and the requirement is set
+    # where the other deployment-wide choices are. Independent of brokerTls: the tag works over
+    # amqp:// and amqps:// alike.
+    linkKey = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        Authenticate every broker message with the deployment's link key (an HMAC tag; the
+        relay's `linkKeyFile` must be the same file). The box then needs link.key provisioned
+        next to appliance.env (docs/operations.md §3), and does not start the appliance without
+        it.
+      '';
+    };
     brokerUrl = lib.mkOption {
       type = lib.types.str;
       default = clib.tls.amqpUrl {
@@ -102,6 +123,8 @@ in
         certFile = "${provisionDir}/broker-client.pem";
         keyFile = "${provisionDir}/broker-client.key";
       };
+      # Provisioned from the ESP the same way; a systemd credential like the certificates.
+      linkKeyFile = lib.mkIf site.linkKey "${provisionDir}/link.key";
       openFirewallOnTailnet = true;
     };
 

@@ -6,12 +6,16 @@
 #   <ESP>/comatching/broker-ca.pem       with comatching.site.brokerTls: our CA's certificate (ca.pem),
 #   <ESP>/comatching/broker-client.pem   this box's client certificate (appliance-<id>.pem)
 #   <ESP>/comatching/broker-client.key   and its key (appliance-<id>.key), from `comatching-relay pki`
+#   <ESP>/comatching/link.key            with comatching.site.linkKey: the deployment's link key,
+#                                        the relay's own file (`comatching-relay pki link-key`)
 #
 # At boot this unit moves them to /var/lib/comatching-provision (data partition, root-only) and
 # deletes them from the ESP, before tailscale's autoconnect and the appliance start. Nothing
-# secret is ever in the Nix store or in the image. The appliance unit gets the three TLS files as
-# systemd credentials (image/configuration.nix, services.comatching-appliance.brokerClient). The files stay on the data partition across
-# reboots; a re-image or factory reset wipes them (copy them onto the ESP again).
+# secret is ever in the Nix store or in the image. The appliance unit gets the three TLS files
+# and the link key as systemd credentials (image/configuration.nix,
+# services.comatching-appliance.brokerClient and .linkKeyFile). The files stay on the data
+# partition across reboots; a re-image or factory reset wipes them (copy them onto the ESP
+# again).
 { lib, ... }:
 let
   espDir = "/boot/comatching";
@@ -22,6 +26,7 @@ let
     "broker-ca.pem"
     "broker-client.pem"
     "broker-client.key"
+    "link.key"
   ];
 in
 {
@@ -59,7 +64,8 @@ in
         for f in ${lib.concatStringsSep " " files}; do
           src=${espDir}/$f
           [ -f "$src" ] || continue
-          # Windows editors like CRLF; none of these files wants it (PEM parsers take LF).
+          # Windows editors like CRLF; none of these files wants it (PEM parsers take LF; the
+          # link key is hex).
           tr -d '\r' < "$src" > ${dir}/.$f.new
           sync ${dir}/.$f.new
           mv ${dir}/.$f.new ${dir}/$f

@@ -1,9 +1,11 @@
 # Transport security plumbing for the NixOS modules, in plain Nix (builtins only, tested offline
 # by nix/tests/tls.nix): which systemd `LoadCredential=` lines and which TOML keys follow from a
-# set of certificate files, the AMQP URL with or without TLS, and the rules the binaries enforce
-# on `[broker]` and `[http]`, so a bad combination fails at evaluation rather than at start.
+# set of certificate files (and from the link key file, which is not TLS but travels the same
+# way), the AMQP URL with or without TLS, and the rules the binaries enforce on `[broker]` and
+# `[http]`, so a bad combination fails at evaluation rather than at start.
 #
-# Certificates and keys reach the services as systemd credentials (LoadCredential=ID:FILE):
+# Certificates, keys and the link key reach the services as systemd credentials
+# (LoadCredential=ID:FILE):
 # systemd (PID 1, as root) copies FILE into a private per-unit directory readable only by the
 # unit's user, which is what a DynamicUser= service needs to read a root-only file.
 #
@@ -162,6 +164,29 @@ let
       };
     };
 
+  # The link key, `[broker] link_key_file`: 64 hex digits (`comatching-relay pki link-key`), the
+  # HMAC key every service of one deployment tags and checks broker messages with
+  # (comatching_protocol::mac). A secret like a TLS key, so the same road: a credential of the
+  # unit, never the store. `what` names the module (the option is `<what>.linkKeyFile`). The
+  # binaries have no rule tying it to other keys (it works with amqp:// and amqps:// alike), so
+  # there is nothing to mirror beyond the file checks.
+  linkKey =
+    {
+      unit,
+      what,
+      file ? null,
+    }:
+    credentials {
+      inherit unit what;
+      files = {
+        link_key_file = {
+          id = "link.key";
+          inherit file;
+          option = "linkKeyFile";
+        };
+      };
+    };
+
   # Lines for a shell wrapper run inside another unit that was given the same credentials:
   # `export PREFIX__SECTION__KEY="$CREDENTIALS_DIRECTORY/<id>"` per configured file.
   cliExports =
@@ -237,6 +262,7 @@ in
     credentials
     httpsServer
     brokerClient
+    linkKey
     cliExports
     amqpUrl
     brokerErrors

@@ -14,6 +14,11 @@
 # to start without them; a missing source file fails the unit at the credentials step
 # (status=243/CREDENTIALS), and Restart=always retries until it is there.
 #
+# The link key (`linkKeyFile` → [broker] link_key_file; on the image `link.key` from the ESP)
+# takes the same road and fails the same way when its file is missing. It must be the relay's
+# file: with it the appliance tags what it publishes and refuses untagged or wrongly tagged
+# sync events and match requests (dead-lettered, `sync.unauthenticated` on /status).
+#
 # Option names of nixpkgs used below were checked against nixpkgs' own module sources; see
 # docs/operations.md, "Sources checked".
 {
@@ -70,12 +75,23 @@ let
     inherit (cfg.brokerClient) caFile certFile keyFile;
   };
   brokerTls = cfg.brokerClient.caFile != null;
+  linkCreds = clib.tls.linkKey {
+    inherit unit;
+    what = "services.comatching-appliance";
+    file = cfg.linkKeyFile;
+  };
+  # Everything the unit loads; the CLI wrapper's transient unit loads the same.
+  loadCredential = clientCreds.loadCredential ++ linkCreds.loadCredential;
 
   # The CLI runs in a transient unit with a name of its own, so it gets the same credentials
-  # under /run/credentials/run-….service/; this points the [broker] tls_* keys there (through
-  # COMATCHING_APPLIANCE__BROKER__TLS_* overrides) for `doctor`'s broker check.
+  # under /run/credentials/run-….service/; this points the [broker] tls_* keys (for `doctor`'s
+  # broker check) and link_key_file there, through COMATCHING_APPLIANCE__BROKER__* overrides.
+  # No subcommand reads the link key today (appliance/src/cli_ops.rs), but the TOML's path is
+  # the service's, which the transient unit cannot read: a subcommand that starts reading it
+  # would fail on that path, so the wrapper points it at its own copy like the certificates.
+  cliExports = clib.tls.cliExports clib.settings.applianceEnvPrefix "broker";
   cliCredentials = pkgs.writeShellScript "comatching-appliance-cli-credentials" ''
-    ${clib.tls.cliExports clib.settings.applianceEnvPrefix "broker" clientCreds}exec "$@"
+    ${cliExports clientCreds}${cliExports linkCreds}exec "$@"
   '';
 
   # `comatching-appliance status|resync|doctor …` for maintainers over ssh, run as the service's
@@ -94,8 +110,8 @@ let
           "--property=StateDirectory=${stateDir}"
         ]
         ++ optional (cfg.environmentFile != null) "--property=EnvironmentFile=-${cfg.environmentFile}"
-        ++ map (c: "--property=LoadCredential=${c}") clientCreds.loadCredential
-        ++ optional (clientCreds.loadCredential != [ ]) "${cliCredentials}"
+        ++ map (c: "--property=LoadCredential=${c}") loadCredential
+        ++ optional (loadCredential != [ ]) "${cliCredentials}"
         ++ [ exe ]
       )
     } "$@" --config ${configFile}
@@ -186,6 +202,12 @@ in
               defaultText = literalExpression ''"/run/credentials/comatching-appliance.service/broker-key.pem" if brokerClient.keyFile is set, else null'';
               description = "Key of the client certificate (the credential from `brokerClient.keyFile`).";
             };
+            link_key_file = mkOption {
+              type = types.nullOr types.str;
+              default = linkCreds.settings.link_key_file;
+              defaultText = literalExpression ''"/run/credentials/comatching-appliance.service/link.key" if linkKeyFile is set, else null'';
+              description = "The link key as the appliance reads it (the credential from `linkKeyFile`).";
+            };
           };
           tailscale = section {
             cli = mkOption {
@@ -244,6 +266,19 @@ in
       };
     };
 
+    linkKeyFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/var/lib/comatching-provision/link.key";
+      description = ''
+        The deployment's link key (`comatching-relay pki link-key` → link.key, 64 hex digits):
+        the relay's own file, the same on every appliance. A file outside the store, loaded as
+        a systemd credential. With it the appliance tags what it publishes (HMAC-SHA256, header
+        `x-cm-mac`) and refuses messages without a valid tag; without it, it tags nothing, so
+        a relay that has a key refuses its hellos and replies and it never becomes ready.
+      '';
+    };
+
     logFilter = mkOption {
       type = types.str;
       default = "info";
@@ -294,6 +329,7 @@ in
       inherit message;
     }) (
       clientCreds.errors
+      ++ linkCreds.errors
       ++ map (m: "services.comatching-appliance.settings: ${m}") (clib.tls.brokerErrors cfg.settings.broker)
     );
 
@@ -321,8 +357,9 @@ in
         ExecStart = "${exe} run --config ${configFile}";
         # "-": a box that has not been provisioned yet still starts and shows its status.
         EnvironmentFile = optional (cfg.environmentFile != null) "-${cfg.environmentFile}";
-        # The broker CA, client certificate and key, readable by the dynamic user.
-        LoadCredential = clientCreds.loadCredential;
+        # The broker CA, client certificate and key, and the link key, readable by the
+        # dynamic user.
+        LoadCredential = loadCredential;
       };
     };
 

@@ -12,10 +12,18 @@
 #   https.{certFile,keyFile}               → the relay's HTTPS listener, [http] tls_cert/tls_key
 #   brokerClient.{caFile,certFile,keyFile} → the relay as a broker client, [broker] tls_*
 #   broker.tls.{caFile,certFile,keyFile}   → the local RabbitMQ's AMQPS listener (ssl_options.*)
+#   linkKeyFile                            → the link key, [broker] link_key_file
 # The TOML and rabbitmq.conf are static files in the store, so they name the credentials by
 # their absolute paths /run/credentials/<unit>.service/<id> (why that is the path the service
 # sees: nix/lib/tls.nix). The services read the files once at start: after replacing a
-# certificate, restart the unit that uses it.
+# certificate or the link key, restart the unit that uses it.
+#
+# The link key (ARCHITECTURE.md, "Messages are authenticated with a shared link key") is one
+# file, the same on the relay and on every appliance: with it every message the relay publishes
+# is tagged and every message it receives must carry a valid tag. RabbitMQ never sees it. It is
+# null by default, like the binary (no key: nothing tagged or checked), because all services
+# must switch together: one with a key refuses every message of one without (which itself
+# accepts anything). Set it together with the appliances' (the image's `comatching.site.linkKey`).
 #
 # Option names of nixpkgs used below were checked against nixpkgs' own module sources; see
 # docs/operations.md, "Sources checked".
@@ -97,6 +105,11 @@ let
     what = "services.comatching-relay.brokerClient";
     inherit (cfg.brokerClient) caFile certFile keyFile;
   };
+  linkCreds = clib.tls.linkKey {
+    inherit unit;
+    what = "services.comatching-relay";
+    file = cfg.linkKeyFile;
+  };
   # The local broker's server certificate, as credentials of rabbitmq.service: its static user
   # `rabbitmq` reads them there, and they stay in place for as long as the unit runs (RabbitMQ
   # reads TLS files when listeners start and may again for later connections).
@@ -148,7 +161,8 @@ let
   # `comatching-relay admin …` for operators on the host, run as the service's own dynamic user
   # (same User= name, hence the same UID) so nothing in the state directory changes owner. It
   # needs no credentials: `admin` checks that the TLS settings are coherent but reads no
-  # certificate (cloud-relay/src/main.rs), so the service's credential paths in the TOML do.
+  # certificate and no link key (cloud-relay/src/main.rs: it only opens the database), so the
+  # service's credential paths in the TOML do.
   adminCli = pkgs.writeShellScriptBin "comatching-relay-admin" ''
     exec ${
       lib.escapeShellArgs (
@@ -254,6 +268,12 @@ in
               defaultText = literalExpression ''"/run/credentials/comatching-relay.service/broker-key.pem" if brokerClient.keyFile is set, else null'';
               description = "Key of the client certificate (the credential from `brokerClient.keyFile`).";
             };
+            link_key_file = mkOption {
+              type = types.nullOr types.str;
+              default = linkCreds.settings.link_key_file;
+              defaultText = literalExpression ''"/run/credentials/comatching-relay.service/link.key" if linkKeyFile is set, else null'';
+              description = "The link key as the relay reads it (the credential from `linkKeyFile`).";
+            };
           };
         };
       };
@@ -301,6 +321,15 @@ in
       '';
       keyFile = nullOrFile "/var/lib/comatching-secrets/relay.key" "Key of `brokerClient.certFile` (outside the store).";
     };
+
+    linkKeyFile = nullOrFile "/var/lib/comatching-secrets/link.key" ''
+      The deployment's link key (`comatching-relay pki link-key --dir D` → D/link.key, 64 hex
+      digits), a file outside the store loaded as a systemd credential. With it the relay tags
+      every message it publishes (HMAC-SHA256, header `x-cm-mac`) and refuses every message it
+      receives without a valid tag. Every appliance must have the same file (on the image:
+      `comatching.site.linkKey`, provisioned as `link.key`); a service without it has all its
+      messages refused by the others. Rotating: a new file on every service, then restart them.
+    '';
 
     logFilter = mkOption {
       type = types.str;
@@ -439,6 +468,7 @@ in
       }) (
         httpsCreds.errors
         ++ clientCreds.errors
+        ++ linkCreds.errors
         ++ map (m: "services.comatching-relay.settings: ${m}") (
           clib.tls.httpErrors cfg.settings.http ++ clib.tls.brokerErrors cfg.settings.broker
         )
@@ -462,8 +492,10 @@ in
             ExecStartPre = "${exe} migrate --config ${configFile}";
             ExecStart = "${exe} serve --config ${configFile}";
             EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
-            # Certificates and keys, readable by the dynamic user under /run/credentials/.
-            LoadCredential = httpsCreds.loadCredential ++ clientCreds.loadCredential;
+            # Certificates, keys and the link key, readable by the dynamic user under
+            # /run/credentials/.
+            LoadCredential =
+              httpsCreds.loadCredential ++ clientCreds.loadCredential ++ linkCreds.loadCredential;
           }
           // optionalAttrs (listenPort < 1024) {
             AmbientCapabilities = [ "CAP_NET_BIND_SERVICE" ];

@@ -1,6 +1,7 @@
-# Evaluation tests for nix/lib/tls.nix: credential paths and LoadCredential= lines, the TOML keys
-# they render to, the AMQP URL, the [broker]/[http] rules, and drift checks against the Rust
-# config structs (the keys must exist there: both binaries refuse unknown fields).
+# Evaluation tests for nix/lib/tls.nix: credential paths and LoadCredential= lines (certificates
+# and the link key), the TOML keys they render to, the AMQP URL, the [broker]/[http] rules, and
+# drift checks against the Rust sources (the keys must exist there: both binaries refuse unknown
+# fields).
 let
   tls = import ../lib/tls.nix;
   inherit (import ../lib/toml.nix) render;
@@ -26,6 +27,39 @@ let
     unit = applianceUnit;
     what = "x";
   };
+  link = tls.linkKey {
+    unit = applianceUnit;
+    what = "services.comatching-appliance";
+    file = "/var/lib/comatching-provision/link.key";
+  };
+  noLink = tls.linkKey {
+    unit = relayUnit;
+    what = "services.comatching-relay";
+  };
+  # Every credential helper with every file set, per unit, as the modules combine them.
+  relayAll = [
+    https
+    (tls.brokerClient {
+      unit = relayUnit;
+      what = "x";
+      caFile = "/a";
+      certFile = "/b";
+      keyFile = "/c";
+    })
+    (tls.linkKey {
+      unit = relayUnit;
+      what = "x";
+      file = "/d";
+    })
+  ];
+  applianceAll = [
+    client
+    link
+  ];
+  ids =
+    creds:
+    map (l: builtins.head (builtins.split ":" l)) (builtins.concatMap (c: c.loadCredential) creds);
+  duplicates = xs: builtins.filter (x: builtins.length (builtins.filter (y: y == x) xs) > 1) xs;
 
   # Field names of `pub struct NAME { pub a: A, ... }` in a Rust source.
   source = path: builtins.readFile (../.. + "/${path}");
@@ -39,6 +73,10 @@ let
   missingIn = known: xs: builtins.filter (x: !(builtins.elem x known)) xs;
   protocolConfig = source "protocol/src/config.rs";
   relayConfig = source "cloud-relay/src/config.rs";
+  applianceConfig = source "appliance/src/node/config.rs";
+  relayPki = source "cloud-relay/src/pki.rs";
+  reexportsBrokerSettings =
+    src: builtins.match ".*pub use comatching_protocol::config::BrokerSettings as Broker;.*" src != null;
   # The first line of each message, as the Rust source spells it (one message is wrapped there).
   firstLine = m: builtins.head (builtins.split " \\(the broker" m);
   inRust = src: m: builtins.match ".*${builtins.replaceStrings [ "*" "(" ")" "." ] [ "\\*" "\\(" "\\)" "\\." ] (firstLine m)}.*" src != null;
@@ -217,6 +255,120 @@ import ./harness.nix [
     expected = "";
   }
   {
+    name = "link-key-setting-and-credential";
+    actual = {
+      inherit (link) settings loadCredential errors;
+    };
+    expected = {
+      settings.link_key_file = "/run/credentials/comatching-appliance.service/link.key";
+      loadCredential = [ "link.key:/var/lib/comatching-provision/link.key" ];
+      errors = [ ];
+    };
+  }
+  {
+    name = "link-key-unset-renders-nothing";
+    actual = {
+      inherit (noLink) loadCredential errors;
+      toml = render { broker = noLink.settings // { url = "amqp://a@h:5672/%2f"; }; };
+    };
+    expected = {
+      loadCredential = [ ];
+      errors = [ ];
+      toml = "[broker]\nurl = \"amqp://a@h:5672/%2f\"\n";
+    };
+  }
+  {
+    name = "link-key-source-must-be-absolute-and-outside-the-store";
+    actual =
+      map
+        (
+          file:
+          (tls.linkKey {
+            unit = relayUnit;
+            what = "services.comatching-relay";
+            inherit file;
+          }).errors
+        )
+        [
+          "/nix/store/aaaa-link.key"
+          "link.key"
+          "/var/lib/comatching-secrets/link.key"
+        ];
+    expected = [
+      [
+        "services.comatching-relay.linkKeyFile is in the Nix store (/nix/store/aaaa-link.key), which every local user can read; keep certificates and keys outside it"
+      ]
+      [
+        "services.comatching-relay.linkKeyFile must be an absolute path (a string, not a Nix path: it must not be copied into the store), got \"link.key\""
+      ]
+      [ ]
+    ];
+  }
+  {
+    name = "link-key-with-tls-renders-one-broker-section";
+    actual = builtins.fromTOML (render {
+      broker = {
+        url = "amqps://appliance-edge-1@comatching-relay:5671/%2f";
+      }
+      // client.settings
+      // link.settings;
+    });
+    expected.broker = {
+      url = "amqps://appliance-edge-1@comatching-relay:5671/%2f";
+      tls_ca = "/run/credentials/comatching-appliance.service/broker-ca.pem";
+      tls_cert = "/run/credentials/comatching-appliance.service/broker-cert.pem";
+      tls_key = "/run/credentials/comatching-appliance.service/broker-key.pem";
+      link_key_file = "/run/credentials/comatching-appliance.service/link.key";
+    };
+  }
+  # The link key has no rule of its own in BrokerSettings::check: with or without TLS it adds
+  # no error (and a plain amqp:// URL with a key is fine).
+  {
+    name = "link-key-adds-no-broker-rule";
+    actual = map tls.brokerErrors [
+      ({ url = "amqp://a@h:5672/%2f"; } // link.settings)
+      ({ url = "amqps://a@h:5671/%2f"; } // client.settings // link.settings)
+    ];
+    expected = [
+      [ ]
+      [ ]
+    ];
+  }
+  {
+    name = "cli-exports-link-key";
+    actual = tls.cliExports "COMATCHING_APPLIANCE" "broker" link;
+    expected = ''
+      export COMATCHING_APPLIANCE__BROKER__LINK_KEY_FILE="$CREDENTIALS_DIRECTORY/link.key"
+    '';
+  }
+  {
+    name = "cli-exports-empty-without-link-key";
+    actual = tls.cliExports "COMATCHING_RELAY" "broker" noLink;
+    expected = "";
+  }
+  # One unit's LoadCredential= lines come from several helpers; two with one id would make the
+  # second file replace the first under the same name.
+  {
+    name = "credential-ids-distinct-per-unit";
+    actual = {
+      relay = ids relayAll;
+      relayDuplicates = duplicates (ids relayAll);
+      applianceDuplicates = duplicates (ids applianceAll);
+    };
+    expected = {
+      relay = [
+        "https-cert.pem"
+        "https-key.pem"
+        "broker-ca.pem"
+        "broker-cert.pem"
+        "broker-key.pem"
+        "link.key"
+      ];
+      relayDuplicates = [ ];
+      applianceDuplicates = [ ];
+    };
+  }
+  {
     name = "amqp-urls";
     actual = [
       (tls.amqpUrl {
@@ -304,6 +456,30 @@ import ./harness.nix [
     name = "drift:broker-tls-keys-exist-in-rust";
     actual = missingIn (structFields "BrokerSettings" protocolConfig) (builtins.attrNames client.settings);
     expected = [ ];
+  }
+  {
+    name = "drift:broker-link-key-exists-in-rust";
+    actual = missingIn (structFields "BrokerSettings" protocolConfig) (builtins.attrNames link.settings);
+    expected = [ ];
+  }
+  # BrokerSettings is the [broker] of both binaries (re-exported as their `Broker`), which is what
+  # lets one check above stand for the relay and the appliance.
+  {
+    name = "drift:both-binaries-broker-section-is-BrokerSettings";
+    actual = map reexportsBrokerSettings [
+      relayConfig
+      applianceConfig
+    ];
+    expected = [
+      true
+      true
+    ];
+  }
+  # `pki link-key` writes <dir>/link.key; the runbook copies "$P/link.key" under that name.
+  {
+    name = "drift:pki-link-key-writes-link.key";
+    actual = builtins.match ".*pub const LINK_KEY: &str = \"link\\.key\";.*" relayPki != null;
+    expected = true;
   }
   {
     name = "drift:http-tls-keys-exist-in-rust";
