@@ -123,14 +123,7 @@ fn position(c: &Connection) -> Result<RelayPosition, ApiError> {
 
 /// Every live user with features, for a snapshot.
 fn snapshot_users(c: &Connection) -> Result<Vec<SnapshotUser>, ApiError> {
-    Ok(profiles::pool(c)?
-        .into_iter()
-        .map(|(user_id, e)| SnapshotUser {
-            user_id,
-            version: e.version,
-            features: e.features,
-        })
-        .collect())
+    profiles::pool_snapshot(c)
 }
 
 /// The relay's live pool digest and position (for tests and the admin view).
@@ -365,21 +358,22 @@ async fn drop_into_snapshot(
     publish_all(ch, auth, queue, &[begin]).await?;
     // A few chunks at a time: the relay has 1 GiB, and a 100k-user snapshot encoded at once
     // would double the pool's footprint.
-    let chunks = users.chunks(MAX_CHUNK_USERS).count() as u32;
+    let chunks = users.len().div_ceil(MAX_CHUNK_USERS) as u32;
+    // Users are moved into their chunk, not copied: each chunk's features are freed once it is
+    // published.
+    let mut users = users.into_iter();
     let mut index = 0u32;
-    for group in users.chunks(MAX_CHUNK_USERS * SNAPSHOT_CHUNKS_IN_FLIGHT) {
-        let msgs: Vec<Message> = group
-            .chunks(MAX_CHUNK_USERS)
-            .map(|chunk| {
-                index += 1;
-                Message::SnapshotChunk(SnapshotChunk {
-                    epoch: pos.epoch,
-                    snapshot_id,
-                    index: index - 1,
-                    users: chunk.to_vec(),
-                })
-            })
-            .collect();
+    while index < chunks {
+        let mut msgs = Vec::with_capacity(SNAPSHOT_CHUNKS_IN_FLIGHT);
+        while msgs.len() < SNAPSHOT_CHUNKS_IN_FLIGHT && index < chunks {
+            msgs.push(Message::SnapshotChunk(SnapshotChunk {
+                epoch: pos.epoch,
+                snapshot_id,
+                index,
+                users: users.by_ref().take(MAX_CHUNK_USERS).collect(),
+            }));
+            index += 1;
+        }
         publish_all(ch, auth, queue, &msgs).await?;
     }
     let end = Message::SnapshotEnd(SnapshotEnd {

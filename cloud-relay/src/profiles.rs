@@ -9,7 +9,7 @@
 
 use crate::db::Cached;
 use comatching_protocol::{
-    Age, ContactFrequency, Features, Gender, Hobby, HobbySet, Major, Mbti, UserId,
+    Age, ContactFrequency, Features, Gender, Hobby, HobbySet, Major, Mbti, SnapshotUser, UserId,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -346,18 +346,25 @@ pub fn record_pick(conn: &Connection, partner: UserId, max_picked: u32) -> Resul
     Ok(())
 }
 
-/// Every user in the pool with their version and features (for snapshots and digests).
-pub fn pool(conn: &Connection) -> Result<Vec<(UserId, PoolEntry)>, ApiError> {
-    let mut stmt = conn.prepare(&format!("{SELECT} WHERE p.in_pool = 1 ORDER BY p.user_id"))?;
+/// Every user in the pool as a snapshot carries them: id, version, features. Built row by row
+/// (each row's display fields are dropped at once), so a 100k-user snapshot holds one copy of
+/// the pool's features, not two.
+pub fn pool_snapshot(conn: &Connection) -> Result<Vec<SnapshotUser>, ApiError> {
+    let mut stmt =
+        conn.prepare_cached(&format!("{SELECT} WHERE p.in_pool = 1 ORDER BY p.user_id"))?;
     let rows = stmt.query_map([], read_row)?;
     let mut out = Vec::new();
     for row in rows {
         let (view, entry) = row?;
-        let id = view
+        let user_id = view
             .user_id
             .parse()
             .map_err(|_| ApiError::internal(format!("stored user id {}", view.user_id)))?;
-        out.push((id, entry));
+        out.push(SnapshotUser {
+            user_id,
+            version: entry.version,
+            features: entry.features,
+        });
     }
     Ok(out)
 }
