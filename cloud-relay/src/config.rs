@@ -51,16 +51,12 @@ impl Default for Http {
 pub struct Storage {
     /// Holds `relay.db` (and its WAL).
     pub data_dir: PathBuf,
-    /// A background PASSIVE checkpoint this often, off the commit path; 0 = SQLite's own
-    /// automatic checkpoints, run by whichever commit crosses 1,000 WAL pages.
-    pub checkpoint_interval_ms: u64,
 }
 
 impl Default for Storage {
     fn default() -> Self {
         Storage {
             data_dir: PathBuf::from("./var/relay"),
-            checkpoint_interval_ms: 500,
         }
     }
 }

@@ -390,75 +390,6 @@ impl Db {
     }
 
     /// Runs `f` synchronously (CLI commands, tests).
-    /// Takes checkpoints off the commit path: the writer stops checkpointing by itself
-    /// (`wal_autocheckpoint = 0`; otherwise the commit that crosses 1,000 WAL pages pays for
-    /// copying them into the database and its fsync, a latency spike for whichever request it
-    /// was) and a connection of its own runs a PASSIVE checkpoint every `every` until
-    /// `shutdown`. PASSIVE never waits for readers or the writer; what it cannot copy now it
-    /// copies next time. Durability is unchanged: a commit is durable once its WAL frames are.
-    pub async fn run_checkpointer(
-        &self,
-        every: std::time::Duration,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
-    ) {
-        let path = self.readers.path.clone();
-        let opened = tokio::task::spawn_blocking(move || -> rusqlite::Result<Connection> {
-            let c = Connection::open(&path)?;
-            c.busy_timeout(std::time::Duration::from_millis(100))?;
-            // It reads no data through its page cache; keep it from growing (relay RSS).
-            c.pragma_update(None, "cache_size", 16)?;
-            Ok(c)
-        })
-        .await;
-        let checkpointer = match opened {
-            Ok(Ok(c)) => Arc::new(Mutex::new(c)),
-            other => {
-                tracing::warn!(
-                    ?other,
-                    "no checkpointer: the writer keeps checkpointing itself"
-                );
-                return;
-            }
-        };
-        if let Err(e) = self
-            .run(|c| Ok(c.pragma_update(None, "wal_autocheckpoint", 0)?))
-            .await
-        {
-            tracing::warn!(error = %e, "could not turn automatic checkpoints off");
-            return;
-        }
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = shutdown.changed() => break,
-            }
-            let c = checkpointer.clone();
-            let done = tokio::task::spawn_blocking(move || {
-                let c = c.lock().unwrap_or_else(|p| p.into_inner());
-                c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                })
-            })
-            .await;
-            match done {
-                Ok(Ok((wal, copied))) if wal > 20_000 && copied < wal => {
-                    tracing::warn!(
-                        wal_pages = wal,
-                        copied,
-                        "the WAL is growing: readers hold old snapshots"
-                    );
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::debug!(error = %e, "checkpoint skipped"),
-                Err(e) => tracing::warn!(error = %e, "checkpoint task failed"),
-            }
-        }
-        // Back to the default, so the WAL does not grow while nobody checkpoints.
-        let _ = self
-            .run(|c| Ok(c.pragma_update(None, "wal_autocheckpoint", 1000)?))
-            .await;
-    }
-
     pub fn run_sync<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, ApiError>,
@@ -593,62 +524,6 @@ pub fn meta_set(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// With the checkpointer running, the writer no longer checkpoints by itself and the
-    /// checkpointer copies the WAL into the database file; when it stops, the writer's
-    /// automatic checkpoints are back.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_checkpointer_copies_the_wal_off_the_commit_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("relay.db");
-        let db = Db::open(&path).unwrap();
-        let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        let task = {
-            let db = db.clone();
-            tokio::spawn(async move {
-                db.run_checkpointer(std::time::Duration::from_millis(20), stop)
-                    .await
-            })
-        };
-        let auto = || {
-            db.run_sync(|c| {
-                Ok(c.pragma_query_value(None, "wal_autocheckpoint", |r| r.get::<_, i64>(0))?)
-            })
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while auto().unwrap() != 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "automatic checkpoints stay on"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        let before = std::fs::metadata(&path).unwrap().len();
-        let blob = "x".repeat(1000);
-        for i in 0..2_000 {
-            let b = blob.clone();
-            db.write(move |c| {
-                c.execute(
-                    "INSERT INTO meta(key, value) VALUES (?1, ?2)",
-                    params![format!("k{i}"), b],
-                )?;
-                Ok(())
-            })
-            .await
-            .unwrap();
-        }
-        // ~2 MB went through the WAL; the database file grows only by checkpoints.
-        while std::fs::metadata(&path).unwrap().len() < before + 1_500_000 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the checkpointer never copied the WAL into the database"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        stop_tx.send(true).unwrap();
-        task.await.unwrap();
-        assert_eq!(auto().unwrap(), 1000, "automatic checkpoints are back");
-    }
 
     #[test]
     fn migrates_once_and_keeps_the_epoch() {

@@ -58,16 +58,6 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
     };
     let control_task = tokio::spawn(control.run(shutdown_rx.clone()));
     let trimmer_task = tokio::spawn(run_trimmer(db.clone(), shutdown_rx.clone()));
-    let checkpointer_task = {
-        let (db, stop) = (db.clone(), shutdown_rx.clone());
-        let every = cfg.storage.checkpoint_interval_ms;
-        tokio::spawn(async move {
-            if every > 0 {
-                db.run_checkpointer(std::time::Duration::from_millis(every), stop)
-                    .await
-            }
-        })
-    };
     let state = AppState {
         db,
         cfg: Arc::new(cfg.clone()),
@@ -126,8 +116,7 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         publisher_task,
         sweeper_task,
         control_task,
-        trimmer_task,
-        checkpointer_task
+        trimmer_task
     );
     Ok(())
 }

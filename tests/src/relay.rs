@@ -57,9 +57,6 @@ pub struct HttpSection {
 #[derive(Clone, Debug, Serialize)]
 pub struct StorageSection {
     pub data_dir: PathBuf,
-    /// The relay's default when unset.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub checkpoint_interval_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -108,7 +105,6 @@ impl RelayConfig {
             },
             storage: StorageSection {
                 data_dir: PathBuf::new(),
-                checkpoint_interval_ms: None,
             },
             broker: BrokerSection {
                 url: amqp_url.into(),

@@ -33,8 +33,6 @@ pub struct WorldOptions {
     pub broker_tls: Option<PathBuf>,
     /// A link key file every service of this world authenticates its messages with.
     pub link_key: Option<PathBuf>,
-    /// The relay's `storage.checkpoint_interval_ms` (its default when unset).
-    pub checkpoint_interval_ms: Option<u64>,
 }
 
 impl WorldOptions {
@@ -48,7 +46,6 @@ impl WorldOptions {
             amqp_url: None,
             broker_tls: None,
             link_key: None,
-            checkpoint_interval_ms: None,
         }
     }
 }
@@ -92,7 +89,6 @@ impl World {
             config.broker.security.tls(dir, "relay");
         }
         config.broker.security.link_key_file = opts.link_key.clone();
-        config.storage.checkpoint_interval_ms = opts.checkpoint_interval_ms;
         config.matching.max_picked = opts.max_picked;
         if opts.cheap_hashing {
             config.auth = Some(AuthSection {

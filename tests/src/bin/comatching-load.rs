@@ -37,9 +37,6 @@ struct Args {
     /// scheduled time) instead of `--concurrency` closed-loop clients.
     #[arg(long)]
     rate: Option<f64>,
-    /// The relay's storage.checkpoint_interval_ms (0 = checkpoints on the commit path).
-    #[arg(long)]
-    checkpoint_ms: Option<u64>,
 }
 
 fn main() {
@@ -56,7 +53,6 @@ async fn run(args: Args) {
     let mut opts = WorldOptions::new("load");
     opts.backend = args.backend.clone();
     opts.max_picked = 1_000_000;
-    opts.checkpoint_interval_ms = args.checkpoint_ms;
     let mut world = World::start(&opts).await;
     eprintln!("registering {} users", args.users);
     let t = Instant::now();
@@ -175,7 +171,6 @@ async fn run(args: Args) {
         "users": args.users,
         "mode": if args.rate.is_some() { "open" } else { "closed" },
         "offered_rate": args.rate,
-        "checkpoint_ms": args.checkpoint_ms,
         "concurrency": if args.rate.is_some() { None } else { Some(args.concurrency) },
         "seconds": args.seconds,
         "matches": lat.len(),
