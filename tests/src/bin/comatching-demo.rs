@@ -39,7 +39,18 @@ fn main() {
         println!("running {matches} matches…");
         let (lat, errs) = drive_matches(Arc::new(people), 8, Duration::from_secs(300), Some(matches), 7).await;
         let stats = world.operator.stats().await;
-        let appliances = world.operator.user.get("/api/v1/admin/appliances").await.expect(200);
+        // The relay's view of each appliance comes from its hellos (one a second here): wait for
+        // the first one after the matches, so the summary shows where they are now.
+        let mut appliances = world.operator.user.get("/api/v1/admin/appliances").await.expect(200);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline
+            && !appliances["appliances"].as_array().into_iter().flatten().all(|a| {
+                a["ready"] == true && a["applied_seq"] == appliances["relay_seq"]
+            })
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            appliances = world.operator.user.get("/api/v1/admin/appliances").await.expect(200);
+        }
         println!();
         println!("== summary ==");
         println!("matches made:        {}", lat.len());
