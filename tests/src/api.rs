@@ -278,12 +278,17 @@ impl User {
     }
 
     pub async fn put_profile(&self, profile: &ProfileBuilder) -> Resp {
+        self.put_profile_json(profile.json()).await
+    }
+
+    /// `PUT /api/v1/me/profile` with any JSON body (synthetic profiles, malformed ones).
+    pub async fn put_profile_json(&self, body: &Value) -> Resp {
         self.api
             .request(
                 Method::PUT,
                 "/api/v1/me/profile",
                 Some(&self.token),
-                Some(profile.json()),
+                Some(body),
                 &[],
             )
             .await

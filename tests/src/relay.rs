@@ -145,6 +145,14 @@ pub fn relay_binary() -> PathBuf {
     workspace_binary("comatching-relay", RELAY_BIN_ENV)
 }
 
+/// Copies the files (not subdirectories) of `from` into `to`.
+fn copy_files(from: &Path, to: &Path) {
+    for f in std::fs::read_dir(from).expect("read dir") {
+        let f = f.expect("entry");
+        std::fs::copy(f.path(), to.join(f.file_name())).expect("copy");
+    }
+}
+
 /// Runs `comatching-relay pki ARGS…` (no configuration needed) and returns its output.
 pub fn pki(args: &[&str]) -> std::process::Output {
     Command::new(relay_binary())
@@ -300,6 +308,36 @@ impl RelayProcess {
         self.spawn();
         // The old socket may linger for a moment; healthz only answers once the new one listens.
         self.wait_healthy().await;
+    }
+
+    /// Kills the relay and copies its data directory (a consistent copy: nothing is writing),
+    /// then starts it again. The copy lives as long as the returned directory.
+    pub async fn backup(&mut self) -> tempfile::TempDir {
+        self.kill_9();
+        let backup = tempfile::tempdir().expect("backup dir");
+        copy_files(self.data_dir(), backup.path());
+        self.restart().await;
+        self.wait_ready().await;
+        backup
+    }
+
+    /// An operator's restore: kill the relay, put `backup` in place of its data, run
+    /// `admin new-epoch` (a new lineage), start it again.
+    pub async fn restore_with_new_epoch(&mut self, backup: &Path) {
+        self.kill_9();
+        let data = self.data_dir().to_path_buf();
+        std::fs::remove_dir_all(&data).expect("remove data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        copy_files(backup, &data);
+        let out = self
+            .command()
+            .args(["admin", "new-epoch", "--config"])
+            .arg(self.config_path())
+            .output()
+            .expect("admin new-epoch");
+        assert!(out.status.success(), "{out:?}");
+        self.restart().await;
+        self.wait_ready().await;
     }
 
     /// Changes the broker URL for the next (re)start.

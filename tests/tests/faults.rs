@@ -150,6 +150,39 @@ async fn matches(history: History, users: Arc<Vec<User>>, n: usize, tag: String)
     }
 }
 
+/// A round's background traffic: `updates` profile changes and `matches` concurrent match
+/// requests, running while the fault is injected.
+struct Traffic {
+    burst: tokio::task::JoinHandle<()>,
+    load: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    fn start(
+        ck: &Checker,
+        users: &Arc<Vec<User>>,
+        seed: u64,
+        round: u32,
+        updates_n: usize,
+        matches_n: usize,
+    ) -> Traffic {
+        Traffic {
+            burst: tokio::spawn(updates(users.clone(), updates_n, seed ^ u64::from(round))),
+            load: tokio::spawn(matches(
+                ck.history.clone(),
+                users.clone(),
+                matches_n,
+                format!("r{round}"),
+            )),
+        }
+    }
+
+    async fn finish(self) {
+        self.burst.await.expect("burst");
+        self.load.await.expect("load");
+    }
+}
+
 /// The end of every round: the history checker's invariants, then liveness.
 async fn end_round(ck: &mut Checker, w: &mut World, users: &[User], round: u32) {
     ck.check_round(w, LIVENESS).await;
@@ -324,13 +357,7 @@ async fn broker_fault(row: &'static str, label: &str, crash: bool) {
     let mut ck = Checker::new();
     for round in 0..plan.rounds {
         let mut rng = plan.rng(round);
-        let burst = tokio::spawn(updates(users.clone(), 150, plan.seed ^ u64::from(round)));
-        let load = tokio::spawn(matches(
-            ck.history.clone(),
-            users.clone(),
-            10,
-            format!("r{round}"),
-        ));
+        let traffic = Traffic::start(&ck, &users, plan.seed, round, 150, 10);
         jitter(&mut rng, 800).await;
         ck.fault_begins(&w).await;
         if crash {
@@ -344,8 +371,7 @@ async fn broker_fault(row: &'static str, label: &str, crash: bool) {
         } else {
             in_blocking(|| broker.start_app());
         }
-        burst.await.expect("burst");
-        load.await.expect("load");
+        traffic.finish().await;
         end_round(&mut ck, &mut w, &users, round).await;
     }
 }
@@ -396,13 +422,7 @@ async fn f06_connection_dropped() {
     let mut ck = Checker::new();
     for round in 0..plan.rounds {
         let mut rng = plan.rng(round);
-        let burst = tokio::spawn(updates(users.clone(), 150, plan.seed ^ u64::from(round)));
-        let load = tokio::spawn(matches(
-            ck.history.clone(),
-            users.clone(),
-            10,
-            format!("r{round}"),
-        ));
+        let traffic = Traffic::start(&ck, &users, plan.seed, round, 150, 10);
         jitter(&mut rng, 800).await;
         ck.fault_begins(&w).await;
         if rng.random_bool(0.5) {
@@ -411,8 +431,7 @@ async fn f06_connection_dropped() {
             let v = w.vhost.as_ref().expect("vhost");
             in_blocking(|| v.close_all_connections());
         }
-        burst.await.expect("burst");
-        load.await.expect("load");
+        traffic.finish().await;
         end_round(&mut ck, &mut w, &users, round).await;
     }
 }
@@ -530,27 +549,9 @@ async fn f09_reordering() {
         let gone = &users[2 * round as usize + 1];
         let mut pop = Population::new(plan.seed ^ u64::from(round));
         for i in 0..3 {
-            u.api
-                .request(
-                    Method::PUT,
-                    "/api/v1/me/profile",
-                    Some(&u.token),
-                    Some(&pop.profile(i)),
-                    &[],
-                )
-                .await
-                .expect(200);
+            u.put_profile_json(&pop.profile(i)).await.expect(200);
         }
-        gone.api
-            .request(
-                Method::PUT,
-                "/api/v1/me/profile",
-                Some(&gone.token),
-                Some(&pop.profile(9)),
-                &[],
-            )
-            .await
-            .expect(200);
+        gone.put_profile_json(&pop.profile(9)).await.expect(200);
         gone.delete_me().await.expect(204);
         let pool = w.wait_converged(LIVENESS).await;
         tap.wait_for_seq(pool.seq).await;
@@ -860,17 +861,7 @@ async fn f13_poison_message() {
         let burst = tokio::spawn(updates(users.clone(), 120, seed));
         jitter(&mut rng, 300).await;
         let profile = Population::new(seed).profile(round as usize);
-        victim
-            .api
-            .request(
-                Method::PUT,
-                "/api/v1/me/profile",
-                Some(&victim.token),
-                Some(&profile),
-                &[],
-            )
-            .await
-            .expect(200);
+        victim.put_profile_json(&profile).await.expect(200);
         burst.await.expect("burst");
         let poison: u64 = in_blocking(|| {
             rusqlite::Connection::open(&relay)
@@ -1028,17 +1019,10 @@ async fn f16_relay_crash() {
     let mut ck = Checker::new();
     for round in 0..plan.rounds {
         let mut rng = plan.rng(round);
-        let burst = tokio::spawn(updates(users.clone(), 100, plan.seed ^ u64::from(round)));
-        let load = tokio::spawn(matches(
-            ck.history.clone(),
-            users.clone(),
-            20,
-            format!("r{round}"),
-        ));
+        let traffic = Traffic::start(&ck, &users, plan.seed, round, 100, 20);
         jitter(&mut rng, 600).await;
         w.relay.kill_9();
-        burst.await.expect("burst");
-        load.await.expect("load");
+        traffic.finish().await;
         w.relay.restart().await;
         w.relay.wait_ready().await;
         end_round(&mut ck, &mut w, &users, round).await;
@@ -1127,35 +1111,11 @@ async fn f19_relay_restored_from_backup() {
     let mut ck = Checker::new();
     for round in 0..plan.rounds {
         let mut rng = plan.rng(round);
-        w.relay.kill_9();
-        let data = w.relay.data_dir().to_path_buf();
-        let backup = tempfile::tempdir().expect("backup dir");
-        for f in std::fs::read_dir(&data).expect("data dir") {
-            let f = f.expect("entry");
-            std::fs::copy(f.path(), backup.path().join(f.file_name())).expect("copy");
-        }
         let old_epoch = w.appliances[0].status().await.expect("status")["epoch"].clone();
-        w.relay.restart().await;
-        w.relay.wait_ready().await;
+        let backup = w.relay.backup().await;
         updates(users.clone(), 40, plan.seed ^ u64::from(round)).await;
         jitter(&mut rng, 500).await;
-        w.relay.kill_9();
-        std::fs::remove_dir_all(&data).expect("remove data");
-        std::fs::create_dir_all(&data).expect("data dir");
-        for f in std::fs::read_dir(backup.path()).expect("backup") {
-            let f = f.expect("entry");
-            std::fs::copy(f.path(), data.join(f.file_name())).expect("restore");
-        }
-        let out = w
-            .relay
-            .command()
-            .args(["admin", "new-epoch", "--config"])
-            .arg(w.relay.config_path())
-            .output()
-            .expect("admin new-epoch");
-        assert!(out.status.success(), "{out:?}");
-        w.relay.restart().await;
-        w.relay.wait_ready().await;
+        w.relay.restore_with_new_epoch(backup.path()).await;
         ck.forget_replica(0);
         ck.check_round(&mut w, LIVENESS).await;
         let s = w.appliances[0].status().await.expect("status");

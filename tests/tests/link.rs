@@ -26,16 +26,7 @@ async fn a_thousand_users_reach_both_replicas_and_updates_deletes_and_matches_fo
     // Updates and withdrawals propagate.
     for (i, u) in users.iter().take(50).enumerate() {
         let body = comatching_tests::population::Population::new(99).profile(i);
-        u.api
-            .request(
-                Method::PUT,
-                "/api/v1/me/profile",
-                Some(&u.token),
-                Some(&body),
-                &[],
-            )
-            .await
-            .expect(200);
+        u.put_profile_json(&body).await.expect(200);
     }
     for u in &users[50..70] {
         u.delete_me().await.expect(204);
@@ -122,37 +113,13 @@ async fn a_relay_restored_from_an_older_copy_with_a_new_epoch_is_taken_whole() {
     let old_epoch = w.appliances[0].status().await.expect("status")["epoch"].clone();
 
     // Back up the relay database (stopped, so the copy is consistent).
-    w.relay.kill_9();
-    let data = w.relay.data_dir().to_path_buf();
-    let backup = tempfile::tempdir().expect("backup dir");
-    for f in std::fs::read_dir(&data).expect("data dir") {
-        let f = f.expect("entry");
-        std::fs::copy(f.path(), backup.path().join(f.file_name())).expect("copy");
-    }
-    w.relay.restart().await;
-    w.relay.wait_ready().await;
+    let backup = w.relay.backup().await;
     w.register(50, 16, 2).await;
     let newer = w.wait_converged(CONVERGE).await;
     assert_eq!(newer.count, 150);
 
     // Restore the older copy, start a new lineage, start the relay on it.
-    w.relay.kill_9();
-    std::fs::remove_dir_all(&data).expect("remove data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    for f in std::fs::read_dir(backup.path()).expect("backup") {
-        let f = f.expect("entry");
-        std::fs::copy(f.path(), data.join(f.file_name())).expect("restore");
-    }
-    let out = w
-        .relay
-        .command()
-        .args(["admin", "new-epoch", "--config"])
-        .arg(w.relay.config_path())
-        .output()
-        .expect("admin new-epoch");
-    assert!(out.status.success(), "{out:?}");
-    w.relay.restart().await;
-    w.relay.wait_ready().await;
+    w.relay.restore_with_new_epoch(backup.path()).await;
 
     let restored = w.wait_converged(CONVERGE).await;
     assert_eq!(
@@ -346,14 +313,7 @@ async fn a_link_key_authenticates_every_message_and_forgeries_are_refused() {
     // Nothing changed: a real update still arrives, the replica equals the relay without a
     // snapshot having been needed (a forged version applied would have forced one).
     users[1]
-        .api
-        .request(
-            Method::PUT,
-            "/api/v1/me/profile",
-            Some(&users[1].token),
-            Some(&comatching_tests::population::Population::new(8).profile(1)),
-            &[],
-        )
+        .put_profile_json(&comatching_tests::population::Population::new(8).profile(1))
         .await
         .expect(200);
     w.wait_converged(CONVERGE).await;

@@ -11,7 +11,6 @@ use comatching_tests::world::{
     World, WorldOptions, drive_matches, drive_matches_open, peak_rss_mb, percentile,
 };
 use futures_util::StreamExt;
-use reqwest::Method;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -118,16 +117,7 @@ async fn run(args: Args) {
     let t = Instant::now();
     futures_util::stream::iter(users.iter().take(burst).zip(bodies))
         .for_each_concurrent(64, |(u, body)| async move {
-            u.api
-                .request(
-                    Method::PUT,
-                    "/api/v1/me/profile",
-                    Some(&u.token),
-                    Some(&body),
-                    &[],
-                )
-                .await
-                .expect(200);
+            u.put_profile_json(&body).await.expect(200);
         })
         .await;
     let put_s = t.elapsed().as_secs_f64();
