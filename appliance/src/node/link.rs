@@ -31,6 +31,7 @@ use tokio::sync::{Semaphore, watch};
 use super::config::Config;
 use super::replica::{Replica, Stuck};
 use super::retry::RetryGate;
+use crate::sync::SyncPlan;
 use comatching_protocol::amqp::LinkAuth;
 use comatching_protocol::config::amqp_url_with_heartbeat;
 
@@ -574,8 +575,6 @@ impl Link {
         let batch = std::mem::take(events);
         let deliveries = std::mem::take(held);
         let replica = self.replica.clone();
-        let max_seq = batch.iter().map(|e| e.seq).max().unwrap_or(0);
-        let batch_epoch = batch[0].epoch;
         let (result, batch) = tokio::task::spawn_blocking(move || {
             let r = replica.apply_blocking(&batch);
             (r, batch)
@@ -589,11 +588,29 @@ impl Link {
                 return self.flush_isolating(batch, deliveries, st).await;
             }
         };
+        self.after_commit(plan.changes.len(), &plan, &batch, st);
+        for d in &deliveries {
+            ack(d).await?;
+        }
+        Ok(())
+    }
+
+    /// What a committed batch (or its committed prefix) tells the link: `changes` applied,
+    /// `plan` the last commit's decision. Asks for a hello on a gap or a needed resync and
+    /// clears a stuck event the cursor has passed.
+    fn after_commit(
+        &self,
+        changes: usize,
+        plan: &SyncPlan,
+        batch: &[SyncEvent],
+        st: &mut SessionState,
+    ) {
+        let max_seq = batch.iter().map(|e| e.seq).max().unwrap_or(0);
         {
             let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
-            l.events_applied += plan.changes.len() as u64;
+            l.events_applied += changes as u64;
             l.gap = plan.gap.map(|g| (g.from, g.to));
-            if plan.resync.is_none() && l.relay_epoch == Some(batch_epoch) {
+            if plan.resync.is_none() && l.relay_epoch == batch.first().map(|e| e.epoch) {
                 l.relay_seq = l.relay_seq.max(max_seq);
             }
         }
@@ -609,11 +626,19 @@ impl Link {
             );
             st.want_hello = true;
         }
-        self.unstick(plan.cursor.applied_seq, st);
-        for d in &deliveries {
-            ack(d).await?;
+        let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
+        if l.stuck
+            .as_ref()
+            .is_some_and(|s| s.seq <= plan.cursor.applied_seq)
+        {
+            let s = l.stuck.take().expect("checked");
+            tracing::info!(
+                seq = s.seq,
+                failures = s.failures,
+                "the stuck sync event is committed; the replica moves on"
+            );
+            st.retry.reset();
         }
-        Ok(())
     }
 
     /// The batch did not commit as a whole: commit its events one by one up to the first that
@@ -633,22 +658,8 @@ impl Link {
         })
         .await
         .map_err(|e| e.to_string())?;
-        let max_seq = batch.iter().map(|e| e.seq).max().unwrap_or(0);
-        {
-            let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
-            l.events_applied += iso.changes as u64;
-            if let Some(plan) = &iso.last {
-                l.gap = plan.gap.map(|g| (g.from, g.to));
-            }
-            if l.relay_epoch == Some(batch[0].epoch) {
-                l.relay_seq = l.relay_seq.max(max_seq);
-            }
-        }
         if let Some(plan) = &iso.last {
-            if plan.resync.is_some() || plan.gap.is_some() {
-                st.want_hello = true;
-            }
-            self.unstick(plan.cursor.applied_seq, st);
+            self.after_commit(iso.changes, plan, &batch, st);
         }
         let Some((bad, err)) = iso.failed else {
             // It went through this time (a transient failure).
@@ -668,13 +679,9 @@ impl Link {
         {
             let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
             l.apply_failures += 1;
-            let failures = match &l.stuck {
-                Some(s) if s.seq == ev.seq => s.failures + 1,
-                _ => 1,
-            };
-            let since_unix_ms = match &l.stuck {
-                Some(s) if s.seq == ev.seq => s.since_unix_ms,
-                _ => now_unix_ms(),
+            let (failures, since_unix_ms) = match &l.stuck {
+                Some(s) if s.seq == ev.seq => (s.failures + 1, s.since_unix_ms),
+                _ => (1, now_unix_ms()),
             };
             l.stuck = Some(Stuck {
                 seq: ev.seq,
@@ -700,20 +707,6 @@ impl Link {
             }
         }
         Ok(())
-    }
-
-    /// The replica's cursor is at `applied_seq`: an event stuck at or below it is behind us.
-    fn unstick(&self, applied_seq: u64, st: &mut SessionState) {
-        let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
-        if l.stuck.as_ref().is_some_and(|s| s.seq <= applied_seq) {
-            let s = l.stuck.take().expect("checked");
-            tracing::info!(
-                seq = s.seq,
-                failures = s.failures,
-                "the stuck sync event is committed; the replica moves on"
-            );
-            st.retry.reset();
-        }
     }
 
     async fn on_hello_ack(&self, a: &HelloAck, st: &mut SessionState) -> Result<(), String> {
@@ -813,6 +806,7 @@ impl Link {
             l.snapshot_in_progress = None;
             l.snapshots_loaded += 1;
             l.stuck = None;
+            st.retry.reset();
             l.relay_epoch = Some(epoch);
             l.relay_seq = hw;
             l.gap = None;
