@@ -33,8 +33,8 @@ pub enum PkiError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the CA in {dir} cannot be used: {why}")]
-    BadCa { dir: PathBuf, why: String },
+    #[error("the CA cannot be used: {0}")]
+    BadCa(String),
     #[error("certificate generation failed: {0}")]
     Crypto(#[from] rcgen::Error),
 }
@@ -46,7 +46,7 @@ impl PkiError {
             PkiError::Invalid(_) => "pki_invalid",
             PkiError::Exists(_) => "pki_exists",
             PkiError::Io { .. } => "pki_io",
-            PkiError::BadCa { .. } => "pki_bad_ca",
+            PkiError::BadCa(_) => "pki_bad_ca",
             PkiError::Crypto(_) => "pki_crypto",
         }
     }
@@ -149,10 +149,7 @@ pub fn issue(ca: &Pem, spec: &LeafSpec, now: OffsetDateTime) -> Result<Pem, PkiE
             "a server certificate needs at least one --dns name or --ip address".into(),
         ));
     }
-    let bad_ca = |why: String| PkiError::BadCa {
-        dir: PathBuf::from("(memory)"),
-        why,
-    };
+    let bad_ca = PkiError::BadCa;
     let ca_key = KeyPair::from_pem(&ca.key).map_err(|e| bad_ca(format!("key: {e}")))?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert, &ca_key)
         .map_err(|e| bad_ca(format!("certificate: {e}")))?;
@@ -265,10 +262,7 @@ pub fn issue_into_dir(dir: &Path, spec: &LeafSpec) -> Result<(PathBuf, PathBuf),
         key: read(CA_KEY)?,
     };
     let leaf = issue(&ca, spec, OffsetDateTime::now_utc()).map_err(|e| match e {
-        PkiError::BadCa { why, .. } => PkiError::BadCa {
-            dir: dir.to_owned(),
-            why,
-        },
+        PkiError::BadCa(why) => PkiError::BadCa(format!("{}: {why}", dir.display())),
         other => other,
     })?;
     write_new(&key, &leaf.key, 0o600)?;

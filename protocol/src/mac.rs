@@ -62,19 +62,9 @@ impl LinkKey {
     /// Parses the key file's text: 64 hex digits, surrounding whitespace ignored.
     pub fn from_hex(text: &str) -> Result<LinkKey, MacError> {
         let t = text.trim();
-        if t.len() != KEY_LEN * 2 {
-            return Err(MacError::BadKey(format!(
-                "expected {} hex digits, found {} characters",
-                KEY_LEN * 2,
-                t.len()
-            )));
-        }
         let mut key = [0u8; KEY_LEN];
-        for (i, pair) in t.as_bytes().chunks(2).enumerate() {
-            let hex = std::str::from_utf8(pair).map_err(|_| MacError::BadKey("not hex".into()))?;
-            key[i] = u8::from_str_radix(hex, 16)
-                .map_err(|_| MacError::BadKey(format!("not hex: {hex:?}")))?;
-        }
+        hex::decode_to_slice(t, &mut key)
+            .map_err(|e| MacError::BadKey(format!("expected {} hex digits: {e}", KEY_LEN * 2)))?;
         if key.iter().all(|&b| b == key[0]) {
             return Err(MacError::BadKey(
                 "a key of one repeated byte is not a key".into(),
@@ -84,7 +74,7 @@ impl LinkKey {
     }
 
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.0)
     }
 
     fn mac(&self) -> Hmac<Sha256> {
