@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A run from a clean checkout gains nothing from incremental caches, which only cost disk (CI once
+# ran out of space mid-build); set CARGO_INCREMENTAL=1 to keep them while iterating.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 step() { printf '\n==> %s\n' "$*" >&2; }
 
 step "broker"
