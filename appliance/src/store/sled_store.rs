@@ -69,13 +69,35 @@ fn decode_meta(b: &[u8]) -> Result<ReplicaMeta, StoreError> {
     })
 }
 
+/// How long `open` waits for the file lock of a handle that is closing.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `sled::open`, waiting a little for the file lock: a dropped `sled::Db` releases it only when
+/// its background flusher thread has finished, a moment later, so an immediate reopen in the
+/// same process could fail with "could not acquire lock". Another live process holding the
+/// directory still fails, after [`LOCK_PATIENCE`].
+fn open_waiting_for_lock(path: &Path) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match sled::open(path) {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl SledStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let err = |source| StoreError::Sled {
             path: path.to_owned(),
             source,
         };
-        let db = sled::open(path).map_err(err)?;
+        let db = open_waiting_for_lock(path).map_err(err)?;
         let generation = match db.get(ACTIVE).map_err(err)? {
             Some(v) => {
                 u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::CorruptMeta {
