@@ -11,26 +11,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use comatching_protocol::amqp::LinkAuth;
+use comatching_protocol::amqp::{LinkAuth, declare_shared_topology};
+use comatching_protocol::topology::LEGACY_MATCH_QUEUE;
 use futures_util::StreamExt;
-use lapin::options::{
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::tcp::OwnedTLSConfig;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Connection, ExchangeKind};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
 use tokio::sync::{Notify, watch};
 
 use crate::config;
 use comatching_protocol::config::amqp_url_with_heartbeat;
-
-pub const SYNC_EXCHANGE: &str = "comatching.sync";
-pub const MATCH_QUEUE: &str = "comatching.match";
-pub const DEAD_EXCHANGE: &str = "comatching.dead";
-pub const DEAD_QUEUE: &str = "comatching.dead";
-pub const CONTROL_QUEUE: &str = "comatching.control";
-/// Deliveries of one match request before it is dead-lettered.
-pub const MATCH_DELIVERY_LIMIT: i64 = 5;
 
 /// One live connection and the channels the relay uses on it.
 pub struct Session {
@@ -106,88 +97,50 @@ pub fn supervisor(
     Ok((BrokerSupervisor { cfg, tls, tx }, BrokerHandle { rx, auth }))
 }
 
-pub fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in pairs {
-        t.insert(ShortString::from(*k), v.clone());
+/// Declares the shared topology, then deletes the match queue of earlier releases once no
+/// consumer is left on it (an appliance still running an old release keeps it alive; the next
+/// connect looks again). Its requests, if any, are long past their deadlines.
+async fn declare_topology(connection: &Connection) -> lapin::Result<()> {
+    let setup = connection.create_channel().await?;
+    declare_shared_topology(&setup).await?;
+    let _ = setup.close(200, "topology declared".into()).await;
+    // Quorum queues refuse `if-unused` deletes (with a connection error), so look first. A
+    // missing queue, or no permission to see it, fails this channel only.
+    let legacy = connection.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let Ok(q) = legacy
+        .queue_declare(LEGACY_MATCH_QUEUE.into(), passive, FieldTable::default())
+        .await
+    else {
+        return Ok(());
+    };
+    if q.consumer_count() > 0 {
+        tracing::info!(
+            queue = LEGACY_MATCH_QUEUE,
+            consumers = q.consumer_count(),
+            "old match queue kept while an old appliance consumes it"
+        );
+    } else {
+        match legacy
+            .queue_delete(LEGACY_MATCH_QUEUE.into(), QueueDeleteOptions::default())
+            .await
+        {
+            Ok(_) => tracing::info!(queue = LEGACY_MATCH_QUEUE, "old match queue deleted"),
+            Err(e) => {
+                tracing::warn!(queue = LEGACY_MATCH_QUEUE, error = %e, "could not delete the old match queue")
+            }
+        }
     }
-    t
-}
-
-pub fn long_str(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s))
-}
-
-/// Declares everything the relay publishes to. Idempotent; run on every connect, so a wiped
-/// broker gets its topology back without a human.
-async fn declare_topology(ch: &Channel) -> lapin::Result<()> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.exchange_declare(
-        SYNC_EXCHANGE.into(),
-        ExchangeKind::Fanout,
-        durable,
-        FieldTable::default(),
-    )
-    .await?;
-    ch.exchange_declare(
-        DEAD_EXCHANGE.into(),
-        ExchangeKind::Fanout,
-        durable,
-        FieldTable::default(),
-    )
-    .await?;
-    let durable_q = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.queue_declare(DEAD_QUEUE.into(), durable_q, FieldTable::default())
-        .await?;
-    ch.queue_bind(
-        DEAD_QUEUE.into(),
-        DEAD_EXCHANGE.into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_declare(
-        MATCH_QUEUE.into(),
-        durable_q,
-        args(&[
-            ("x-queue-type", long_str("quorum")),
-            (
-                "x-delivery-limit",
-                AMQPValue::LongLongInt(MATCH_DELIVERY_LIMIT),
-            ),
-            ("x-dead-letter-exchange", long_str(DEAD_EXCHANGE)),
-        ]),
-    )
-    .await?;
-    ch.queue_declare(CONTROL_QUEUE.into(), durable_q, control_queue_args())
-        .await?;
+    let _ = legacy.close(200, "legacy queue checked".into()).await;
     Ok(())
-}
-
-/// The control queue's arguments; the appliance declares it with exactly these too.
-pub fn control_queue_args() -> FieldTable {
-    args(&[
-        ("x-queue-type", long_str("quorum")),
-        (
-            "x-delivery-limit",
-            AMQPValue::LongLongInt(MATCH_DELIVERY_LIMIT),
-        ),
-        ("x-dead-letter-exchange", long_str(DEAD_EXCHANGE)),
-    ])
 }
 
 async fn connect(url: &str, tls: &OwnedTLSConfig, id: u64) -> lapin::Result<Session> {
     let connection = comatching_protocol::amqp::connect(url, tls).await?;
-    let setup = connection.create_channel().await?;
-    declare_topology(&setup).await?;
-    let _ = setup.close(200, "topology declared".into()).await;
+    declare_topology(&connection).await?;
     let outbox = connection.create_channel().await?;
     outbox
         .confirm_select(ConfirmSelectOptions::default())

@@ -24,11 +24,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::broker::{BrokerHandle, CONTROL_QUEUE, Session};
+use crate::broker::{BrokerHandle, Session};
 use crate::db::{Db, meta_u64, now_ms};
 use crate::error::ApiError;
 use crate::{outbox, profiles};
 use comatching_protocol::amqp::LinkAuth;
+use comatching_protocol::topology::CONTROL_QUEUE;
 
 /// Outbox rows kept below the slowest appliance's position, so a briefly lagging or new
 /// appliance can catch up by replay instead of a snapshot.

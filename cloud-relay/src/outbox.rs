@@ -18,9 +18,10 @@ use lapin::{BasicProperties, Confirmation};
 use rusqlite::{Connection, params};
 use tokio::sync::{Notify, watch};
 
-use crate::broker::{BrokerHandle, SYNC_EXCHANGE};
+use crate::broker::BrokerHandle;
 use crate::db::{Db, meta_set, meta_u64, now_ms};
 use crate::error::ApiError;
+use comatching_protocol::topology::SYNC_EXCHANGE;
 
 pub enum OutboxOp {
     Upsert(Features),

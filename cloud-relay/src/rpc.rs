@@ -1,4 +1,4 @@
-//! The match RPC client: sends a `MatchRequest` to the shared `comatching.match` queue and waits,
+//! The match RPC client: sends a `MatchRequest` to the shared match queue and waits,
 //! until the request's deadline and no longer, for the `MatchReply` on direct reply-to.
 //!
 //! Direct reply-to ties replies to the channel that published the request, so each broker
@@ -19,7 +19,8 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
 use tokio::sync::{oneshot, watch};
 
-use crate::broker::{BrokerHandle, MATCH_QUEUE, Session};
+use crate::broker::{BrokerHandle, Session};
+use comatching_protocol::topology::MATCH_QUEUE;
 
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
@@ -135,8 +136,11 @@ impl MatchRpc {
             BasicProperties::default()
                 .with_correlation_id(correlation.into())
                 .with_reply_to(REPLY_TO.into())
+                // Gone from the queue when the caller stops waiting for it.
                 .with_expiration(left.as_millis().to_string().into())
-                .with_delivery_mode(2)
+                // Transient: a request the broker loses in a crash is voided by our deadline,
+                // as one that outlives it would be; writing it to disk buys nothing.
+                .with_delivery_mode(1)
                 .with_content_type("application/x-comatching".into()),
             &body,
         );

@@ -2,14 +2,19 @@
 # `definitions.local.path` at node boot and by `rabbitmqctl import_definitions`), with builtins
 # only so it evaluates and is tested offline (nix/tests/rabbitmq.nix).
 #
-# It must stay equivalent to what the binaries declare themselves (cloud-relay/src/broker.rs,
+# It must stay equivalent to what the binaries declare themselves (protocol/src/topology.rs and
+# comatching_protocol::amqp::declare_shared_topology; the appliance's own sync queue in
 # appliance/src/node/link.rs): RabbitMQ refuses a redeclare with different arguments.
 #
-#   comatching.sync           fanout exchange, durable            relay → every appliance
-#   comatching.sync.<id>      quorum queue per appliance, bound   single active consumer
-#   comatching.match          quorum queue                        relay → any appliance (RPC)
-#   comatching.control        quorum queue                        appliance hellos → relay
-#   comatching.dead           fanout exchange + durable queue     dead letters of all the above
+#   comatching.sync             fanout exchange, durable            relay → every appliance
+#   comatching.sync.<id>        quorum queue per appliance, bound   single active consumer
+#   comatching.match.requests   classic queue, TTL cap              relay → any appliance (RPC)
+#   comatching.control          quorum queue                        appliance hellos → relay
+#   comatching.dead             fanout exchange + durable queue     dead letters of all the above
+#
+# `comatching.match` (a quorum queue) was the match queue of earlier releases; a queue's type
+# cannot change in place, so the relay deletes it once no consumer is left (it may configure it
+# for that, nothing else).
 #
 # Users: `relay`, and `appliance-<id>` per appliance, each with the narrowest permissions the
 # code's own declarations allow (see `permissions` below). No `guest`: the definitions cannot
@@ -31,8 +36,11 @@ let
   syncExchange = "comatching.sync";
   deadExchange = "comatching.dead";
   deadQueue = "comatching.dead";
-  matchQueue = "comatching.match";
+  matchQueue = "comatching.match.requests";
+  legacyMatchQueue = "comatching.match";
   controlQueue = "comatching.control";
+  # The longest deadline the relay accepts (matching.deadline_ms ≤ 120 s).
+  matchQueueTtlMs = 120000;
 
   # Same rule as comatching_protocol::ApplianceId: 1–64 of a-z, 0-9, '-', not starting with
   # '-'. It also makes the id safe to splice into a permission regex.
@@ -62,12 +70,14 @@ let
   # replies to direct reply-to) needs write on `amq.default`, which RabbitMQ cannot narrow by
   # routing key.
   relayPermissions = {
-    # declares both exchanges, the dead-letter queue and the two shared quorum queues
+    # declares both exchanges, the dead-letter queue, the match and control queues; looks up
+    # and deletes the match queue of earlier releases
     configure = exactly [
       syncExchange
       deadExchange
       matchQueue
       controlQueue
+      legacyMatchQueue
     ];
     # publishes events to comatching.sync, everything else through the default exchange; binds
     # comatching.dead (queue) to comatching.dead (exchange)
@@ -170,9 +180,16 @@ let
         auto_delete = false;
       };
 
-      sharedQuorum = {
+      controlArgs = {
         "x-queue-type" = "quorum";
         "x-delivery-limit" = checkLimit "deliveryLimit" deliveryLimit;
+        "x-dead-letter-exchange" = deadExchange;
+      };
+
+      # Transient requests that are worthless after their deadline: no replicated log.
+      matchArgs = {
+        "x-queue-type" = "classic";
+        "x-message-ttl" = matchQueueTtlMs;
         "x-dead-letter-exchange" = deadExchange;
       };
 
@@ -195,8 +212,8 @@ let
       ];
       queues = [
         (queue deadQueue { })
-        (queue matchQueue sharedQuorum)
-        (queue controlQueue sharedQuorum)
+        (queue matchQueue matchArgs)
+        (queue controlQueue controlArgs)
       ]
       ++ map (
         id:
@@ -327,7 +344,9 @@ in
       deadExchange
       deadQueue
       matchQueue
+      legacyMatchQueue
       controlQueue
+      matchQueueTtlMs
       ;
   };
 }

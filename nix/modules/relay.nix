@@ -420,7 +420,7 @@ in
       deliveryLimit = mkOption {
         type = types.ints.positive;
         default = 5;
-        description = "x-delivery-limit of comatching.match and comatching.control (must equal the binaries').";
+        description = "x-delivery-limit of comatching.control (must equal the binaries'). Match requests have no delivery limit: they expire with their deadline.";
       };
 
       syncDeliveryLimit = mkOption {

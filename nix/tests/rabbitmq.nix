@@ -26,8 +26,7 @@ let
 
   # Drift checks: the constants in the Rust sources must equal the generator's.
   source = path: builtins.readFile (../.. + "/${path}");
-  relayBroker = source "cloud-relay/src/broker.rs";
-  applianceLink = source "appliance/src/node/link.rs";
+  topology = source "protocol/src/topology.rs";
   applianceConfig = source "appliance/src/node/config.rs";
   rustConst =
     src: name:
@@ -104,7 +103,7 @@ import ./harness.nix [
     actual = map (q: q.name) defs.queues;
     expected = [
       "comatching.dead"
-      "comatching.match"
+      "comatching.match.requests"
       "comatching.control"
       "comatching.sync.edge-1"
       "comatching.sync.box-2"
@@ -122,17 +121,21 @@ import ./harness.nix [
   }
   {
     name = "match-queue-arguments";
-    actual = (queue "comatching.match").arguments;
+    actual = (queue "comatching.match.requests").arguments;
     expected = {
-      "x-queue-type" = "quorum";
-      "x-delivery-limit" = 5;
+      "x-queue-type" = "classic";
+      "x-message-ttl" = 120000;
       "x-dead-letter-exchange" = "comatching.dead";
     };
   }
   {
     name = "control-queue-arguments";
     actual = (queue "comatching.control").arguments;
-    expected = (queue "comatching.match").arguments;
+    expected = {
+      "x-queue-type" = "quorum";
+      "x-delivery-limit" = 5;
+      "x-dead-letter-exchange" = "comatching.dead";
+    };
   }
   {
     name = "sync-queue-arguments";
@@ -157,7 +160,7 @@ import ./harness.nix [
       map (q: q.arguments."x-delivery-limit" or null) d.queues;
     expected = [
       null
-      7
+      null
       7
       9
     ];
@@ -189,13 +192,15 @@ import ./harness.nix [
     actual = map (allows relay.configure) [
       "comatching.sync"
       "comatching.dead"
-      "comatching.match"
+      "comatching.match.requests"
       "comatching.control"
+      "comatching.match"
       "comatching.sync.edge-1"
       "comatchingXsync"
       "amq.default"
     ];
     expected = [
+      true
       true
       true
       true
@@ -211,7 +216,7 @@ import ./harness.nix [
       "comatching.sync"
       "amq.default"
       "comatching.dead"
-      "comatching.match"
+      "comatching.match.requests"
       "amq.direct"
     ];
     expected = [
@@ -228,7 +233,7 @@ import ./harness.nix [
       "comatching.control"
       "amq.rabbitmq.reply-to"
       "comatching.dead"
-      "comatching.match"
+      "comatching.match.requests"
       "comatching.sync.edge-1"
     ];
     expected = [
@@ -245,6 +250,7 @@ import ./harness.nix [
       "comatching.sync.edge-1"
       "comatching.sync.box-2"
       "comatching.sync.edge-10"
+      "comatching.match.requests"
       "comatching.match"
     ];
     expected = [
@@ -252,6 +258,7 @@ import ./harness.nix [
       false
       false
       true
+      false
     ];
   }
   {
@@ -276,7 +283,7 @@ import ./harness.nix [
   {
     name = "appliance-reads";
     actual = map (allows edge.read) [
-      "comatching.match"
+      "comatching.match.requests"
       "comatching.sync.edge-1"
       "comatching.sync"
       "comatching.sync.box-2"
@@ -462,41 +469,26 @@ import ./harness.nix [
     ];
   }
   {
-    name = "drift:relay-names";
-    actual = map (rustConst relayBroker) [
+    name = "drift:names";
+    actual = map (rustConst topology) [
       "SYNC_EXCHANGE"
       "MATCH_QUEUE"
+      "LEGACY_MATCH_QUEUE"
       "DEAD_EXCHANGE"
       "DEAD_QUEUE"
       "CONTROL_QUEUE"
-      "MATCH_DELIVERY_LIMIT"
+      "CONTROL_DELIVERY_LIMIT"
+      "MATCH_QUEUE_TTL_MS"
     ];
     expected = with rmq.names; [
       syncExchange
       matchQueue
+      legacyMatchQueue
       deadExchange
       deadQueue
       controlQueue
       "5"
-    ];
-  }
-  {
-    name = "drift:appliance-names";
-    actual = map (rustConst applianceLink) [
-      "SYNC_EXCHANGE"
-      "MATCH_QUEUE"
-      "DEAD_EXCHANGE"
-      "DEAD_QUEUE"
-      "CONTROL_QUEUE"
-      "SHARED_DELIVERY_LIMIT"
-    ];
-    expected = with rmq.names; [
-      syncExchange
-      matchQueue
-      deadExchange
-      deadQueue
-      controlQueue
-      "5"
+      (toString matchQueueTtlMs)
     ];
   }
   {

@@ -1,15 +1,22 @@
 //! Connecting to the broker, for both binaries (feature `amqp`): plain AMQP, or AMQPS with the
 //! broker's certificate checked against our own CA only and, when configured, a client
 //! certificate. The files are read once, at start, by [`tls_config`], so a missing or unreadable
-//! file stops the service with its name instead of failing every reconnect.
+//! file stops the service with its name instead of failing every reconnect. Also the one
+//! declaration of the shared topology ([`declare_shared_topology`]), so the two services cannot
+//! drift apart (RabbitMQ refuses a redeclare with other arguments).
 
-use lapin::BasicProperties;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
-use lapin::types::{AMQPValue, ByteArray, FieldTable, ShortString};
+use lapin::types::{AMQPValue, ByteArray, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, ExchangeKind};
 use lapin::{Connection, ConnectionProperties};
 
 use crate::config::{BrokerSettings, ConfigError};
 use crate::mac::{LinkKey, MAC_HEADER, MacError};
+use crate::topology::{
+    CONTROL_DELIVERY_LIMIT, CONTROL_QUEUE, DEAD_EXCHANGE, DEAD_QUEUE, MATCH_QUEUE,
+    MATCH_QUEUE_TTL_MS, SYNC_EXCHANGE,
+};
 
 /// Reads the link key named by `broker.link_key_file`, if any.
 pub fn link_key(settings: &BrokerSettings) -> Result<Option<LinkKey>, ConfigError> {
@@ -131,6 +138,78 @@ pub fn tls_config(settings: &BrokerSettings) -> Result<OwnedTLSConfig, ConfigErr
         identity,
         cert_chain,
     })
+}
+
+/// A queue-arguments table.
+pub fn queue_args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+/// An AMQP string value.
+pub fn text(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v))
+}
+
+/// Declares what both services use, identically from either side (idempotent, so it runs on
+/// every connect and a wiped broker gets its topology back unattended): the sync and dead-letter
+/// exchanges, the dead-letter queue, the control queue and the match queue. An appliance then
+/// declares its own sync queue.
+pub async fn declare_shared_topology(ch: &Channel) -> lapin::Result<()> {
+    let durable_x = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_q = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for exchange in [SYNC_EXCHANGE, DEAD_EXCHANGE] {
+        ch.exchange_declare(
+            exchange.into(),
+            ExchangeKind::Fanout,
+            durable_x,
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    ch.queue_declare(DEAD_QUEUE.into(), durable_q, FieldTable::default())
+        .await?;
+    ch.queue_bind(
+        DEAD_QUEUE.into(),
+        DEAD_EXCHANGE.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(
+        CONTROL_QUEUE.into(),
+        durable_q,
+        queue_args(&[
+            ("x-queue-type", text("quorum")),
+            (
+                "x-delivery-limit",
+                AMQPValue::LongLongInt(CONTROL_DELIVERY_LIMIT),
+            ),
+            ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
+        ]),
+    )
+    .await?;
+    ch.queue_declare(
+        MATCH_QUEUE.into(),
+        durable_q,
+        queue_args(&[
+            ("x-queue-type", text("classic")),
+            ("x-message-ttl", AMQPValue::LongLongInt(MATCH_QUEUE_TTL_MS)),
+            ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
+        ]),
+    )
+    .await?;
+    Ok(())
 }
 
 /// One connection attempt to `url` (which carries the heartbeat) with `tls`.

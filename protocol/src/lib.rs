@@ -15,6 +15,7 @@ pub mod error;
 pub mod ids;
 pub mod mac;
 pub mod options;
+pub mod topology;
 pub mod wire;
 
 pub use digest::Digest;

@@ -1,6 +1,6 @@
 //! A scripted stand-in for the appliance on the match queue.
 //!
-//! It consumes `comatching.match` in a test's vhost (waiting, with a passive declare, until the
+//! It consumes the match queue in a test's vhost (waiting, with a passive declare, until the
 //! relay has declared it), decodes each `MatchRequest`, records it with its AMQP properties, asks
 //! the test's script what to do, and answers on the request's `reply_to` with the correlation id
 //! copied — or stays silent, or answers late. It never ranks anything itself: the script decides
@@ -26,8 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::{PATIENCE, wait_for};
 
-/// The relay's match queue.
-pub const MATCH_QUEUE: &str = "comatching.match";
+pub use comatching_protocol::topology::MATCH_QUEUE;
 
 /// What the responder does with one request.
 pub enum ResponderAction {

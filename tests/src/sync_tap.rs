@@ -19,8 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::PATIENCE;
 
-/// The relay's sync exchange.
-pub const SYNC_EXCHANGE: &str = "comatching.sync";
+pub use comatching_protocol::topology::SYNC_EXCHANGE;
 
 /// One delivery from the sync exchange.
 #[derive(Clone, Debug)]

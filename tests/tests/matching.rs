@@ -2,6 +2,7 @@
 //! hard filters against its own truth, the points it reserves, charges and refunds, and what it
 //! does when the matcher is silent or late.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use comatching_protocol::{AgePreference, Criterion, Important, ReplyStatus, UserId};
@@ -112,7 +113,8 @@ async fn a_match_reveals_the_partner_and_charges_the_cost() {
         "direct reply-to expected: {:?}",
         s.reply_to
     );
-    assert_eq!(s.delivery_mode, Some(2), "requests are persistent");
+    // Transient: a request lost with the broker is voided by the relay's deadline anyway.
+    assert_eq!(s.delivery_mode, Some(1), "requests are transient");
     let ttl: u64 = s
         .expiration
         .as_deref()
@@ -662,14 +664,17 @@ async fn history_lists_my_matches_newest_first() {
     assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
 }
 
-/// The relay declares the broker topology the appliance relies on: the durable quorum match
-/// queue with a delivery limit and dead-lettering, and the dead-letter exchange and queue.
-/// A message nobody can process ends up in `comatching.dead` instead of cycling forever.
+/// The relay declares the broker topology the appliance relies on: a durable classic match
+/// queue with a TTL cap and dead-lettering, and the dead-letter exchange and queue. A request
+/// nobody can process leaves the queue by its expiration at the latest (requeued forever by a
+/// consumer that keeps failing on it) and lands in `comatching.dead`, as does one a consumer
+/// rejects; nothing cycles forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_match_queue_dead_letters_poison_messages() {
+async fn the_match_queue_dead_letters_what_expires_or_is_rejected() {
     use futures_util::StreamExt;
     use lapin::options::{
         BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+        BasicRejectOptions,
     };
     use lapin::types::FieldTable;
     use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -679,94 +684,205 @@ async fn the_match_queue_dead_letters_poison_messages() {
     let responder = Responder::start(&env.amqp_url(), |_| ResponderAction::Silent).await;
     drop(responder);
 
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "-n", "rabbit@localhost", "list_queues", "-p"])
-        .arg(env.vhost.name())
-        .args([
-            "name",
-            "type",
-            "durable",
-            "arguments",
-            "--formatter",
-            "json",
-        ])
-        .output()
-        .expect("rabbitmqctl list_queues");
-    let queues: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("list_queues prints JSON");
-    let find = |name: &str| {
-        queues
-            .as_array()
-            .and_then(|qs| qs.iter().find(|q| q["name"] == name))
-            .unwrap_or_else(|| panic!("queue {name} not declared: {queues}"))
-            .clone()
-    };
-    let matchq = find("comatching.match");
-    assert_eq!(matchq["type"], "quorum", "{matchq}");
+    let queues = list_queues(&env.vhost);
+    let matchq = find_queue(&queues, "comatching.match.requests")
+        .unwrap_or_else(|| panic!("match queue not declared: {queues}"));
+    assert_eq!(matchq["type"], "classic", "{matchq}");
     assert_eq!(matchq["durable"], true, "{matchq}");
-    let args = matchq["arguments"].to_string();
-    assert!(args.contains("x-delivery-limit"), "{matchq}");
-    assert!(args.contains("comatching.dead"), "{matchq}");
-    let dead = find("comatching.dead");
+    // rabbitmqctl prints arguments as [name, type, value] triples.
+    let arg = |name: &str| {
+        matchq["arguments"]
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t[0] == name))
+            .map(|t| t[2].clone())
+    };
+    assert_eq!(arg("x-message-ttl"), Some(120_000.into()), "{matchq}");
+    assert_eq!(
+        arg("x-dead-letter-exchange"),
+        Some("comatching.dead".into()),
+        "{matchq}"
+    );
+    let dead = find_queue(&queues, "comatching.dead").expect("dead-letter queue");
     assert_eq!(dead["durable"], true, "{dead}");
+    assert!(
+        find_queue(&queues, "comatching.match").is_none(),
+        "no quorum match queue of the old layout: {queues}"
+    );
 
-    // A poison message: rejected with requeue by every consumer that sees it.
     let conn = Connection::connect(&env.amqp_url(), ConnectionProperties::default())
         .await
         .expect("connect");
     let ch = conn.create_channel().await.expect("channel");
-    ch.basic_publish(
-        "".into(),
-        "comatching.match".into(),
-        BasicPublishOptions::default(),
-        b"not a match request",
-        BasicProperties::default().with_delivery_mode(2),
-    )
-    .await
-    .expect("publish");
+    for body in [&b"requeued forever"[..], &b"rejected"[..]] {
+        ch.basic_publish(
+            "".into(),
+            "comatching.match.requests".into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_expiration("300".into()),
+        )
+        .await
+        .expect("publish");
+    }
     let mut consumer = ch
         .basic_consume(
-            "comatching.match".into(),
-            "poison-rejecter".into(),
+            "comatching.match.requests".into(),
+            "poison-handler".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
         .expect("consume");
-    let rejecter = tokio::spawn(async move {
-        let mut deliveries = 0u32;
+    let handler = tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
-            deliveries += 1;
-            let _ = d
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await;
-            if deliveries > 20 {
-                break;
+            if d.data == b"rejected" {
+                let _ = d.reject(BasicRejectOptions { requeue: false }).await;
+            } else {
+                let _ = d
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
             }
         }
-        deliveries
     });
     let ch2 = conn.create_channel().await.expect("channel");
-    let dead_lettered = comatching_tests::wait_for(
+    let reasons = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+    comatching_tests::wait_for(
         comatching_tests::PATIENCE,
-        "the poison message in comatching.dead",
+        "both messages in comatching.dead",
         || {
-            let ch2 = ch2.clone();
+            let (ch2, reasons) = (ch2.clone(), reasons.clone());
             async move {
-                ch2.basic_get("comatching.dead".into(), BasicGetOptions { no_ack: true })
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|m| m.delivery.data.clone())
+                let got = ch2
+                    .basic_get("comatching.dead".into(), BasicGetOptions { no_ack: true })
+                    .await;
+                let mut reasons = reasons.lock().unwrap();
+                if let Some(m) = got.ok().flatten() {
+                    let body = String::from_utf8_lossy(&m.delivery.data).into_owned();
+                    reasons.insert(body, death_reason(&m.delivery.properties));
+                }
+                (reasons.len() == 2).then_some(())
             }
         },
     )
     .await;
-    assert_eq!(dead_lettered, b"not a match request");
-    rejecter.abort();
+    let reasons = reasons.lock().unwrap().clone();
+    handler.abort();
+    assert_eq!(reasons["requeued forever"], "expired", "{reasons:?}");
+    assert_eq!(reasons["rejected"], "rejected", "{reasons:?}");
+}
+
+/// The reason of a dead-lettered message's first `x-death` entry ("" when absent).
+fn death_reason(props: &lapin::BasicProperties) -> String {
+    use lapin::types::AMQPValue;
+    let first = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-death").cloned());
+    let Some(AMQPValue::FieldArray(deaths)) = first else {
+        return String::new();
+    };
+    match deaths.as_slice().first() {
+        Some(AMQPValue::FieldTable(t)) => match t.inner().get("reason") {
+            Some(AMQPValue::LongString(r)) => String::from_utf8_lossy(r.as_bytes()).into_owned(),
+            _ => String::new(),
+        },
+        _ => String::new(),
+    }
+}
+
+/// `rabbitmqctl list_queues` of a vhost, as JSON.
+fn list_queues(vhost: &comatching_tests::Vhost) -> serde_json::Value {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "-n", "rabbit@localhost", "list_queues", "-p"])
+        .arg(vhost.name())
+        .args([
+            "name",
+            "type",
+            "durable",
+            "arguments",
+            "consumers",
+            "--formatter",
+            "json",
+        ])
+        .output()
+        .expect("rabbitmqctl list_queues");
+    serde_json::from_slice(&out.stdout).expect("list_queues prints JSON")
+}
+
+fn find_queue(queues: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
+    queues
+        .as_array()
+        .and_then(|qs| qs.iter().find(|q| q["name"] == name))
+        .cloned()
+}
+
+/// Upgrading a broker that still has the quorum `comatching.match` of earlier releases: the
+/// relay comes up regardless, leaves the old queue alone while an old appliance still consumes
+/// it, and deletes it on its next connect once nobody does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_retires_the_old_match_queue() {
+    use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    use lapin::{Connection, ConnectionProperties};
+
+    let vhost = comatching_tests::Vhost::create("legacy-match-queue");
+    let old = Connection::connect(&vhost.amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = old.create_channel().await.expect("channel");
+    let mut legacy_args = FieldTable::default();
+    legacy_args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    legacy_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(5));
+    ch.queue_declare(
+        "comatching.match".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        legacy_args,
+    )
+    .await
+    .expect("declare the old queue");
+    let old_consumer = ch
+        .basic_consume(
+            "comatching.match".into(),
+            "old-appliance".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume the old queue");
+
+    let mut relay =
+        comatching_tests::RelayProcess::start(comatching_tests::RelayConfig::new(vhost.amqp_url()))
+            .await;
+    relay.wait_ready().await;
+    let kept = find_queue(&list_queues(&vhost), "comatching.match");
+    assert!(kept.is_some(), "an old queue still consumed is kept");
+
+    drop(old_consumer);
+    old.close(200, "old appliance gone".into())
+        .await
+        .expect("close");
+    // The relay's next connect retires it.
+    vhost.close_all_connections();
+    comatching_tests::wait_for(
+        comatching_tests::PATIENCE,
+        "the old match queue deleted",
+        || {
+            let gone = find_queue(&list_queues(&vhost), "comatching.match").is_none();
+            async move { gone.then_some(()) }
+        },
+    )
+    .await;
+    relay.wait_ready().await;
+    assert!(find_queue(&list_queues(&vhost), "comatching.match.requests").is_some());
 }
 
 /// The relay crashes while a match is in flight: after the restart the hold is voided by the

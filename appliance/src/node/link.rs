@@ -22,27 +22,22 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, ExchangeKind};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 use tokio::sync::{Semaphore, watch};
 
 use super::config::Config;
 use super::replica::{Replica, Stuck};
 use super::retry::RetryGate;
 use crate::sync::SyncPlan;
-use comatching_protocol::amqp::LinkAuth;
+use comatching_protocol::amqp::{LinkAuth, declare_shared_topology, queue_args, text};
 use comatching_protocol::config::amqp_url_with_heartbeat;
+use comatching_protocol::topology::{
+    self, CONTROL_QUEUE, DEAD_EXCHANGE, MATCH_QUEUE, SYNC_EXCHANGE,
+};
 
-pub const SYNC_EXCHANGE: &str = "comatching.sync";
-pub const DEAD_EXCHANGE: &str = "comatching.dead";
-pub const DEAD_QUEUE: &str = "comatching.dead";
-pub const CONTROL_QUEUE: &str = "comatching.control";
-pub const MATCH_QUEUE: &str = "comatching.match";
-/// Must equal the relay's: both declare the shared queues, and RabbitMQ refuses a redeclare
-/// with other arguments.
-const SHARED_DELIVERY_LIMIT: i64 = 5;
 /// Longest the broker may take to set up a session, or to confirm a hello.
 const SETUP_DEADLINE: Duration = Duration::from_secs(15);
 /// Longest any one step of a running session may take (a sync batch, a hello, a consumer
@@ -65,81 +60,28 @@ const ACK_PATIENCE: Duration = Duration::from_secs(30);
 const HELLO_MIN_GAP: Duration = Duration::from_secs(1);
 
 pub fn sync_queue(cfg: &Config) -> String {
-    format!("comatching.sync.{}", cfg.appliance.id)
+    topology::sync_queue(cfg.appliance.id.as_str())
 }
 
-fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in pairs {
-        t.insert(ShortString::from(*k), v.clone());
-    }
-    t
-}
-
-fn s(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v))
-}
-
-fn shared_quorum_args() -> FieldTable {
-    args(&[
-        ("x-queue-type", s("quorum")),
-        (
-            "x-delivery-limit",
-            AMQPValue::LongLongInt(SHARED_DELIVERY_LIMIT),
-        ),
-        ("x-dead-letter-exchange", s(DEAD_EXCHANGE)),
-    ])
-}
-
+/// The shared topology (declared exactly as the relay does), then this appliance's own sync
+/// queue, bound to the sync exchange.
 async fn declare_topology(ch: &Channel, cfg: &Config) -> lapin::Result<()> {
-    let durable_x = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let durable_q = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.exchange_declare(
-        SYNC_EXCHANGE.into(),
-        ExchangeKind::Fanout,
-        durable_x,
-        FieldTable::default(),
-    )
-    .await?;
-    ch.exchange_declare(
-        DEAD_EXCHANGE.into(),
-        ExchangeKind::Fanout,
-        durable_x,
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_declare(DEAD_QUEUE.into(), durable_q, FieldTable::default())
-        .await?;
-    ch.queue_bind(
-        DEAD_QUEUE.into(),
-        DEAD_EXCHANGE.into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_declare(CONTROL_QUEUE.into(), durable_q, shared_quorum_args())
-        .await?;
-    ch.queue_declare(MATCH_QUEUE.into(), durable_q, shared_quorum_args())
-        .await?;
+    declare_shared_topology(ch).await?;
     let own = sync_queue(cfg);
     ch.queue_declare(
         own.as_str().into(),
-        durable_q,
-        args(&[
-            ("x-queue-type", s("quorum")),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        queue_args(&[
+            ("x-queue-type", text("quorum")),
             ("x-single-active-consumer", AMQPValue::Boolean(true)),
             (
                 "x-delivery-limit",
                 AMQPValue::LongLongInt(cfg.sync.delivery_limit),
             ),
-            ("x-dead-letter-exchange", s(DEAD_EXCHANGE)),
+            ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
         ]),
     )
     .await?;

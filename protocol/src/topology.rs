@@ -1,0 +1,40 @@
+//! The broker topology: the names and limits both services declare (the declaring itself is
+//! [`crate::amqp::declare_shared_topology`], feature `amqp`), and that the Nix broker
+//! definitions mirror (nix/lib/rabbitmq.nix; its drift test reads this file).
+//!
+//! | name | kind | from → to |
+//! |---|---|---|
+//! | `comatching.sync` | fanout exchange | relay → every appliance's sync queue |
+//! | `comatching.sync.<id>` | quorum queue, single active consumer | one appliance's events |
+//! | `comatching.match.requests` | classic queue, transient messages | relay → any appliance (RPC) |
+//! | `comatching.control` | quorum queue | appliance hellos → relay |
+//! | `comatching.dead` | fanout exchange + classic queue | dead letters of all the above |
+//!
+//! Match requests ride a classic queue, not a quorum one: a request is worthless after its
+//! deadline (seconds), and a lost one is voided by the relay's timeout anyway, so a replicated,
+//! fsynced log bought nothing for them and cost a third of the broker's CPU per match.
+
+/// Sync events, fanned out to every appliance's own queue.
+pub const SYNC_EXCHANGE: &str = "comatching.sync";
+/// Where every queue dead-letters.
+pub const DEAD_EXCHANGE: &str = "comatching.dead";
+/// Bound to [`DEAD_EXCHANGE`]; kept for inspection, consumed by nobody.
+pub const DEAD_QUEUE: &str = "comatching.dead";
+/// Appliance hellos to the relay.
+pub const CONTROL_QUEUE: &str = "comatching.control";
+/// Match requests, relay to whichever appliance takes them.
+pub const MATCH_QUEUE: &str = "comatching.match.requests";
+/// The match queue of earlier releases (a quorum queue). A queue's type cannot change in place,
+/// so the new one has a new name; the relay deletes this one once nobody consumes it.
+pub const LEGACY_MATCH_QUEUE: &str = "comatching.match";
+/// Deliveries of one hello before the broker dead-letters it.
+pub const CONTROL_DELIVERY_LIMIT: i64 = 5;
+/// The longest a match request may wait in its queue whatever its own expiration says: the
+/// longest deadline the relay accepts (`matching.deadline_ms` ≤ 120 s). A request that is
+/// requeued forever (an appliance that keeps failing on it) leaves by this at the latest.
+pub const MATCH_QUEUE_TTL_MS: i64 = 120000;
+
+/// One appliance's sync queue, bound to [`SYNC_EXCHANGE`].
+pub fn sync_queue(appliance_id: &str) -> String {
+    format!("{SYNC_EXCHANGE}.{appliance_id}")
+}
