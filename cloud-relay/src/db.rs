@@ -285,6 +285,7 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.set_prepared_statement_cache_capacity(64);
         stable_plans(&conn)?;
         migrate(&mut conn)?;
@@ -447,7 +448,7 @@ fn run_group(conn: &mut Connection, jobs: Vec<GroupJob>) {
         let mut done: Vec<Deliver> = Vec::new();
         let mut lost = false;
         for job in jobs.by_ref() {
-            if conn.execute_batch("SAVEPOINT group_call").is_err() {
+            if conn.exec_cached("SAVEPOINT group_call", []).is_err() {
                 // Cannot isolate this call: it is dropped unrun (its caller gets an error).
                 lost = true;
                 break;
@@ -455,7 +456,7 @@ fn run_group(conn: &mut Connection, jobs: Vec<GroupJob>) {
             let (ok, deliver) = run_job(conn, job);
             done.extend(deliver);
             let end = if ok {
-                conn.execute_batch("RELEASE group_call")
+                conn.exec_cached("RELEASE group_call", []).map(|_| ())
             } else {
                 conn.execute_batch("ROLLBACK TO group_call; RELEASE group_call")
             };

@@ -335,7 +335,7 @@ fn begin(
 
 /// Everyone already paired with `user`, in either direction.
 fn paired_with(c: &Connection, user: UserId) -> Result<Vec<UserId>, ApiError> {
-    let mut stmt = c.prepare(
+    let mut stmt = c.prepare_cached(
         "SELECT partner_id FROM matches WHERE requester_id = ?1 \
          UNION SELECT requester_id FROM matches WHERE partner_id = ?1",
     )?;
