@@ -69,6 +69,10 @@ pub struct Isolated {
 
 pub struct Replica {
     store: Mutex<Box<dyn ReplicaStore>>,
+    /// The store's meta row as of its last commit, refreshed under the store lock after every
+    /// change; readers (each match request, the link's readiness tick, /status) take it from
+    /// here instead of querying the store and waiting behind a sync batch's fsync.
+    meta: RwLock<ReplicaMeta>,
     engine: RwLock<Box<dyn MatchEngine>>,
     engine_kind: EngineKind,
     backend: StoreBackend,
@@ -94,8 +98,10 @@ impl Replica {
             engine = kind.as_str(),
             "index rebuilt from the store"
         );
+        let meta = store.meta()?;
         Ok(Replica {
             store: Mutex::new(store),
+            meta: RwLock::new(meta),
             engine: RwLock::new(engine),
             engine_kind: kind,
             backend,
@@ -115,8 +121,16 @@ impl Replica {
         self.engine_kind
     }
 
+    /// The meta row as of the last commit (no store access).
     pub fn meta_blocking(&self) -> Result<ReplicaMeta, StoreError> {
-        self.store.lock().unwrap_or_else(|p| p.into_inner()).meta()
+        Ok(*self.meta.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Re-reads the meta row after a change, still under the store lock.
+    fn refresh_meta(&self, store: &dyn ReplicaStore) -> Result<(), StoreError> {
+        let meta = store.meta()?;
+        *self.meta.write().unwrap_or_else(|p| p.into_inner()) = meta;
+        Ok(())
     }
 
     pub fn engine_len(&self) -> usize {
@@ -127,6 +141,7 @@ impl Replica {
     pub fn apply_blocking(&self, events: &[SyncEvent]) -> Result<SyncPlan, StoreError> {
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         let plan = store::apply_batch(store.as_mut(), events)?;
+        self.refresh_meta(store.as_ref())?;
         if !plan.changes.is_empty() {
             let mut engine = self.engine.write().unwrap_or_else(|p| p.into_inner());
             engine::apply_changes(engine.as_mut(), &plan.changes);
@@ -165,6 +180,7 @@ impl Replica {
     ) -> Result<(), StoreError> {
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         store.replace_all(epoch, high_water_seq, users)?;
+        self.refresh_meta(store.as_ref())?;
         let t = Instant::now();
         let rebuilt = engine::build(
             self.engine_kind,
@@ -232,5 +248,48 @@ impl Replica {
             && l.gap.is_none()
             && l.snapshot_in_progress.is_none()
             && l.stuck.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth;
+
+    /// The cached meta row is the store's own after every kind of change, on both backends:
+    /// batches (some events stale), a snapshot swap, and a reopen.
+    #[test]
+    fn cached_meta_follows_the_store() {
+        for backend in [StoreBackend::Sqlite, StoreBackend::Sled] {
+            let dir = tempfile::tempdir().unwrap();
+            let epoch = Epoch(41);
+            let history = synth::relay_history(epoch, 40, 300, 7);
+            let r = Replica::open(backend, dir.path(), EngineKind::Hnsw).unwrap();
+            let stored = |r: &Replica| r.integrity_blocking().unwrap().0;
+            assert_eq!(r.meta_blocking().unwrap(), stored(&r));
+            for batch in history.chunks(64) {
+                r.apply_blocking(batch).unwrap();
+                assert_eq!(r.meta_blocking().unwrap(), stored(&r), "{backend:?}");
+            }
+            // Replaying an old batch changes nothing, the cache included.
+            r.apply_blocking(&history[..10]).unwrap();
+            assert_eq!(r.meta_blocking().unwrap().cursor.applied_seq, 300);
+            assert_eq!(r.meta_blocking().unwrap(), stored(&r));
+            let users: Vec<SnapshotUser> = synth::population(25, 3)
+                .into_iter()
+                .map(|(user_id, features)| SnapshotUser {
+                    user_id,
+                    version: 1,
+                    features,
+                })
+                .collect();
+            r.replace_blocking(Epoch(42), 12, &users).unwrap();
+            let after = r.meta_blocking().unwrap();
+            assert_eq!(after, stored(&r));
+            assert_eq!((after.count, after.cursor.applied_seq), (25, 12));
+            drop(r);
+            let reopened = Replica::open(backend, dir.path(), EngineKind::Hnsw).unwrap();
+            assert_eq!(reopened.meta_blocking().unwrap(), after);
+        }
     }
 }
