@@ -7,7 +7,7 @@
 use comatching_protocol::{
     Age, AgePreference, ContactFrequency, ContactPreference, Epoch, Features, Gender, Hobby,
     HobbyPreference, HobbySet, Important, Major, MatchOptions, MatchRequest, Mbti, MbtiPreference,
-    RequestId, Requester, SyncEvent, SyncOp, UserId,
+    RequestId, Requester, SnapshotUser, SyncEvent, SyncOp, UserId,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -122,6 +122,18 @@ pub fn population(n: usize, seed: u64) -> Vec<(UserId, Features)> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n as u64)
         .map(|i| (user_id(i), features(&mut rng)))
+        .collect()
+}
+
+/// [`population`] as snapshot rows, every user at version 1.
+pub fn snapshot(n: usize, seed: u64) -> Vec<SnapshotUser> {
+    population(n, seed)
+        .into_iter()
+        .map(|(user_id, features)| SnapshotUser {
+            user_id,
+            version: 1,
+            features,
+        })
         .collect()
 }
 

@@ -275,14 +275,7 @@ mod tests {
             r.apply_blocking(&history[..10]).unwrap();
             assert_eq!(r.meta_blocking().unwrap().cursor.applied_seq, 300);
             assert_eq!(r.meta_blocking().unwrap(), stored(&r));
-            let users: Vec<SnapshotUser> = synth::population(25, 3)
-                .into_iter()
-                .map(|(user_id, features)| SnapshotUser {
-                    user_id,
-                    version: 1,
-                    features,
-                })
-                .collect();
+            let users = synth::snapshot(25, 3);
             r.replace_blocking(Epoch(42), 12, &users).unwrap();
             let after = r.meta_blocking().unwrap();
             assert_eq!(after, stored(&r));

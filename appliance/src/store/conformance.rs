@@ -331,14 +331,7 @@ fn sqlite_snapshot_is_one_transaction() {
     .unwrap();
     drop(c);
     let mut s = open(StoreBackend::Sqlite, dir.path()).unwrap();
-    let snapshot: Vec<SnapshotUser> = synth::population(5, 1)
-        .into_iter()
-        .map(|(user_id, features)| SnapshotUser {
-            user_id,
-            version: 1,
-            features,
-        })
-        .collect();
+    let snapshot = synth::snapshot(5, 1);
     assert!(s.replace_all(Epoch(5), 9, &snapshot).is_err());
     drop(s);
     let s = open(StoreBackend::Sqlite, dir.path()).unwrap();
