@@ -86,7 +86,29 @@ enum AdminCommand {
     NewEpoch,
 }
 
+/// At most two malloc arenas (glibc). glibc gives each thread that contends for the heap an
+/// arena of its own, up to 8 per core; the relay's blocking pool runs dozens of threads, and
+/// each arena keeps what a burst freed. At 100k users the peak RSS (during a burst of profile
+/// writes and a snapshot) was 63.5–66.3 MB with the default and 53.6 MB with two arenas, on a
+/// box with 1 GiB for everything. Must run before any other thread exists.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    const M_ARENA_MAX: std::ffi::c_int = -8;
+    unsafe extern "C" {
+        fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    // SAFETY: mallopt only sets an allocator parameter; it is called first thing in main,
+    // while this is the only thread.
+    unsafe {
+        mallopt(M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
