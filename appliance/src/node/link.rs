@@ -294,11 +294,7 @@ impl Link {
                     // A hello held back (by the minimum gap or a retry pause) goes out when due,
                     // not only when the next batch or the periodic tick comes.
                     bounded("a hello", self.maybe_hello(&ctl, &mut st, false)).await?;
-                    let replica = self.replica.clone();
-                    let meta = tokio::task::spawn_blocking(move || replica.meta_blocking())
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
+                    let meta = self.replica.meta();
                     let ready = self.replica.ready(&meta);
                     match (&match_consumer, ready) {
                         (None, true) => {
@@ -359,11 +355,7 @@ impl Link {
             // A commit failed: the replay this hello would bring waits for the pause.
             return Ok(());
         }
-        let replica = self.replica.clone();
-        let meta = tokio::task::spawn_blocking(move || replica.meta_blocking())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let meta = self.replica.meta();
         let hello = Hello {
             appliance_id: self.cfg.appliance.id.clone(),
             epoch: meta.cursor.epoch,
@@ -652,11 +644,7 @@ impl Link {
     }
 
     async fn on_hello_ack(&self, a: &HelloAck, st: &mut SessionState) -> Result<(), String> {
-        let replica = self.replica.clone();
-        let meta = tokio::task::spawn_blocking(move || replica.meta_blocking())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let meta = self.replica.meta();
         st.awaiting_ack = None;
         let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
         l.relay_epoch = Some(a.epoch);
@@ -832,22 +820,14 @@ async fn handle_match(replica: Arc<Replica>, ch: Channel, auth: Arc<LinkAuth>, d
         return;
     }
     let r = replica.clone();
-    let answered = tokio::task::spawn_blocking(move || {
-        let meta = r.meta_blocking()?;
-        if !r.ready(&meta) {
-            return Ok(None);
-        }
-        r.answer_blocking(&req, now_unix_ms()).map(Some)
-    })
-    .await;
-    let reply = match answered {
-        Ok(Ok(Some(reply))) => reply,
-        Ok(Ok(None)) => return reject(&d, true).await,
-        Ok(Err(err)) => {
-            replica.set_error(format!("{}: {err}", err.code()));
-            return reject(&d, true).await;
-        }
-        Err(_) => return reject(&d, true).await,
+    // Not ready (fell behind since the consumer started): back to the queue for another box.
+    if !replica.ready(&replica.meta()) {
+        return reject(&d, true).await;
+    }
+    let Ok(reply) =
+        tokio::task::spawn_blocking(move || r.answer_blocking(&req, now_unix_ms())).await
+    else {
+        return reject(&d, true).await;
     };
     let body = Envelope::encode(&Message::MatchReply(reply));
     let published = ch

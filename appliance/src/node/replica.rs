@@ -121,9 +121,15 @@ impl Replica {
         self.engine_kind
     }
 
-    /// The meta row as of the last commit (no store access).
-    pub fn meta_blocking(&self) -> Result<ReplicaMeta, StoreError> {
-        Ok(*self.meta.read().unwrap_or_else(|p| p.into_inner()))
+    /// The meta row as of the last commit: a copy from memory, no store access.
+    pub fn meta(&self) -> ReplicaMeta {
+        *self.meta.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads the meta row from the store itself (waiting behind a running commit): whether the
+    /// store still answers, for `/healthz`.
+    pub fn probe_store_blocking(&self) -> Result<ReplicaMeta, StoreError> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).meta()
     }
 
     /// Re-reads the meta row after a change, still under the store lock.
@@ -194,26 +200,17 @@ impl Replica {
         Ok(())
     }
 
-    /// Answers a match request from the engine (the caller checked readiness).
-    pub fn answer_blocking(
-        &self,
-        req: &MatchRequest,
-        now_unix_ms: u64,
-    ) -> Result<MatchReply, StoreError> {
-        let meta = self.meta_blocking()?;
+    /// Answers a match request from the engine (the caller checked readiness). CPU work: call
+    /// it off the async runtime.
+    pub fn answer_blocking(&self, req: &MatchRequest, now_unix_ms: u64) -> MatchReply {
+        let meta = self.meta();
         let position = ReplicaPosition {
             epoch: meta.cursor.epoch,
             applied_seq: meta.cursor.applied_seq,
         };
         let engine = self.engine.read().unwrap_or_else(|p| p.into_inner());
         let mut rng = rand::rng();
-        Ok(engine::answer(
-            engine.as_ref(),
-            req,
-            now_unix_ms,
-            position,
-            &mut rng,
-        ))
+        engine::answer(engine.as_ref(), req, now_unix_ms, position, &mut rng)
     }
 
     /// Count and digest recomputed from the rows, compared with the meta row.
@@ -265,24 +262,24 @@ mod tests {
             let epoch = Epoch(41);
             let history = synth::relay_history(epoch, 40, 300, 7);
             let r = Replica::open(backend, dir.path(), EngineKind::Hnsw).unwrap();
-            let stored = |r: &Replica| r.integrity_blocking().unwrap().0;
-            assert_eq!(r.meta_blocking().unwrap(), stored(&r));
+            let stored = |r: &Replica| r.probe_store_blocking().unwrap();
+            assert_eq!(r.meta(), stored(&r));
             for batch in history.chunks(64) {
                 r.apply_blocking(batch).unwrap();
-                assert_eq!(r.meta_blocking().unwrap(), stored(&r), "{backend:?}");
+                assert_eq!(r.meta(), stored(&r), "{backend:?}");
             }
             // Replaying an old batch changes nothing, the cache included.
             r.apply_blocking(&history[..10]).unwrap();
-            assert_eq!(r.meta_blocking().unwrap().cursor.applied_seq, 300);
-            assert_eq!(r.meta_blocking().unwrap(), stored(&r));
+            assert_eq!(r.meta().cursor.applied_seq, 300);
+            assert_eq!(r.meta(), stored(&r));
             let users = synth::snapshot(25, 3);
             r.replace_blocking(Epoch(42), 12, &users).unwrap();
-            let after = r.meta_blocking().unwrap();
+            let after = r.meta();
             assert_eq!(after, stored(&r));
             assert_eq!((after.count, after.cursor.applied_seq), (25, 12));
             drop(r);
             let reopened = Replica::open(backend, dir.path(), EngineKind::Hnsw).unwrap();
-            assert_eq!(reopened.meta_blocking().unwrap(), after);
+            assert_eq!(reopened.meta(), after);
         }
     }
 }

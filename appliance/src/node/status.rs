@@ -32,13 +32,7 @@ pub fn router(state: StatusState) -> Router {
 
 /// The status document (also printed by `comatching-appliance status`).
 pub async fn status_json(s: &StatusState) -> Result<Value, String> {
-    let replica = s.replica.clone();
-    let (meta, engine_len) = tokio::task::spawn_blocking(move || {
-        replica.meta_blocking().map(|m| (m, replica.engine_len()))
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    let (meta, engine_len) = (s.replica.meta(), s.replica.engine_len());
     let ready = s.replica.ready(&meta);
     let link = s
         .replica
@@ -85,7 +79,7 @@ pub async fn status_json(s: &StatusState) -> Result<Value, String> {
 
 async fn healthz(State(s): State<StatusState>) -> Response {
     let replica = s.replica.clone();
-    match tokio::task::spawn_blocking(move || replica.meta_blocking()).await {
+    match tokio::task::spawn_blocking(move || replica.probe_store_blocking()).await {
         Ok(Ok(_)) => (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response(),
         _ => (
             StatusCode::SERVICE_UNAVAILABLE,
