@@ -795,9 +795,13 @@ fn death_reason(props: &lapin::BasicProperties) -> String {
 
 /// `rabbitmqctl list_queues` of a vhost, as JSON.
 fn list_queues(vhost: &comatching_tests::Vhost) -> serde_json::Value {
+    list_queues_of(vhost.name())
+}
+
+fn list_queues_of(vhost: &str) -> serde_json::Value {
     let out = std::process::Command::new("rabbitmqctl")
         .args(["-q", "-n", "rabbit@localhost", "list_queues", "-p"])
-        .arg(vhost.name())
+        .arg(vhost)
         .args([
             "name",
             "type",
@@ -876,8 +880,16 @@ async fn the_relay_retires_the_old_match_queue() {
         comatching_tests::PATIENCE,
         "the old match queue deleted",
         || {
-            let gone = find_queue(&list_queues(&vhost), "comatching.match").is_none();
-            async move { gone.then_some(()) }
+            let name = vhost.name().to_owned();
+            async move {
+                // rabbitmqctl blocks: off the runtime's workers.
+                let queues = tokio::task::spawn_blocking(move || list_queues_of(&name))
+                    .await
+                    .expect("list_queues task");
+                find_queue(&queues, "comatching.match")
+                    .is_none()
+                    .then_some(())
+            }
         },
     )
     .await;
