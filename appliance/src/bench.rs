@@ -115,9 +115,10 @@ pub fn engine_bench(
     let population = synth::population(users, seed);
     let by_id: HashMap<UserId, &Features> = population.iter().map(|(u, f)| (*u, f)).collect();
     let t = Instant::now();
+    let kind = kind.resolved();
     let engine: Box<dyn MatchEngine> = match kind {
         EngineKind::Exact => Box::new(ExactEngine::from_users(by_id.iter().map(|(u, f)| (*u, *f)))),
-        EngineKind::Hnsw => {
+        EngineKind::Buckets | EngineKind::Hnsw => {
             let h = HnswEngine::from_users(population.iter().map(|(u, f)| (*u, f)), cfg);
             eprintln!("index: {:?} config: {:?}", h.stats(), h.config());
             Box::new(h)

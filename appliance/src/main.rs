@@ -61,7 +61,7 @@ enum BenchCommand {
         queries: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        #[arg(long, default_value = "hnsw")]
+        #[arg(long, default_value = "buckets")]
         engine: EngineKind,
         /// Planner threshold: pools larger than this use the HNSW graph (default: never).
         #[arg(long)]
@@ -108,6 +108,9 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             tracing::info!(config = %cfg.masked(), "effective configuration");
+            if let Some(note) = cfg.matching.engine.deprecation() {
+                tracing::warn!("{note}");
+            }
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -90,7 +90,7 @@ impl ApplianceConfig {
                 retry_max_ms: 2_000,
             },
             matching: MatchingSection {
-                engine: "hnsw".into(),
+                engine: "buckets".into(),
             },
             tailscale: TailscaleSection {
                 cli: PathBuf::from("/nonexistent/tailscale"),

@@ -190,6 +190,51 @@ async fn relaxed_important_option_refunds_the_surcharge() {
     assert_eq!(op.stats().await["points_spent"], 2200);
 }
 
+/// An appliance whose replica lags (or a buggy one) replies ok, *not* relaxed, with a first
+/// candidate who misses the important option: the relay re-checks it against its own truth and
+/// skips that candidate, so nobody pays the surcharge for a preference that was not met.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrelaxed_reply_that_misses_the_important_option_is_refused() {
+    let env = TestEnv::start("match-important").await;
+    let op = env.operator().await;
+    let me = funded(&env, &op, "ari", ProfileBuilder::male().age(24)).await;
+    let younger = env
+        .api
+        .signup_with_profile("bo", &ProfileBuilder::female().nickname("bo").age(20))
+        .await;
+    let older = env
+        .api
+        .signup_with_profile("cy", &ProfileBuilder::female().nickname("cy").age(27))
+        .await;
+    let offer = Arc::new(Mutex::new(vec![younger.id(), older.id()]));
+    let _responder = Responder::start(&env.amqp_url(), {
+        let offer = offer.clone();
+        move |req| ResponderAction::Reply(ok_reply(req, &offer.lock().unwrap()))
+    })
+    .await;
+    let opts = MatchOptionsBuilder::new().age("older").important("age");
+
+    // The younger one is offered first and the reply claims nothing was relaxed.
+    let m = me.post_match("imp-1", &opts).await.expect(201);
+    assert_eq!(
+        m["partner"]["user_id"],
+        json!(older.user_id),
+        "the relay took a candidate who misses the important option"
+    );
+    assert_eq!(
+        (m["cost"].as_i64(), m["refunded"].as_i64()),
+        (Some(1300), Some(0))
+    );
+
+    // Offered only candidates who miss it: nobody, and nothing charged.
+    *offer.lock().unwrap() = vec![younger.id()];
+    me.post_match("imp-2", &opts)
+        .await
+        .assert_error(404, "no_candidate");
+    assert_eq!(me.points().await, PASSES - 1300);
+    assert_eq!(op.stats().await["points_spent"], 1300);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_matches_the_requester_with_themself() {
     let env = TestEnv::start("never-self").await;

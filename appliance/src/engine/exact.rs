@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use comatching_protocol::{Candidate, Features, Gender, MatchRequest, UserId};
+use comatching_protocol::{Candidate, Digest, Features, Gender, MatchRequest, UserId};
 use rand::RngCore;
 
 use super::{EngineKind, IdFilter, MAX_K, MajorTable, MatchEngine, Ranking, select};
@@ -18,6 +18,8 @@ struct Row {
     key: ScoreKey,
     major: u32,
     dont_pick_me: bool,
+    /// This user's `features_hash`, so removing the user takes the same value out of `content`.
+    fp: u64,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -25,6 +27,8 @@ pub struct ExactEngine {
     rows: Vec<Row>,
     at: HashMap<UserId, usize>,
     majors: MajorTable,
+    /// Features digest of `rows`.
+    content: Digest,
 }
 
 impl ExactEngine {
@@ -49,9 +53,14 @@ impl MatchEngine for ExactEngine {
             key: ScoreKey::of(f),
             major: self.majors.intern(&f.major),
             dont_pick_me: f.dont_pick_me,
+            fp: comatching_protocol::digest::features_hash(user, f),
         };
+        self.content.0 = self.content.0.wrapping_add(row.fp);
         match self.at.get(&user) {
-            Some(&i) => self.rows[i] = row,
+            Some(&i) => {
+                self.content.0 = self.content.0.wrapping_sub(self.rows[i].fp);
+                self.rows[i] = row;
+            }
             None => {
                 self.at.insert(user, self.rows.len());
                 self.rows.push(row);
@@ -61,7 +70,8 @@ impl MatchEngine for ExactEngine {
 
     fn remove(&mut self, user: UserId) {
         if let Some(i) = self.at.remove(&user) {
-            self.rows.swap_remove(i);
+            let gone = self.rows.swap_remove(i);
+            self.content.0 = self.content.0.wrapping_sub(gone.fp);
             if let Some(moved) = self.rows.get(i) {
                 self.at.insert(moved.user, i);
             }
@@ -70,6 +80,10 @@ impl MatchEngine for ExactEngine {
 
     fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    fn features_digest(&self) -> Digest {
+        self.content
     }
 
     fn rank(&self, request: &MatchRequest, rng: &mut dyn RngCore) -> Ranking {

@@ -41,7 +41,7 @@ use std::collections::{HashMap, HashSet};
 use std::thread::JoinHandle;
 
 use anndists::dist::Distance;
-use comatching_protocol::{Candidate, Features, Gender, MatchRequest, UserId};
+use comatching_protocol::{Candidate, Digest, Features, Gender, MatchRequest, UserId};
 use hnsw_rs::hnsw::Hnsw;
 use rand::RngCore;
 
@@ -358,8 +358,11 @@ pub struct IndexStats {
 pub struct HnswEngine {
     cfg: HnswConfig,
     parts: [Partition; 2],
-    at: HashMap<UserId, Location>,
+    /// Where each live user is, with its `features_hash` (taken out of `content` on removal).
+    at: HashMap<UserId, (Location, u64)>,
     majors: MajorTable,
+    /// Features digest of every user in `at`.
+    content: Digest,
 }
 
 fn part_index(g: Gender) -> usize {
@@ -561,6 +564,7 @@ impl HnswEngine {
             parts: [Partition::new(), Partition::new()],
             at: HashMap::new(),
             majors: MajorTable::default(),
+            content: Digest::default(),
         }
     }
 
@@ -606,6 +610,8 @@ impl HnswEngine {
 
     /// Inserts without touching graphs (bulk load).
     fn place(&mut self, user: UserId, f: &Features) -> Option<(usize, u32, bool)> {
+        let fp = comatching_protocol::digest::features_hash(user, f);
+        self.content.0 = self.content.0.wrapping_add(fp);
         let loc = if f.dont_pick_me {
             Location::Hidden
         } else {
@@ -623,20 +629,25 @@ impl HnswEngine {
             let pos = bucket.len() as u32 - 1;
             self.at.insert(
                 user,
-                Location::Bucketed {
-                    gender: f.gender,
-                    key,
-                    pos,
-                },
+                (
+                    Location::Bucketed {
+                        gender: f.gender,
+                        key,
+                        pos,
+                    },
+                    fp,
+                ),
             );
             return Some((g, key, was_empty));
         };
-        self.at.insert(user, loc);
+        self.at.insert(user, (loc, fp));
         None
     }
 
     fn unplace(&mut self, user: UserId) -> Option<(usize, u32, bool)> {
-        match self.at.remove(&user)? {
+        let (loc, fp) = self.at.remove(&user)?;
+        self.content.0 = self.content.0.wrapping_sub(fp);
+        match loc {
             Location::Hidden => None,
             Location::Bucketed { gender, key, pos } => {
                 let g = part_index(gender);
@@ -645,7 +656,8 @@ impl HnswEngine {
                 bucket.swap_remove(pos as usize);
                 p.live -= 1;
                 if let Some(moved) = bucket.get(pos as usize)
-                    && let Some(Location::Bucketed { pos: mp, .. }) = self.at.get_mut(&moved.user)
+                    && let Some((Location::Bucketed { pos: mp, .. }, _)) =
+                        self.at.get_mut(&moved.user)
                 {
                     *mp = pos;
                 }
@@ -657,7 +669,7 @@ impl HnswEngine {
 
 impl MatchEngine for HnswEngine {
     fn kind(&self) -> EngineKind {
-        EngineKind::Hnsw
+        EngineKind::Buckets
     }
 
     fn upsert(&mut self, user: UserId, f: &Features) {
@@ -691,6 +703,10 @@ impl MatchEngine for HnswEngine {
 
     fn len(&self) -> usize {
         self.at.len()
+    }
+
+    fn features_digest(&self) -> Digest {
+        self.content
     }
 
     fn rank(&self, request: &MatchRequest, rng: &mut dyn RngCore) -> Ranking {

@@ -1,7 +1,8 @@
 //! Candidate ranking: hard filters, weighted soft preferences, the important option, top-k with
 //! fair ties. Two engines behind [`MatchEngine`]: [`exact::ExactEngine`] (a plain filtered scan
-//! over every user — the oracle and the flat-scan baseline) and [`hnsw::HnswEngine`] (score-key
-//! buckets indexed with `hnsw_rs`, with a planner that answers exactly when the pool is small).
+//! over every user — the oracle and the flat-scan baseline) and [`hnsw::HnswEngine`], configured
+//! as `buckets` (users grouped into score-key buckets, walked best-first by a planner — exact;
+//! an `hnsw_rs` graph over the buckets is built only when `graph_above_users` asks for it).
 //!
 //! Semantics (DESIGN.md §4), shared by both engines:
 //! * Hard filters, never relaxed: not the requester; the opposite gender; not `dont_pick_me`;
@@ -22,7 +23,8 @@ mod select;
 use std::collections::HashSet;
 
 use comatching_protocol::{
-    Candidate, Criterion, Features, MatchReply, MatchRequest, ReplicaPosition, ReplyStatus, UserId,
+    Candidate, Criterion, Digest, Features, MatchReply, MatchRequest, ReplicaPosition, ReplyStatus,
+    UserId,
 };
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -36,7 +38,12 @@ pub const MAX_K: usize = 64;
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     Exact,
+    /// The score-key bucket planner ([`hnsw::HnswEngine`] with its default configuration).
     #[default]
+    Buckets,
+    /// The old name of `Buckets`, still accepted in configuration: it named a graph the default
+    /// never builds. [`EngineKind::resolved`] maps it to `Buckets`; the appliance logs a
+    /// deprecation line when it sees it.
     Hnsw,
 }
 
@@ -45,8 +52,9 @@ impl std::str::FromStr for EngineKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "exact" => Ok(EngineKind::Exact),
+            "buckets" => Ok(EngineKind::Buckets),
             "hnsw" => Ok(EngineKind::Hnsw),
-            other => Err(format!("unknown engine {other:?} (exact|hnsw)")),
+            other => Err(format!("unknown engine {other:?} (buckets|exact)")),
         }
     }
 }
@@ -55,8 +63,25 @@ impl EngineKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EngineKind::Exact => "exact",
+            EngineKind::Buckets => "buckets",
             EngineKind::Hnsw => "hnsw",
         }
+    }
+
+    /// The engine this value selects (`hnsw` is a deprecated name for `buckets`).
+    pub fn resolved(self) -> EngineKind {
+        match self {
+            EngineKind::Hnsw => EngineKind::Buckets,
+            other => other,
+        }
+    }
+
+    /// The deprecation notice for a configured value, if it has one.
+    pub fn deprecation(self) -> Option<&'static str> {
+        (self == EngineKind::Hnsw).then_some(
+            "matching.engine = \"hnsw\" is deprecated: it always selected the score-bucket \
+             planner (no hnsw_rs graph is built by default); write \"buckets\"",
+        )
     }
 }
 
@@ -76,6 +101,9 @@ pub trait MatchEngine: Send + Sync {
     fn remove(&mut self, user: UserId);
     /// Live users held (including those who opted out of being picked).
     fn len(&self) -> usize;
+    /// The features digest (`comatching_protocol::digest::features_hash`) of the users held,
+    /// kept incrementally: equal to the store's when the engine mirrors it (shown on /status).
+    fn features_digest(&self) -> Digest;
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -88,9 +116,9 @@ pub fn build<'a>(
     kind: EngineKind,
     users: impl IntoIterator<Item = (UserId, &'a Features)>,
 ) -> Box<dyn MatchEngine> {
-    match kind {
+    match kind.resolved() {
         EngineKind::Exact => Box::new(exact::ExactEngine::from_users(users)),
-        EngineKind::Hnsw => Box::new(hnsw::HnswEngine::from_users(
+        EngineKind::Buckets | EngineKind::Hnsw => Box::new(hnsw::HnswEngine::from_users(
             users,
             hnsw::HnswConfig::default(),
         )),

@@ -416,7 +416,7 @@ fn engines_rebuild_from_the_store() {
     let plan = store::apply_batch(&mut *s, &history).unwrap();
     assert_eq!(plan.replay_from(), 301);
     let count = s.meta().unwrap().count as usize;
-    for kind in [EngineKind::Exact, EngineKind::Hnsw] {
+    for kind in [EngineKind::Exact, EngineKind::Buckets] {
         let e = from_store(kind, &*s).unwrap();
         assert_eq!((e.kind(), e.len()), (kind, count));
     }

@@ -117,7 +117,7 @@ pub struct Matching {
 impl Default for Matching {
     fn default() -> Self {
         Matching {
-            engine: EngineKind::Hnsw,
+            engine: EngineKind::Buckets,
             prefetch: 32,
             workers: 2,
         }
@@ -186,6 +186,13 @@ mod tests {
         assert_eq!(c.http.listen.port(), 9);
         assert!(c.masked().contains("guest:***@"));
         assert!(Config::from_parts("[appliance]\nid = \"Bad Id\"\n", Vec::new()).is_err());
+        assert_eq!(c.matching.engine, EngineKind::Buckets);
+        assert!(c.matching.engine.deprecation().is_none());
+        // The old name still works, selects the same engine, and says it is deprecated.
+        let old = Config::from_parts("[matching]\nengine = \"hnsw\"\n", Vec::new()).unwrap();
+        assert_eq!(old.matching.engine.resolved(), EngineKind::Buckets);
+        assert!(old.matching.engine.deprecation().is_some());
+        assert!(Config::from_parts("[matching]\nengine = \"graph\"\n", Vec::new()).is_err());
         for bad in ["delivery_limit = 0", "retry_max_ms = 0"] {
             let e = Config::from_parts(&format!("[sync]\n{bad}\n"), Vec::new()).unwrap_err();
             assert!(e.to_string().contains("must be positive"), "{bad}: {e}");

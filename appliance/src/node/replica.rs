@@ -45,6 +45,14 @@ pub struct LinkStatus {
     pub stuck: Option<Stuck>,
 }
 
+/// What the store holds, recomputed from its rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recount {
+    pub count: u64,
+    pub digest: Digest,
+    pub features_digest: Digest,
+}
+
 /// A sync event whose commit failed; the replica does not move past it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Stuck {
@@ -87,6 +95,7 @@ impl Replica {
         dir: &std::path::Path,
         kind: EngineKind,
     ) -> Result<Replica, StoreError> {
+        let kind = kind.resolved();
         let store = store::open(backend, dir)?;
         let t = Instant::now();
         let live = store.live_users()?;
@@ -141,6 +150,24 @@ impl Replica {
 
     pub fn engine_len(&self) -> usize {
         self.engine.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The engine's live count and features digest, read together.
+    pub fn engine_content(&self) -> (usize, Digest) {
+        let engine = self.engine.read().unwrap_or_else(|p| p.into_inner());
+        (engine.len(), engine.features_digest())
+    }
+
+    /// Count, version digest and features digest recomputed from the store's rows (a full read:
+    /// `/status?recount=1` and `doctor`, never a hot path).
+    pub fn recount_blocking(&self) -> Result<Recount, StoreError> {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let live = store.live_users()?;
+        Ok(Recount {
+            count: live.len() as u64,
+            digest: Digest::of(live.iter().map(|u| (u.user_id, u.version))),
+            features_digest: Digest::of_features(live.iter().map(|u| (u.user_id, &u.features))),
+        })
     }
 
     /// Applies a batch durably, then mirrors the decided changes into the engine.
@@ -253,6 +280,47 @@ mod tests {
     use super::*;
     use crate::synth;
 
+    /// The engine holds exactly the store's live users with the store's features after every
+    /// batch (creates, updates, deletes, stale redeliveries), a snapshot swap and a reopen, for
+    /// both engines: count and features digest against a recount of the rows.
+    #[test]
+    fn engine_mirrors_the_store() {
+        for kind in [EngineKind::Buckets, EngineKind::Exact] {
+            let dir = tempfile::tempdir().unwrap();
+            let history = synth::relay_history(Epoch(7), 30, 400, 11);
+            let r = Replica::open(StoreBackend::Sqlite, dir.path(), kind).unwrap();
+            let same = |r: &Replica, what: &str| {
+                let rc = r.recount_blocking().unwrap();
+                let (users, digest) = r.engine_content();
+                assert_eq!(
+                    (users as u64, digest),
+                    (rc.count, rc.features_digest),
+                    "{kind:?} {what}"
+                );
+                assert_eq!((rc.count, rc.digest), (r.meta().count, r.meta().digest));
+            };
+            let mut deletes = 0;
+            for batch in history.chunks(16) {
+                deletes += batch
+                    .iter()
+                    .filter(|e| matches!(e.op, comatching_protocol::SyncOp::Delete))
+                    .count();
+                r.apply_blocking(batch).unwrap();
+                same(&r, "after a batch");
+            }
+            assert!(deletes > 20, "the history deletes users ({deletes})");
+            r.apply_blocking(&history[100..140]).unwrap();
+            same(&r, "after redeliveries");
+            r.replace_blocking(Epoch(8), 3, &synth::snapshot(12, 5))
+                .unwrap();
+            same(&r, "after a snapshot");
+            drop(r);
+            let r = Replica::open(StoreBackend::Sqlite, dir.path(), kind).unwrap();
+            same(&r, "after a reopen");
+            assert_eq!(r.engine_content().0, 12);
+        }
+    }
+
     /// The cached meta row is the store's own after every kind of change, on both backends:
     /// batches (some events stale), a snapshot swap, and a reopen.
     #[test]
@@ -261,7 +329,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let epoch = Epoch(41);
             let history = synth::relay_history(epoch, 40, 300, 7);
-            let r = Replica::open(backend, dir.path(), EngineKind::Hnsw).unwrap();
+            let r = Replica::open(backend, dir.path(), EngineKind::Buckets).unwrap();
             let stored = |r: &Replica| r.probe_store_blocking().unwrap();
             assert_eq!(r.meta(), stored(&r));
             for batch in history.chunks(64) {
@@ -278,7 +346,7 @@ mod tests {
             assert_eq!(after, stored(&r));
             assert_eq!((after.count, after.cursor.applied_seq), (25, 12));
             drop(r);
-            let reopened = Replica::open(backend, dir.path(), EngineKind::Hnsw).unwrap();
+            let reopened = Replica::open(backend, dir.path(), EngineKind::Buckets).unwrap();
             assert_eq!(reopened.meta(), after);
         }
     }

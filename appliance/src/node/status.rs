@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -32,7 +32,7 @@ pub fn router(state: StatusState) -> Router {
 
 /// The status document (also printed by `comatching-appliance status`).
 pub async fn status_json(s: &StatusState) -> Result<Value, String> {
-    let (meta, engine_len) = (s.replica.meta(), s.replica.engine_len());
+    let (meta, (engine_len, engine_digest)) = (s.replica.meta(), s.replica.engine_content());
     let ready = s.replica.ready(&meta);
     let link = s
         .replica
@@ -70,6 +70,14 @@ pub async fn status_json(s: &StatusState) -> Result<Value, String> {
             "apply_failures": link.apply_failures,
             "stuck": link.stuck,
         },
+        // The match engine's own view: the users it would rank and the features digest of
+        // them (`comatching_protocol::digest::features_hash`). Equal to the store's (see
+        // `?recount=1`) whenever every committed change reached the engine.
+        "engine": {
+            "kind": s.replica.engine_kind().as_str(),
+            "users": engine_len,
+            "features_digest": engine_digest.to_string(),
+        },
         "matches": { "answered": link.matches_answered, "expired": link.matches_expired },
         "tailscale": s.tailscale.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         "uptime_s": s.replica.started.elapsed().as_secs(),
@@ -89,8 +97,20 @@ async fn healthz(State(s): State<StatusState>) -> Response {
     }
 }
 
-async fn status(State(s): State<StatusState>, headers: HeaderMap) -> Response {
-    let doc = match status_json(&s).await {
+/// `/status` query: `recount=1` adds `store_recount`, the store's count and digests recomputed
+/// from its rows (a full read of the replica; for checks, not for polling).
+#[derive(serde::Deserialize, Default)]
+struct StatusQuery {
+    #[serde(default)]
+    recount: Option<u8>,
+}
+
+async fn status(
+    State(s): State<StatusState>,
+    Query(q): Query<StatusQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let mut doc = match status_json(&s).await {
         Ok(d) => d,
         Err(e) => {
             return (
@@ -100,6 +120,19 @@ async fn status(State(s): State<StatusState>, headers: HeaderMap) -> Response {
                 .into_response();
         }
     };
+    if q.recount.unwrap_or(0) != 0 {
+        let replica = s.replica.clone();
+        doc["store_recount"] =
+            match tokio::task::spawn_blocking(move || replica.recount_blocking()).await {
+                Ok(Ok(r)) => json!({
+                    "count": r.count,
+                    "digest": r.digest.to_string(),
+                    "features_digest": r.features_digest.to_string(),
+                }),
+                Ok(Err(e)) => json!({"error": e.to_string()}),
+                Err(e) => json!({"error": e.to_string()}),
+            };
+    }
     let wants_html = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
