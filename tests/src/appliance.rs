@@ -157,9 +157,14 @@ impl ApplianceProcess {
 
     /// `GET /status` as JSON, or None while the port does not answer.
     pub async fn status(&self) -> Option<Value> {
+        self.status_with("").await
+    }
+
+    /// `GET /status?QUERY` (e.g. `recount=1`: the store's count and digests recomputed).
+    pub async fn status_with(&self, query: &str) -> Option<Value> {
         let r = self
             .http
-            .get(format!("{}/status", self.status_url))
+            .get(format!("{}/status?{query}", self.status_url))
             .timeout(Duration::from_secs(2))
             .send()
             .await
@@ -237,6 +242,23 @@ impl ApplianceProcess {
             },
         )
         .await
+    }
+
+    /// SIGSTOP: the process holds its connections but does nothing (work piles up).
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`ApplianceProcess::pause`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on the child process this harness started.
+            unsafe { libc::kill(pid as i32, sig) };
+        }
     }
 
     pub fn kill_9(&mut self) {

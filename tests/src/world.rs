@@ -33,6 +33,9 @@ pub struct WorldOptions {
     pub broker_tls: Option<PathBuf>,
     /// A link key file every service of this world authenticates its messages with.
     pub link_key: Option<PathBuf>,
+    /// The appliances' periodic hello (`None`: the harness's 1 s). Rows that test delivery
+    /// anomalies use production's 10 s, so a periodic resync cannot hide a sync bug.
+    pub hello_interval_ms: Option<u64>,
 }
 
 impl WorldOptions {
@@ -46,6 +49,7 @@ impl WorldOptions {
             amqp_url: None,
             broker_tls: None,
             link_key: None,
+            hello_interval_ms: None,
         }
     }
 }
@@ -60,6 +64,7 @@ pub struct World {
     pub amqp_url: String,
     broker_tls: Option<PathBuf>,
     link_key: Option<PathBuf>,
+    hello_interval_ms: Option<u64>,
 }
 
 /// The relay's own view of its pool.
@@ -109,6 +114,7 @@ impl World {
             amqp_url,
             broker_tls: opts.broker_tls.clone(),
             link_key: opts.link_key.clone(),
+            hello_interval_ms: opts.hello_interval_ms,
         };
         for _ in 0..opts.appliances {
             world.add_appliance(&opts.backend).await;
@@ -125,6 +131,9 @@ impl World {
             cfg.broker.security.tls(dir, &id);
         }
         cfg.storage.backend = backend.to_owned();
+        if let Some(ms) = self.hello_interval_ms {
+            cfg.sync.hello_interval_ms = ms;
+        }
         self.appliances.push(ApplianceProcess::start(cfg).await);
         self.appliances.last_mut().expect("just pushed")
     }
@@ -197,6 +206,19 @@ impl World {
     /// Waits until every appliance holds exactly the relay's pool and is ready. Appliances are
     /// polled every 50 ms; the relay's pool (a full scan of it on the relay) at most once a
     /// second, so that waiting on a large pool does not load the relay being measured.
+    /// Pauses every appliance (SIGSTOP): requests and sync events pile up in the broker.
+    pub fn pause_appliances(&self) {
+        for a in &self.appliances {
+            a.pause();
+        }
+    }
+
+    pub fn resume_appliances(&self) {
+        for a in &self.appliances {
+            a.resume();
+        }
+    }
+
     pub async fn wait_converged(&mut self, timeout: Duration) -> RelayPool {
         let deadline = Instant::now() + timeout;
         loop {
