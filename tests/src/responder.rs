@@ -91,6 +91,8 @@ struct Record {
 
 struct Shared {
     script: Mutex<Script>,
+    /// Replies are tagged with this link key (`None`: untagged).
+    key: Mutex<Option<comatching_protocol::mac::LinkKey>>,
     record: Mutex<Record>,
     changed: Notify,
 }
@@ -190,6 +192,7 @@ impl Responder {
             .expect("consume comatching.match");
         let shared = Arc::new(Shared {
             script: Mutex::new(Box::new(script)),
+            key: Mutex::new(None),
             record: Mutex::new(Record::default()),
             changed: Notify::new(),
         });
@@ -215,6 +218,12 @@ impl Responder {
         script: impl FnMut(&MatchRequest) -> ResponderAction + Send + 'static,
     ) {
         *self.shared.script.lock().unwrap() = Box::new(script);
+    }
+
+    /// Tags the replies still to come with `key` (or with nothing): a stand-in appliance on a
+    /// link with a key, or a forger without the right one.
+    pub fn set_link_key(&self, key: Option<comatching_protocol::mac::LinkKey>) {
+        *self.shared.key.lock().unwrap() = key;
     }
 
     /// Every request seen so far, in arrival order.
@@ -337,7 +346,12 @@ async fn publish_reply(
 ) {
     let request_id = reply.request_id;
     let bytes = Envelope::encode(&Message::MatchReply(reply));
-    let props = BasicProperties::default().with_correlation_id(correlation_id.into());
+    let key = shared.key.lock().unwrap().clone();
+    let props = comatching_protocol::amqp::authenticate(
+        BasicProperties::default().with_correlation_id(correlation_id.into()),
+        key.as_ref(),
+        &bytes,
+    );
     let published = channel
         .basic_publish(
             "".into(),

@@ -323,3 +323,326 @@ async fn a_link_key_authenticates_every_message_and_forgeries_are_refused() {
         "{status}"
     );
 }
+
+/// With a link key, a match request published by someone without it is dead-lettered by the
+/// appliance unanswered, and a reply tagged with a wrong key is dropped by the relay: the
+/// request it claims to answer ends as a 503 with nothing charged. The same reply with the
+/// right key is taken (so it is the tag that was refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_match_requests_and_replies_are_refused_with_a_link_key() {
+    use comatching_protocol::mac::LinkKey;
+    use comatching_protocol::{
+        Envelope, MatchOptions, MatchRequest, Message, RequestId, Requester,
+    };
+    use comatching_tests::responder::ok_reply;
+    use comatching_tests::{Responder, ResponderAction, wait_until};
+
+    let keys = tempfile::tempdir().expect("key dir");
+    let key_file = comatching_tests::relay::new_link_key(keys.path());
+    let key = LinkKey::from_hex(std::fs::read_to_string(&key_file).expect("key").trim())
+        .expect("link key");
+    let mut opts = WorldOptions::new("link-forged-rpc");
+    opts.link_key = Some(key_file);
+    let mut w = World::start(&opts).await;
+    let users = w.register(6, 6, 3).await;
+    w.grant_all(&users, 10_000, 6).await;
+    w.wait_converged(CONVERGE).await;
+
+    // A forged request straight onto the match queue, as anyone with broker access could.
+    let me = &users[0];
+    let profile = me.me_ok().await["profile"].clone();
+    let features: comatching_protocol::Features =
+        serde_json::from_value(profile).expect("features from the profile");
+    let forged = MatchRequest {
+        request_id: RequestId::new_v7(),
+        deadline_unix_ms: u64::MAX / 2,
+        requester: Requester {
+            user_id: me.id(),
+            features,
+        },
+        options: MatchOptions::any(),
+        exclusions: Vec::new(),
+        k: 8,
+    };
+    let conn = Connection::connect(&w.amqp_url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let body = Envelope::encode(&Message::MatchRequest(forged));
+    ch.basic_publish(
+        "".into(),
+        comatching_protocol::topology::MATCH_QUEUE.into(),
+        BasicPublishOptions::default(),
+        &body,
+        BasicProperties::default().with_reply_to("forged.replies".into()),
+    )
+    .await
+    .expect("publish");
+    let a = &w.appliances[0];
+    wait_until(
+        CONVERGE,
+        "the appliance refuses the forged request",
+        || async {
+            a.status()
+                .await
+                .is_some_and(|s| s["sync"]["unauthenticated"] == 1)
+        },
+    )
+    .await;
+    let s = a.status().await.expect("status");
+    assert_eq!(
+        s["matches"]["answered"], 0,
+        "a forged request is never answered: {s}"
+    );
+
+    // Replies: the real appliance leaves, a stand-in answers with a wrong key, then the right.
+    let mut gone = w.appliances.remove(0);
+    gone.kill_9();
+    let mut partner = None;
+    for u in &users[1..] {
+        let p = u.me_ok().await["profile"].clone();
+        if p["gender"] != features_gender(&me.me_ok().await) && p["dont_pick_me"] == false {
+            partner = Some(u.id());
+            break;
+        }
+    }
+    let partner = partner.expect("a user of the other gender");
+    let responder = Responder::start(&w.amqp_url, move |req| {
+        ResponderAction::Reply(ok_reply(req, &[partner]))
+    })
+    .await;
+    responder.set_link_key(Some(LinkKey::from_bytes(std::array::from_fn(|i| i as u8))));
+    let r = me.post_match_json("forged-reply", &json!({})).await;
+    assert_eq!(r.status, 503, "a reply with a wrong tag was taken: {r:?}");
+    assert_eq!(me.points().await, 10_000, "nothing charged");
+    responder.set_link_key(Some(key));
+    let r = me.post_match_json("true-reply", &json!({})).await;
+    assert_eq!(r.status, 201, "the right key is accepted: {r:?}");
+    assert_eq!(me.points().await, 9_000);
+}
+
+/// A stand-in relay on a vhost of the test's own: it consumes the control queue, counts the
+/// hellos (with the instant each arrived) and answers each with a `HelloAck` for `epoch` at
+/// `relay_seq` — or, while `answer` is false, stays silent.
+struct StandInRelay {
+    hellos: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+    answer: Arc<std::sync::atomic::AtomicBool>,
+    _conn: Connection,
+    ch: lapin::Channel,
+}
+
+impl StandInRelay {
+    async fn start(url: &str, epoch: comatching_protocol::Epoch, relay_seq: u64) -> StandInRelay {
+        use comatching_protocol::{Envelope, HelloAck, Message, WireLimits};
+        use futures_util::StreamExt;
+        let conn = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let ch = comatching_tests::wait_for(CONVERGE, "the control queue", || {
+            let conn = &conn;
+            async move {
+                let ch = conn.create_channel().await.ok()?;
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                ch.queue_declare(
+                    comatching_protocol::topology::CONTROL_QUEUE.into(),
+                    passive,
+                    FieldTable::default(),
+                )
+                .await
+                .ok()
+                .map(|_| ch)
+            }
+        })
+        .await;
+        let mut consumer = ch
+            .basic_consume(
+                comatching_protocol::topology::CONTROL_QUEUE.into(),
+                "stand-in-relay".into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume the control queue");
+        let hellos = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let answer = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (h, a, reply) = (hellos.clone(), answer.clone(), ch.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                let Ok(Message::Hello(hello)) = Envelope::decode(&d.data, &WireLimits::default())
+                else {
+                    continue;
+                };
+                h.lock().unwrap().push(std::time::Instant::now());
+                if !a.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let ack = Envelope::encode(&Message::HelloAck(HelloAck {
+                    appliance_id: hello.appliance_id.clone(),
+                    epoch,
+                    relay_seq,
+                }));
+                let _ = reply
+                    .basic_publish(
+                        "".into(),
+                        format!("comatching.sync.{}", hello.appliance_id.as_str())
+                            .as_str()
+                            .into(),
+                        BasicPublishOptions::default(),
+                        &ack,
+                        BasicProperties::default(),
+                    )
+                    .await;
+            }
+        });
+        StandInRelay {
+            hellos,
+            answer,
+            _conn: conn,
+            ch,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.hellos.lock().unwrap().len()
+    }
+
+    async fn send(&self, queue: &str, msg: comatching_protocol::Message) {
+        let body = comatching_protocol::Envelope::encode(&msg);
+        self.ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish");
+    }
+}
+
+fn sync_event(epoch: comatching_protocol::Epoch, seq: u64) -> comatching_protocol::Message {
+    use comatching_protocol::*;
+    Message::SyncEvent(SyncEvent {
+        epoch,
+        seq,
+        user_id: UserId::new_v7(),
+        version: 1,
+        op: SyncOp::Upsert(Features {
+            gender: Gender::Female,
+            age: Age::new(22).expect("age"),
+            mbti: "ENFP".parse().expect("mbti"),
+            hobbies: HobbySet::from_bits(1).expect("hobbies"),
+            contact_frequency: ContactFrequency::Normal,
+            major: Major::new("Art").expect("major"),
+            dont_pick_me: false,
+        }),
+    })
+}
+
+/// Watches `check` for `window` and panics the first time it fails: an observation window for
+/// something that must *not* happen (not a wait for something that should).
+async fn holds_for(window: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let end = tokio::time::Instant::now() + window;
+    while tokio::time::Instant::now() < end {
+        assert!(check(), "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One outstanding hello: an appliance whose hello is not answered does not ask again, however
+/// short its hello interval (each hello makes the relay replay everything after the cursor);
+/// the answer frees the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_hello_is_not_repeated_until_answered() {
+    use comatching_tests::appliance::{ApplianceConfig, ApplianceProcess};
+    let vhost = comatching_tests::Vhost::create("one-hello");
+    let epoch = comatching_protocol::Epoch(77);
+    let mut cfg = ApplianceConfig::new("box-1", vhost.amqp_url());
+    cfg.sync.hello_interval_ms = 100;
+    let a = ApplianceProcess::start(cfg).await;
+    let relay = StandInRelay::start(&vhost.amqp_url(), epoch, 0).await;
+    relay
+        .answer
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    comatching_tests::wait_until(CONVERGE, "the first hello", || async { relay.count() >= 1 })
+        .await;
+    // Twenty hello intervals: still the one hello.
+    holds_for(
+        Duration::from_secs(2),
+        "a second hello while one is outstanding",
+        || relay.count() == 1,
+    )
+    .await;
+    assert_eq!(a.status().await.expect("status")["sync"]["hellos_sent"], 1);
+    // Answered (with an epoch the empty replica lacks, so it has reason to ask again): the
+    // next hello follows.
+    relay
+        .send(
+            "comatching.sync.box-1",
+            comatching_protocol::Message::HelloAck(comatching_protocol::HelloAck {
+                appliance_id: "box-1".parse().expect("id"),
+                epoch,
+                relay_seq: 0,
+            }),
+        )
+        .await;
+    comatching_tests::wait_until(CONVERGE, "the next hello after the answer", || async {
+        relay.count() >= 2
+    })
+    .await;
+}
+
+/// Gaps ask for a replay at most once a second: a burst of 40 out-of-order events (seq 2 never
+/// comes) over about two seconds, each one a gap, brings at most one hello per second even
+/// though every hello is answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_hellos_are_rate_limited_to_one_a_second() {
+    use comatching_tests::appliance::{ApplianceConfig, ApplianceProcess};
+    let vhost = comatching_tests::Vhost::create("gap-hello");
+    let epoch = comatching_protocol::Epoch(78);
+    let mut cfg = ApplianceConfig::new("box-1", vhost.amqp_url());
+    cfg.sync.hello_interval_ms = 600_000; // no periodic hellos in this test
+    let mut a = ApplianceProcess::start(cfg).await;
+    let relay = StandInRelay::start(&vhost.amqp_url(), epoch, 1).await;
+    // Its queue exists once it has said hello; the stream's first event then gives the replica
+    // its lineage, and it is caught up.
+    comatching_tests::wait_until(CONVERGE, "the first hello", || async { relay.count() >= 1 })
+        .await;
+    relay
+        .send("comatching.sync.box-1", sync_event(epoch, 1))
+        .await;
+    a.wait_status(CONVERGE, "applied seq 1, acknowledged", |s| {
+        s["applied_seq"] == 1 && s["sync"]["hello_acked"] == true && s["sync"]["gap"].is_null()
+    })
+    .await;
+    let before = relay.count();
+    let t0 = std::time::Instant::now();
+    for seq in 3..43 {
+        relay
+            .send("comatching.sync.box-1", sync_event(epoch, seq))
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // pacing the burst, not waiting
+    }
+    a.wait_status(CONVERGE, "the gap is seen", |s| !s["sync"]["gap"].is_null())
+        .await;
+    let burst = t0.elapsed().as_secs_f64();
+    // Whatever the last gap asked for has had its second to go out.
+    tokio::time::sleep(Duration::from_millis(1_100)).await; // observation window
+    let hellos = relay.count() - before;
+    let allowed = burst.ceil() as usize + 2;
+    assert!(
+        (1..=allowed).contains(&hellos),
+        "{hellos} gap hellos in {burst:.1} s (at most {allowed})"
+    );
+}
+
+fn features_gender(me: &serde_json::Value) -> serde_json::Value {
+    me["profile"]["gender"].clone()
+}

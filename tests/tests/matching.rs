@@ -200,11 +200,11 @@ async fn an_unrelaxed_reply_that_misses_the_important_option_is_refused() {
     let me = funded(&env, &op, "ari", ProfileBuilder::male().age(24)).await;
     let younger = env
         .api
-        .signup_with_profile("bo", &ProfileBuilder::female().nickname("bo").age(20))
+        .signup_with_profile("bona", &ProfileBuilder::female().nickname("bona").age(20))
         .await;
     let older = env
         .api
-        .signup_with_profile("cy", &ProfileBuilder::female().nickname("cy").age(27))
+        .signup_with_profile("cyra", &ProfileBuilder::female().nickname("cyra").age(27))
         .await;
     let offer = Arc::new(Mutex::new(vec![younger.id(), older.id()]));
     let _responder = Responder::start(&env.amqp_url(), {
