@@ -35,7 +35,12 @@ pub struct EngineReport {
     pub score_recall_at_1: f64,
     pub score_recall_at_10: f64,
     pub filter_violations: usize,
+    /// Peak resident memory of the whole bench process (it also holds the population, an id
+    /// map and the flat engine): not the matcher's own.
     pub rss_mb: f64,
+    /// Resident memory added while the engine was built: the matcher's own share (plus
+    /// allocator slack).
+    pub engine_rss_mb: f64,
 }
 
 /// `bench store` result.
@@ -68,6 +73,17 @@ fn round_to(x: f64, decimals: i32) -> f64 {
 }
 
 /// Peak resident set in MiB (VmHWM, else VmRSS), from /proc/self/status.
+/// Resident memory now (VmRSS), in MiB.
+fn current_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 pub fn rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     for key in ["VmHWM:", "VmRSS:"] {
@@ -114,6 +130,7 @@ pub fn engine_bench(
 ) -> EngineReport {
     let population = synth::population(users, seed);
     let by_id: HashMap<UserId, &Features> = population.iter().map(|(u, f)| (*u, f)).collect();
+    let rss_before = current_rss_mb();
     let t = Instant::now();
     let kind = kind.resolved();
     let engine: Box<dyn MatchEngine> = match kind {
@@ -125,6 +142,7 @@ pub fn engine_bench(
         }
     };
     let build_s = t.elapsed().as_secs_f64();
+    let engine_rss_mb = round2(current_rss_mb() - rss_before);
     let flat = ExactEngine::from_users(population.iter().map(|(u, f)| (*u, f)));
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0051_ee55);
     let requests: Vec<_> = (0..queries)
@@ -170,6 +188,7 @@ pub fn engine_bench(
         score_recall_at_10: at10 as f64 / q,
         filter_violations: violations,
         rss_mb: rss_mb(),
+        engine_rss_mb,
     }
 }
 
