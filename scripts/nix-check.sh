@@ -3,7 +3,9 @@
 #   1. `nix-instantiate --parse` on every tracked-or-new .nix file of the tree;
 #   2. `deadnix --fail` on the same files (unused bindings and arguments);
 #   3. the evaluation tests nix/tests/*.nix (plain Nix, builtins only), each evaluated with
-#      `nix-instantiate --eval --strict`; a failing case throws, which fails the check.
+#      `nix-instantiate --eval --strict`; a failing case throws, which fails the check. Some
+#      evaluate the real module files with the stand-ins of nix/tests/stubs/;
+#   4. the image's shell scripts against fake trees (image/tests/scripts.sh).
 # Installs what is missing: `nix-bin` from Debian packages, `deadnix` with cargo.
 # Prints `nix-check: N passed, M failed` last and exits non-zero when M > 0.
 #
@@ -90,6 +92,14 @@ for t in nix/tests/*.nix; do
         printf '%s\n' "$out" >&2
     fi
 done
+
+log "image scripts"
+if out=$(bash image/tests/scripts.sh 2>&1); then
+    passed=$((passed + $(printf '%s\n' "$out" | grep -c '^ok ')))
+else
+    fail "image scripts"
+    printf '%s\n' "$out" | grep -v '^ok ' >&2
+fi
 
 echo "nix-check: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
