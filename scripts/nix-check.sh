@@ -5,8 +5,8 @@
 #   3. the evaluation tests nix/tests/*.nix (plain Nix, builtins only), each evaluated with
 #      `nix-instantiate --eval --strict`; a failing case throws, which fails the check. Some
 #      evaluate the real module files with the stand-ins of nix/tests/stubs/;
-#   4. the image's shell scripts against fake trees (image/tests/scripts.sh).
-# Installs what is missing: `nix-bin` from Debian packages, `deadnix` with cargo.
+#   4. the shell scripts of the image and modules against fake trees (nix/tests/scripts.sh).
+# Installs what is missing: `nix-bin` and `jq` from Debian packages, `deadnix` with cargo.
 # Prints `nix-check: N passed, M failed` last and exits non-zero when M > 0.
 #
 # Called by scripts/test.sh; runs standalone too: scripts/nix-check.sh
@@ -31,6 +31,13 @@ if ! command -v nix-instantiate >/dev/null 2>&1; then
         apt-get install -y --no-install-recommends nix-bin >&2 \
         || { log "installing nix-bin failed"; exit 1; }
     command -v nix-instantiate >/dev/null 2>&1 || { log "nix-bin installed but no nix-instantiate"; exit 1; }
+fi
+if ! command -v jq >/dev/null 2>&1; then
+    log "installing jq from Debian packages"
+    as_root apt-get update >&2 || { log "apt-get update failed"; exit 1; }
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends jq >&2 \
+        || { log "installing jq failed"; exit 1; }
 fi
 if ! command -v deadnix >/dev/null 2>&1; then
     log "installing deadnix with cargo (about 1.5 min)"
@@ -93,11 +100,11 @@ for t in nix/tests/*.nix; do
     fi
 done
 
-log "image scripts"
-if out=$(bash image/tests/scripts.sh 2>&1); then
+log "shell scripts"
+if out=$(bash nix/tests/scripts.sh 2>&1); then
     passed=$((passed + $(printf '%s\n' "$out" | grep -c '^ok ')))
 else
-    fail "image scripts"
+    fail "shell scripts"
     printf '%s\n' "$out" | grep -v '^ok ' >&2
 fi
 

@@ -150,6 +150,34 @@ let
       else
         null;
   };
+  # ---- backups (issue 14 §3) ----
+  bak = cfg.backup;
+  backupUnit = "comatching-relay-backup";
+  # The directory is a StateDirectory= of the backup unit, so it must be under /var/lib.
+  backupStateDir = lib.removePrefix "/var/lib/" bak.directory;
+  backupDirOk =
+    lib.hasPrefix "/var/lib/" bak.directory
+    && builtins.match "[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*" backupStateDir != null
+    && builtins.match "(.*/)?[.][.]?(/.*)?" backupStateDir == null
+    && backupStateDir != stateDir;
+  postCommand =
+    if bak.postCommand == null then
+      null
+    else
+      pkgs.writeShellScript "comatching-relay-backup-post" bak.postCommand;
+  dbPath = "/var/lib/${stateDir}/relay.db";
+
+  # The relay's sandbox for a unit that is not a long-running server (no Restart=always on a
+  # oneshot, no connection cap to size LimitNOFILE= for).
+  oneshotSandbox = removeAttrs clib.systemd.serviceConfig [
+    "Restart"
+    "RestartSec"
+    "LimitNOFILE"
+  ];
+
+  # ---- Litestream (issue 14 §3) ----
+  ls = cfg.litestream;
+
   nullOrFile =
     example: description:
     mkOption {
@@ -341,6 +369,97 @@ in
       type = types.bool;
       default = false;
       description = "Open the API port (from settings.http.listen; HTTPS with `https.*`) on all interfaces.";
+    };
+
+    backup = {
+      enable = mkEnableOption ''
+        scheduled online backups of relay.db: a timer runs `comatching-relay backup` as the
+        relay's own user, keeps the newest `keep` files in `directory`, and then runs
+        `postCommand` on the new file, if set'';
+
+      interval = mkOption {
+        type = types.str;
+        default = "hourly";
+        example = "*:0/15";
+        description = ''
+          When to take a backup (a systemd.time(7) calendar event: the timer's OnCalendar=). A
+          run missed while the host was off is taken at the next boot (Persistent=).
+        '';
+      };
+
+      keep = mkOption {
+        type = types.ints.positive;
+        default = 48;
+        description = "How many backups to keep in `directory` (`--keep`); older ones are deleted after each backup.";
+      };
+
+      directory = mkOption {
+        type = types.str;
+        default = "/var/lib/comatching-relay-backups";
+        description = ''
+          Where the backups go. Must be under /var/lib: it is the backup unit's
+          StateDirectory=, which systemd creates and hands to the relay's dynamic user (mount
+          another disk there to keep backups off the relay's disk).
+        '';
+      };
+
+      postCommand = mkOption {
+        type = types.nullOr types.lines;
+        default = null;
+        example = ''rclone copyto "$1" "offbox:comatching-backups/$(basename "$1")"'';
+        description = ''
+          Shell commands run after each successful backup, to copy it off the box. The new
+          file is the first argument (`$1`) and `$COMATCHING_BACKUP_FILE`. It runs in the
+          backup unit: as the relay's dynamic user, in the relay's sandbox (network allowed,
+          no home directory, everything read-only but the two state directories), with
+          `postCommandPackages` on PATH and `postCommandEnvironmentFile` in the environment.
+          A failure fails the unit (`systemctl --failed` shows it); the backup stays.
+        '';
+      };
+
+      postCommandPackages = mkOption {
+        type = types.listOf types.package;
+        default = [ ];
+        example = literalExpression "[ pkgs.rclone ]";
+        description = "Packages on PATH for `postCommand`.";
+      };
+
+      postCommandEnvironmentFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/comatching-secrets/offbox.env";
+        description = ''
+          A file outside the store with `KEY=value` lines for the backup unit's
+          EnvironmentFile=: the off-box tool's credentials (e.g. rclone's
+          `RCLONE_CONFIG_<REMOTE>_*` variables). Read by systemd as root.
+        '';
+      };
+    };
+
+    litestream = {
+      enable = mkEnableOption ''
+        continuous replication of relay.db with Litestream: nixpkgs' `services.litestream`,
+        configured for the relay's database and run as the relay's own user, started and
+        stopped with the relay'';
+
+      replicaUrl = mkOption {
+        type = types.str;
+        example = "s3://comatching-backups/relay";
+        description = ''
+          Litestream replica URL (s3://, gs://, abs://, sftp://, file://…). No credentials in
+          it (it ends up in the store): put them in `environmentFile`.
+        '';
+      };
+
+      environmentFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/comatching-secrets/litestream.env";
+        description = ''
+          `services.litestream.environmentFile`: e.g. `LITESTREAM_ACCESS_KEY_ID=…` and
+          `LITESTREAM_SECRET_ACCESS_KEY=…`, outside the store.
+        '';
+      };
     };
 
     broker = {
@@ -614,6 +733,105 @@ in
           "rabbitmq.service"
           "comatching-broker-users.service"
         ];
+      };
+    })
+
+    (mkIf bak.enable {
+      assertions = [
+        {
+          assertion = backupDirOk;
+          message = "services.comatching-relay.backup.directory must be a directory under /var/lib other than the relay's own (it becomes the backup unit's StateDirectory=), got ${bak.directory}.";
+        }
+      ];
+
+      # Runs as the relay's user: DynamicUser= with the same User= name gets the same UID, so
+      # it reads relay.db where the relay keeps it and the files it writes belong to that user.
+      systemd.services.${backupUnit} = {
+        description = "COMATCHING Edge relay database backup";
+        after = [ "comatching-relay.service" ];
+        path = [
+          pkgs.coreutils
+          pkgs.gnugrep
+          pkgs.jq
+        ]
+        ++ bak.postCommandPackages;
+        environment.RUST_LOG = cfg.logFilter;
+        # Nothing to back up before the relay's first `migrate`.
+        unitConfig.ConditionPathExists = dbPath;
+        serviceConfig = oneshotSandbox // {
+          Type = "oneshot";
+          User = stateDir;
+          StateDirectory = [
+            stateDir
+            backupStateDir
+          ];
+          WorkingDirectory = "%S/${stateDir}";
+          EnvironmentFile = optional (
+            bak.postCommandEnvironmentFile != null
+          ) bak.postCommandEnvironmentFile;
+          ExecStart = lib.escapeShellArgs (
+            [
+              "${pkgs.bash}/bin/bash"
+              "${./relay-backup.sh}"
+              exe
+              "${configFile}"
+              bak.directory
+              (toString bak.keep)
+            ]
+            ++ optional (postCommand != null) "${postCommand}"
+          );
+        };
+      };
+
+      systemd.timers.${backupUnit} = {
+        description = "Scheduled COMATCHING Edge relay database backups";
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          OnCalendar = bak.interval;
+          Persistent = true;
+          AccuracySec = "1min";
+        };
+      };
+    })
+
+    (mkIf ls.enable {
+      assertions = [
+        {
+          assertion = builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" ls.replicaUrl == null;
+          message = "services.comatching-relay.litestream.replicaUrl must not contain credentials (it would land in the Nix store); use litestream.environmentFile.";
+        }
+      ];
+
+      services.litestream = {
+        enable = true;
+        inherit (ls) environmentFile;
+        # relay.db is in WAL mode with a 10 s busy timeout and only automatic (PASSIVE)
+        # checkpoints, which is what Litestream needs (docs/operations.md, "Continuous
+        # replication"). `replicas` with one entry is the form Litestream 0.3 reads and 0.5
+        # still accepts.
+        settings.dbs = [
+          {
+            path = dbPath;
+            replicas = [ { url = ls.replicaUrl; } ];
+          }
+        ];
+      };
+
+      # nixpkgs runs Litestream as its own static user, which cannot enter the relay's private
+      # state directory (a DynamicUser's, mode 0700). Run it as the relay's user instead, in
+      # the relay's sandbox, and tie it to the relay: it starts with it and stops with it, so a
+      # `restore` (done with the relay stopped) never races a running replication.
+      systemd.services.litestream = {
+        wantedBy = [ "comatching-relay.service" ];
+        bindsTo = [ "comatching-relay.service" ];
+        after = [ "comatching-relay.service" ];
+        unitConfig = clib.systemd.unitConfig;
+        serviceConfig = removeAttrs clib.systemd.serviceConfig [ "LimitNOFILE" ] // {
+          User = lib.mkForce stateDir;
+          Group = lib.mkForce stateDir;
+          StateDirectory = stateDir;
+          WorkingDirectory = "%S/${stateDir}";
+        };
       };
     })
 

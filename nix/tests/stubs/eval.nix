@@ -15,9 +15,13 @@
 # the modules read from nixpkgs (systemd.package, services.tailscale.*, …) at default priority.
 #
 #   eval { modules; stubs ? { }; args ? { }; }
-#     -> { config;         the evaluated configuration (what `config` is to the modules)
+#     -> { config;           the evaluated configuration (what `config` is to the modules)
 #          failedAssertions; the messages of assertions that do not hold
-#          warnings; }
+#          warnings;
+#          defined; }        defined v: whether everything in v is defined. A unit the
+#                            modules define only under a false mkIf still shows up as a name
+#                            here (conditions are evaluated at the leaves), with every leaf
+#                            undefined: `defined` is false for it.
 let
   lib = import ./lib.nix;
   pkgs = import ./pkgs.nix;
@@ -204,4 +208,5 @@ in
   inherit config;
   failedAssertions = map (a: a.message) (filter (a: !a.assertion) (config.assertions or [ ]));
   warnings = config.warnings or [ ];
+  defined = v: (builtins.tryEval (builtins.deepSeq v true)).success;
 }

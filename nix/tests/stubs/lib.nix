@@ -135,6 +135,9 @@ rec {
   toUpper = replaceStrings lowers uppers;
   toLower = replaceStrings uppers lowers;
   hasPrefix = p: s: substring 0 (stringLength p) s == p;
+  removePrefix =
+    p: s:
+    if hasPrefix p s then substring (stringLength p) (stringLength s - stringLength p) s else s;
   hasSuffix =
     x: s:
     let

@@ -22,6 +22,9 @@ in
   rabbitmq-server = package "rabbitmq-server";
   tailscale = package "tailscale";
   litestream = package "litestream";
+  gnugrep = package "gnugrep";
+  jq = package "jq";
+  rclone = package "rclone";
   buildPackages.systemdUkify = package "systemd-ukify";
   stdenv.hostPlatform = {
     efiArch = "x64";

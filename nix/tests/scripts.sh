@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Runs the image's shell scripts (image/find-disk.sh, image/provision.sh) against fake sysfs,
-# /dev and ESP trees in a temporary directory. Prints `ok NAME` per passing case and
+# Runs the shell scripts of the image and the modules (image/find-disk.sh, image/provision.sh,
+# nix/modules/relay-backup.sh) against fake sysfs, /dev and ESP trees and a fake relay binary in a
+# temporary directory. Prints `ok NAME` per passing case and
 # `FAIL NAME: why` per failing one; exits non-zero when any failed. Called by
-# scripts/nix-check.sh; needs bash and coreutils only.
+# scripts/nix-check.sh; needs bash, coreutils and jq.
 set -uo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
+root=$(cd "$(dirname "$0")/../.." && pwd)
+here=$root/image
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 failed=0
@@ -139,5 +141,63 @@ else
   fail "provision:overwrites-before-unlinking" "the unlinked inode still holds the secret, or was truncated"
 fi
 exec 8<&- 9<&-
+
+# ---- relay-backup.sh ----------------------------------------------------------------------------
+# A fake `comatching-relay` that writes a file into --to and prints what the real one prints: one
+# JSON line with the new file's path. FAKE_OUT overrides the line.
+fake=$tmp/rb/comatching-relay
+mkdir -p "$tmp/rb/backups"
+cat >"$fake" <<'FAKE'
+#!/usr/bin/env bash
+set -eu
+[ "$1" = backup ] || exit 2
+while [ $# -gt 0 ]; do
+  case $1 in --to) to=$2; shift ;; --keep) keep=$2; shift ;; --config) config=$2; shift ;; esac
+  shift
+done
+echo "log line on stderr" >&2
+f=$to/relay-20260101T000000Z-1-42.db
+echo data >"$f"
+default=$(printf '{"path":"%s","bytes":5,"keep":%s,"config":"%s"}' "$f" "$keep" "$config")
+printf '%s\n' "${FAKE_OUT:-$default}"
+FAKE
+chmod +x "$fake"
+post=$tmp/rb/post
+cat >"$post" <<'POST'
+#!/usr/bin/env bash
+printf '%s|%s|%s\n' "$#" "$1" "$COMATCHING_BACKUP_FILE" >"${0%/*}/post.out"
+POST
+chmod +x "$post"
+backup() { bash "$root/nix/modules/relay-backup.sh" "$fake" /etc/relay.toml "$tmp/rb/backups" "$@"; }
+
+want=$tmp/rb/backups/relay-20260101T000000Z-1-42.db
+if out=$(backup 48 "$post" 2>&1) && [ "$(cat "$tmp/rb/post.out")" = "1|$want|$want" ] \
+  && grep -q '"keep":48' <<<"$out" && grep -q '"config":"/etc/relay.toml"' <<<"$out"; then
+  ok "relay-backup:post-command-gets-the-new-file"
+else
+  fail "relay-backup:post-command-gets-the-new-file" "$out // $(cat "$tmp/rb/post.out" 2>&1)"
+fi
+rm -f "$tmp/rb/post.out"
+if backup 3 >/dev/null 2>&1 && [ ! -e "$tmp/rb/post.out" ]; then
+  ok "relay-backup:no-post-command"
+else
+  fail "relay-backup:no-post-command" "failed, or ran a post command"
+fi
+echo x >"$tmp/rb/outside.db"
+for bad in '{"bytes":5}' '{"path":"'"$tmp"'/rb/outside.db"}' '{"path":"'"$tmp"'/rb/backups/missing.db"}' 'not json' $'{"path":"a"}\n{"path":"b"}'; do
+  rm -f "$tmp/rb/post.out"
+  if FAKE_OUT=$bad backup 48 "$post" >/dev/null 2>&1 || [ -e "$tmp/rb/post.out" ]; then
+    fail "relay-backup:refuses-bad-output" "accepted: $bad"
+    bad_seen=1
+  fi
+done
+[ -z "${bad_seen:-}" ] && ok "relay-backup:refuses-bad-output"
+# A failing post command fails the unit (the backup file stays).
+printf '#!/usr/bin/env bash\nexit 3\n' >"$post"
+if ! backup 48 "$post" >/dev/null 2>&1 && [ -f "$want" ]; then
+  ok "relay-backup:post-command-failure-fails"
+else
+  fail "relay-backup:post-command-failure-fails" "exit status 0, or the backup vanished"
+fi
 
 exit "$failed"
