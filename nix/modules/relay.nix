@@ -239,6 +239,15 @@ in
                 e.g. "0.0.0.0:443"), plain HTTP otherwise (keep that on loopback).
               '';
             };
+            max_connections = mkOption {
+              type = types.nullOr types.ints.positive;
+              default = null;
+              example = 10000;
+              description = ''
+                Cap on concurrent connections (the binary's default when null, 2048). The
+                unit's LimitNOFILE= follows it: max_connections + 1024, or 4096 when unset.
+              '';
+            };
             tls_cert = mkOption {
               type = types.nullOr types.str;
               default = httpsCreds.settings.tls_cert;
@@ -605,6 +614,8 @@ in
           clib.systemd.serviceConfig
           // {
             Type = "exec";
+            # One descriptor per connection up to the cap, plus headroom (nix/lib/systemd.nix).
+            LimitNOFILE = clib.systemd.nofileFor cfg.settings.http.max_connections;
             StateDirectory = stateDir;
             WorkingDirectory = "%S/${stateDir}";
             # Creates or upgrades the database; idempotent.

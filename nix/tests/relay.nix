@@ -191,6 +191,27 @@ import ./harness.nix [
     ];
   }
   {
+    # issue 13 §1: the unit's descriptor limit follows http.max_connections.
+    name = "nofile:follows-max-connections";
+    actual =
+      let
+        capped = relay { settings.http.max_connections = 10000; };
+        toml = builtins.fromTOML capped.config.environment.etc."comatching/relay.toml".source.text;
+      in
+      {
+        default = plain.config.systemd.services.comatching-relay.serviceConfig.LimitNOFILE;
+        capped = capped.config.systemd.services.comatching-relay.serviceConfig.LimitNOFILE;
+        rendered = toml.http.max_connections;
+        unsetNotRendered = (builtins.fromTOML plain.config.environment.etc."comatching/relay.toml".source.text).http ? max_connections;
+      };
+    expected = {
+      default = 4096;
+      capped = 11024;
+      rendered = 10000;
+      unsetNotRendered = false;
+    };
+  }
+  {
     name = "litestream:settings";
     actual = withLitestream.config.services.litestream;
     expected = {
