@@ -145,6 +145,9 @@ in
       # Provisioned from the ESP the same way; a systemd credential like the certificates.
       linkKeyFile = lib.mkIf site.linkKey "${provisionDir}/link.key";
       openFirewallOnTailnet = true;
+      # The verdict on the box's own monitor for staff without a phone (issue 11): tty1 shows
+      # `comatching-appliance status --watch` instead of a login prompt nobody can use.
+      statusConsole.enable = true;
     };
 
     # ---- tailscale -----------------------------------------------------------------------

@@ -140,6 +140,82 @@ import ./harness.nix [
     };
   }
   {
+    # issue 11 §2: the verdict on the box's monitor, in place of tty1's getty, always restarted.
+    name = "tty1:status-watch-replaces-the-getty";
+    actual =
+      let
+        u = c.systemd.services.comatching-status-tty1;
+        words = builtins.filter (w: builtins.isString w && w != "") (builtins.split " " u.serviceConfig.ExecStart);
+      in
+      {
+        command = builtins.tail words;
+        exe = builtins.head words;
+        inherit (u.serviceConfig)
+          TTYPath
+          StandardInput
+          StandardOutput
+          Restart
+          User
+          PrivateDevices
+          ;
+        restartForever = u.unitConfig.StartLimitIntervalSec;
+        gettyOff = c.systemd.services."getty@tty1".enable;
+        autovtOff = c.systemd.services."autovt@tty1".enable;
+        inherit (u) wantedBy conflicts;
+        sameConfigAsService = builtins.elem (builtins.elemAt words 4) (
+          builtins.split " " c.systemd.services.comatching-appliance.serviceConfig.ExecStart
+        );
+        noCredentials = u.serviceConfig ? LoadCredential;
+      };
+    expected = {
+      command = [
+        "status"
+        "--watch"
+        "--config"
+        "/nix/store/00000000000000000000000000000000-comatching-appliance.toml"
+      ];
+      exe = "/nix/store/00000000000000000000000000000000-comatching-appliance/bin/comatching-appliance";
+      TTYPath = "/dev/tty1";
+      StandardInput = "tty";
+      StandardOutput = "tty";
+      Restart = "always";
+      User = "comatching-appliance";
+      PrivateDevices = false;
+      restartForever = 0;
+      gettyOff = false;
+      autovtOff = false;
+      wantedBy = [ "multi-user.target" ];
+      conflicts = [
+        "getty@tty1.service"
+        "autovt@tty1.service"
+      ];
+      sameConfigAsService = true;
+      noCredentials = false;
+    };
+  }
+  {
+    name = "tty1:off-without-the-option";
+    actual =
+      let
+        off = image (
+          { lib, ... }:
+          {
+            services.comatching-appliance.statusConsole.enable = lib.mkForce false;
+          }
+        );
+      in
+      {
+        unit = off.defined (off.config.systemd.services.comatching-status-tty1 or null);
+        getty = off.defined (off.config.systemd.services."getty@tty1" or null);
+        rest = off.defined off.config.systemd.services.comatching-appliance.serviceConfig;
+      };
+    expected = {
+      unit = false;
+      getty = false;
+      rest = true;
+    };
+  }
+  {
     name = "store-partition-prefix";
     actual = c.image.repart.partitions."20-store".nixStorePrefix;
     expected = "/";
