@@ -83,7 +83,7 @@ in
       '';
     };
     brokerUrl = lib.mkOption {
-      type = lib.types.str;
+      type = lib.types.either lib.types.str (lib.types.listOf lib.types.str);
       default = clib.tls.amqpUrl {
         user = "appliance-${site.applianceId}";
         host = site.brokerHost;
@@ -92,7 +92,8 @@ in
       defaultText = lib.literalExpression ''"amqps://appliance-<applianceId>@<brokerHost>:5671/%2f" (amqp:// and 5672 without brokerTls)'';
       description = ''
         The relay's broker, without the password (which comes with appliance.env at
-        provisioning; the URL there must use the same scheme and port).
+        provisioning; the URL there must use the same scheme and port). With a clustered broker,
+        a list: one URL per member, e.g. the relay's host first, then the other members.
       '';
     };
     watchdogModules = lib.mkOption {

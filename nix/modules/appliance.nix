@@ -169,7 +169,7 @@ in
           };
           broker = section {
             url = mkOption {
-              type = types.str;
+              type = types.either types.str (types.listOf types.str);
               default = clib.tls.amqpUrl {
                 user = "appliance-${cfg.settings.appliance.id}";
                 host = "127.0.0.1";
@@ -179,9 +179,10 @@ in
                 "amqps://appliance-''${settings.appliance.id}@127.0.0.1:5671/%2f" with brokerClient.caFile set,
                 "amqp://appliance-''${settings.appliance.id}@127.0.0.1:5672/%2f" otherwise'';
               description = ''
-                AMQP URL without the password (set the full URL in `environmentFile` as
-                COMATCHING_APPLIANCE__BROKER__URL, with the same scheme: amqps:// when the
-                brokerClient files are set).
+                AMQP URL without the password, or a list of them (the members of a clustered
+                broker, tried in turn). Set the full URL(s) in `environmentFile` as
+                COMATCHING_APPLIANCE__BROKER__URL (comma-separated for a list), with the same
+                scheme: amqps:// when the brokerClient files are set.
               '';
             };
             tls_ca = mkOption {
@@ -332,7 +333,9 @@ in
 
     assertions = [
       {
-        assertion = builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" cfg.settings.broker.url == null;
+        assertion = lib.all (u: builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" u == null) (
+          if builtins.isList cfg.settings.broker.url then cfg.settings.broker.url else [ cfg.settings.broker.url ]
+        );
         message = "services.comatching-appliance.settings.broker.url must not contain a password (it would land in the Nix store); set COMATCHING_APPLIANCE__BROKER__URL in environmentFile.";
       }
     ]

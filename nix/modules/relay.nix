@@ -150,6 +150,25 @@ let
       else
         null;
   };
+  # ---- a clustered broker (issue 15 §1) ----
+  cl = brk.cluster;
+  clusterArgs = {
+    self = config.networking.hostName;
+    inherit (cl) peers;
+  };
+  # The relay's broker URLs: this host's broker first, then the other members (same user,
+  # scheme and port; their certificates must name them).
+  brokerUrlFor =
+    host:
+    clib.tls.amqpUrl {
+      user = "relay";
+      inherit host;
+      tls = cfg.brokerClient.caFile != null;
+      port = if cfg.brokerClient.caFile != null then brk.tls.port else brk.port;
+    };
+  brokerUrls = map brokerUrlFor ([ "127.0.0.1" ] ++ lib.optionals (brk.enable && cl.enable) cl.peers);
+  urlList = u: if builtins.isList u then u else [ u ];
+
   # ---- backups (issue 14 §3) ----
   bak = cfg.backup;
   backupUnit = "comatching-relay-backup";
@@ -271,20 +290,17 @@ in
           };
           broker = section {
             url = mkOption {
-              type = types.str;
-              default = clib.tls.amqpUrl {
-                user = "relay";
-                host = "127.0.0.1";
-                tls = cfg.brokerClient.caFile != null;
-                port = if cfg.brokerClient.caFile != null then brk.tls.port else brk.port;
-              };
+              type = types.either types.str (types.listOf types.str);
+              default = if brk.enable && cl.enable then brokerUrls else builtins.head brokerUrls;
               defaultText = literalExpression ''
                 "amqps://relay@127.0.0.1:''${toString broker.tls.port}/%2f" with brokerClient.caFile set,
-                "amqp://relay@127.0.0.1:''${toString broker.port}/%2f" otherwise'';
+                "amqp://relay@127.0.0.1:''${toString broker.port}/%2f" otherwise; with broker.cluster,
+                a list: that URL, then the same for each of broker.cluster.peers'';
               description = ''
-                AMQP URL without the password (set the full URL in `environmentFile` as
-                COMATCHING_RELAY__BROKER__URL, with the same scheme: amqps:// when the
-                brokerClient files are set).
+                AMQP URL without the password, or a list of them (a cluster's members, tried in
+                turn). Set the full URL(s) in `environmentFile` as COMATCHING_RELAY__BROKER__URL
+                (comma-separated for a list), with the same scheme: amqps:// when the
+                brokerClient files are set.
               '';
             };
             tls_ca = mkOption {
@@ -528,6 +544,41 @@ in
         };
       };
 
+      cluster = {
+        enable = mkEnableOption ''
+          this broker as one member of a RabbitMQ cluster (issue 15): peer discovery by
+          `cluster_formation.classic_config.nodes` (this host and `peers`), the Erlang cookie
+          from `cookieFile` as a systemd credential, `cluster_partition_handling =
+          pause_minority`, and the Erlang distribution ports opened on `interface`. Every member
+          sets the same options with its own `peers`; a member that runs no relay sets
+          `broker.enable` without `services.comatching-relay.enable`'';
+
+        peers = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [
+            "comatching-broker-2"
+            "comatching-broker-3"
+          ];
+          description = ''
+            Host names of the other members (not this one), as every member resolves them (the
+            tailnet's MagicDNS names). Node names are rabbit@<host name>; this node's is
+            rabbit@`networking.hostName`. At least 2 (3 members), an even member count is refused.
+          '';
+        };
+
+        cookieFile = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "/var/lib/comatching-secrets/erlang-cookie";
+          description = ''
+            The Erlang cookie shared by all members (20-255 letters and digits, the same file on
+            every member), outside the store. Loaded as a credential of rabbitmq.service and
+            installed as the node's ~/.erlang.cookie before it starts.
+          '';
+        };
+      };
+
       tailnetAddress = mkOption {
         type = types.nullOr types.str;
         default = null;
@@ -575,8 +626,10 @@ in
     };
   };
 
-  config = mkIf cfg.enable (mkMerge [
-    {
+  # The relay, and a broker: either may run without the other (a cluster member that runs no
+  # relay sets broker.enable alone).
+  config = mkMerge [
+    (mkIf cfg.enable {
       # The binary refuses unknown sections; a section added to the Rust config but not yet to
       # nix/lib/settings.nix only warns here, so the module never blocks a valid new section.
       warnings = map (
@@ -585,8 +638,17 @@ in
 
       assertions = [
         {
-          assertion = builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" cfg.settings.broker.url == null;
+          assertion = lib.all (u: builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" u == null) (urlList cfg.settings.broker.url);
           message = "services.comatching-relay.settings.broker.url must not contain a password (it would land in the Nix store); set COMATCHING_RELAY__BROKER__URL in environmentFile.";
+        }
+        {
+          assertion =
+            let
+              urls = urlList cfg.settings.broker.url;
+              prefix = lib.head (lib.splitString "://" (lib.head urls)) + "://";
+            in
+            urls != [ ] && lib.all (lib.hasPrefix prefix) urls;
+          message = "services.comatching-relay.settings.broker.url: a list must not be empty, and every entry must use the same scheme (all amqp:// or all amqps://).";
         }
       ]
       # The rules the binary checks at start (nix/lib/tls.nix), so they fail here instead.
@@ -640,7 +702,7 @@ in
       # For operators: the rendered config and the admin wrapper.
       environment.etc."comatching/relay.toml".source = configFile;
       environment.systemPackages = [ adminCli ];
-    }
+    })
 
     (mkIf brk.enable {
       assertions = [
@@ -656,7 +718,8 @@ in
             message = "services.comatching-relay.broker.tls.enable needs caFile, certFile and keyFile.";
           }
           {
-            assertion = brk.tls.plainLoopback || (cfg.brokerClient.certFile != null && cfg.brokerClient.keyFile != null);
+            assertion =
+              !cfg.enable || brk.tls.plainLoopback || (cfg.brokerClient.certFile != null && cfg.brokerClient.keyFile != null);
             message = "services.comatching-relay.broker.tls: the broker refuses clients without a certificate; set brokerClient.certFile and keyFile (`comatching-relay pki issue --name relay --kind client`), or broker.tls.plainLoopback.";
           }
           {
@@ -738,7 +801,7 @@ in
         };
       };
 
-      systemd.services.comatching-relay = {
+      systemd.services.comatching-relay = mkIf cfg.enable {
         wants = [ "comatching-broker-users.service" ];
         after = [
           "rabbitmq.service"
@@ -747,7 +810,42 @@ in
       };
     })
 
-    (mkIf bak.enable {
+    (mkIf (brk.enable && cl.enable) {
+      assertions = [
+        {
+          assertion = cl.cookieFile != null && lib.hasPrefix "/" cl.cookieFile && !(lib.hasPrefix "/nix/store/" cl.cookieFile);
+          message = "services.comatching-relay.broker.cluster.cookieFile must be an absolute path outside the Nix store (the Erlang cookie grants full control of every member).";
+        }
+        {
+          assertion = brk.tailnetAddress != null;
+          message = "services.comatching-relay.broker.cluster needs broker.tailnetAddress: the members' clients fail over to each other over the tailnet.";
+        }
+        {
+          assertion = (config.services.rabbitmq.unsafeCookie or "") == "";
+          message = "services.comatching-relay.broker.cluster: leave services.rabbitmq.unsafeCookie empty (it would put the cookie in the store and fight cookieFile).";
+        }
+      ]
+      ++ map (m: {
+        assertion = false;
+        message = "services.comatching-relay.broker.cluster: ${m}";
+      }) (clib.cluster.errors clusterArgs);
+
+      services.rabbitmq.configItems = clib.cluster.configItems clusterArgs;
+
+      systemd.services.rabbitmq = {
+        serviceConfig.LoadCredential = optional (cl.cookieFile != null) "erlang-cookie:${cl.cookieFile}";
+        # As the `rabbitmq` user, before the node starts; the node and rabbitmqctl read it there.
+        preStart = lib.mkAfter ''
+          ${pkgs.bash}/bin/bash ${./erlang-cookie.sh} ${lib.escapeShellArg config.services.rabbitmq.dataDir}
+        '';
+      };
+
+      # The Erlang distribution between the members, on the tailnet only (WireGuard encrypts it;
+      # the cookie authenticates it). AMQP is opened there already.
+      networking.firewall.interfaces.${brk.interface}.allowedTCPPorts = clib.cluster.distributionPorts;
+    })
+
+    (mkIf (cfg.enable && bak.enable) {
       assertions = [
         {
           assertion = backupDirOk;
@@ -805,7 +903,7 @@ in
       };
     })
 
-    (mkIf ls.enable {
+    (mkIf (cfg.enable && ls.enable) {
       assertions = [
         {
           assertion = builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" ls.replicaUrl == null;
@@ -852,5 +950,5 @@ in
         after = [ "tailscaled.service" ];
       };
     })
-  ]);
+  ];
 }

@@ -216,6 +216,30 @@ import ./harness.nix [
     };
   }
   {
+    # A clustered broker: the appliance gets every member's URL, rendered as a TOML array.
+    name = "broker-url-list";
+    actual =
+      let
+        r = image {
+          comatching.site.brokerUrl = [
+            "amqps://appliance-edge-1@comatching-relay:5671/%2f"
+            "amqps://appliance-edge-1@comatching-broker-2:5671/%2f"
+          ];
+        };
+      in
+      {
+        url = (builtins.fromTOML r.config.environment.etc."comatching/appliance.toml".source.text).broker.url;
+        asserts = r.failedAssertions;
+      };
+    expected = {
+      url = [
+        "amqps://appliance-edge-1@comatching-relay:5671/%2f"
+        "amqps://appliance-edge-1@comatching-broker-2:5671/%2f"
+      ];
+      asserts = [ ];
+    };
+  }
+  {
     name = "store-partition-prefix";
     actual = c.image.repart.partitions."20-store".nixStorePrefix;
     expected = "/";

@@ -4,7 +4,8 @@
 # clustered broker (issue 15 §1). What relay-backup.sh does with its arguments is tested in
 # nix/tests/scripts.sh.
 let
-  relay = import ./stubs/relay.nix;
+  relayWith = import ./stubs/relay.nix;
+  relay = settings: relayWith { inherit settings; };
   plain = relay { };
   words = s: builtins.filter (w: builtins.isString w && w != "") (builtins.split " " s);
 
@@ -30,6 +31,32 @@ let
     };
   };
   lsUnit = withLitestream.config.systemd.services.litestream;
+
+  clusterSettings = {
+    brokerClient = {
+      certFile = "/var/lib/comatching-secrets/relay.pem";
+      keyFile = "/var/lib/comatching-secrets/relay.key";
+    };
+    broker = {
+      enable = true;
+      tailnetAddress = "100.90.1.2";
+      tls = {
+        enable = true;
+        caFile = "/var/lib/comatching-secrets/ca.pem";
+        certFile = "/var/lib/comatching-secrets/broker.pem";
+        keyFile = "/var/lib/comatching-secrets/broker.key";
+      };
+      cluster = {
+        enable = true;
+        peers = [
+          "comatching-broker-2"
+          "comatching-broker-3"
+        ];
+        cookieFile = "/var/lib/comatching-secrets/erlang-cookie";
+      };
+    };
+  };
+  cluster = relay clusterSettings;
 in
 import ./harness.nix [
   {
@@ -210,6 +237,156 @@ import ./harness.nix [
       rendered = 10000;
       unsetNotRendered = false;
     };
+  }
+  {
+    name = "cluster:rabbitmq-config-items";
+    actual = removeAttrs cluster.config.services.rabbitmq.configItems [
+      "definitions.import_backend"
+      "definitions.local.path"
+      "definitions.skip_if_unchanged"
+      "loopback_users.guest"
+    ];
+    expected = {
+      "cluster_formation.peer_discovery_backend" = "classic_config";
+      "cluster_formation.classic_config.nodes.1" = "rabbit@comatching-relay";
+      "cluster_formation.classic_config.nodes.2" = "rabbit@comatching-broker-2";
+      "cluster_formation.classic_config.nodes.3" = "rabbit@comatching-broker-3";
+      "cluster_partition_handling" = "pause_minority";
+      "listeners.ssl.1" = "127.0.0.1:5671";
+      "listeners.ssl.2" = "100.90.1.2:5671";
+      "listeners.tcp" = "none";
+      "ssl_options.cacertfile" = "/run/credentials/rabbitmq.service/comatching-ca.pem";
+      "ssl_options.certfile" = "/run/credentials/rabbitmq.service/comatching-broker.pem";
+      "ssl_options.keyfile" = "/run/credentials/rabbitmq.service/comatching-broker.key";
+      "ssl_options.verify" = "verify_peer";
+      "ssl_options.fail_if_no_peer_cert" = "true";
+    };
+  }
+  {
+    # The cookie is a credential of the broker's unit, installed by a script that reads it from
+    # there: never in the store, never on a command line.
+    name = "cluster:cookie-as-a-credential";
+    actual =
+      let
+        u = cluster.config.systemd.services.rabbitmq;
+      in
+      {
+        credentials = u.serviceConfig.LoadCredential;
+        installs = builtins.match ".*bash .*erlang-cookie.sh /var/lib/rabbitmq.*" u.preStart != null;
+        cookieNotInConfig = builtins.match ".*erlang-cookie-secret.*" (builtins.toJSON cluster.config.services.rabbitmq) == null;
+      };
+    expected = {
+      credentials = [
+        "comatching-ca.pem:/var/lib/comatching-secrets/ca.pem"
+        "comatching-broker.pem:/var/lib/comatching-secrets/broker.pem"
+        "comatching-broker.key:/var/lib/comatching-secrets/broker.key"
+        "erlang-cookie:/var/lib/comatching-secrets/erlang-cookie"
+      ];
+      installs = true;
+      cookieNotInConfig = true;
+    };
+  }
+  {
+    name = "cluster:distribution-ports-on-the-tailnet-only";
+    actual = {
+      tailnet = cluster.config.networking.firewall.interfaces.tailscale0.allowedTCPPorts;
+      global = cluster.config.networking.firewall.allowedTCPPorts;
+    };
+    expected = {
+      tailnet = [
+        5671
+        4369
+        25672
+      ];
+      global = [ ];
+    };
+  }
+  {
+    # The relay tries its own broker first, then the other members, and the TOML says so.
+    name = "cluster:relay-urls-list-every-member";
+    actual = (builtins.fromTOML cluster.config.environment.etc."comatching/relay.toml".source.text).broker.url;
+    expected = [
+      "amqps://relay@127.0.0.1:5671/%2f"
+      "amqps://relay@comatching-broker-2:5671/%2f"
+      "amqps://relay@comatching-broker-3:5671/%2f"
+    ];
+  }
+  {
+    name = "cluster:single-url-without-cluster";
+    actual = (builtins.fromTOML plain.config.environment.etc."comatching/relay.toml".source.text).broker.url;
+    expected = "amqp://relay@127.0.0.1:5672/%2f";
+  }
+  {
+    # A member that runs no relay: the broker and its cluster settings, no relay unit.
+    name = "cluster:broker-only-member";
+    actual =
+      let
+        m = relayWith {
+          settings = clusterSettings // {
+            broker = clusterSettings.broker // {
+              cluster = clusterSettings.broker.cluster // {
+                peers = [
+                  "comatching-relay"
+                  "comatching-broker-3"
+                ];
+              };
+            };
+          };
+          extra =
+            { lib, ... }:
+            {
+              services.comatching-relay.enable = lib.mkForce false;
+              networking.hostName = "comatching-broker-2";
+            };
+        };
+      in
+      {
+        relay = m.defined (m.config.systemd.services.comatching-relay or null);
+        users = m.defined m.config.systemd.services.comatching-broker-users.serviceConfig;
+        first = m.config.services.rabbitmq.configItems."cluster_formation.classic_config.nodes.1";
+        asserts = m.failedAssertions;
+      };
+    expected = {
+      relay = false;
+      users = true;
+      first = "rabbit@comatching-broker-2";
+      asserts = [ ];
+    };
+  }
+  {
+    name = "cluster:refuses-unsafe-setups";
+    actual = map (s: builtins.length (relay s).failedAssertions) [
+      (clusterSettings // { broker = clusterSettings.broker // { cluster = clusterSettings.broker.cluster // { peers = [ "comatching-broker-2" ]; }; }; })
+      (clusterSettings // { broker = clusterSettings.broker // { cluster = clusterSettings.broker.cluster // { cookieFile = null; }; }; })
+      (clusterSettings // { broker = clusterSettings.broker // { tailnetAddress = null; }; })
+      clusterSettings
+    ];
+    expected = [
+      2
+      1
+      1
+      0
+    ];
+  }
+  {
+    name = "cluster:password-in-any-url-refused";
+    actual = builtins.length (relay (clusterSettings // {
+      settings.broker.url = [
+        "amqps://relay@127.0.0.1:5671/%2f"
+        "amqps://relay:secret@comatching-broker-2:5671/%2f"
+      ];
+    })).failedAssertions;
+    expected = 1;
+  }
+  {
+    name = "cluster:mixed-schemes-refused";
+    actual = builtins.length (relay (clusterSettings // {
+      settings.broker.url = [
+        "amqps://relay@127.0.0.1:5671/%2f"
+        "amqp://relay@comatching-broker-2:5672/%2f"
+      ];
+    })).failedAssertions;
+    expected = 1;
   }
   {
     name = "litestream:settings";

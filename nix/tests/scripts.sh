@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the shell scripts of the image and the modules (image/find-disk.sh, image/provision.sh,
-# nix/modules/relay-backup.sh) against fake sysfs, /dev and ESP trees and a fake relay binary in a
+# nix/modules/relay-backup.sh, nix/modules/erlang-cookie.sh) against fake sysfs, /dev and ESP trees and a fake relay binary in a
 # temporary directory. Prints `ok NAME` per passing case and
 # `FAIL NAME: why` per failing one; exits non-zero when any failed. Called by
 # scripts/nix-check.sh; needs bash, coreutils and jq.
@@ -199,5 +199,31 @@ if ! backup 48 "$post" >/dev/null 2>&1 && [ -f "$want" ]; then
 else
   fail "relay-backup:post-command-failure-fails" "exit status 0, or the backup vanished"
 fi
+
+# ---- erlang-cookie.sh ---------------------------------------------------------------------------
+ck=$tmp/ck
+mkdir -p "$ck/creds" "$ck/data"
+cookie() { CREDENTIALS_DIRECTORY=$ck/creds bash "$root/nix/modules/erlang-cookie.sh" "$ck/data"; }
+printf 'ABCDEFGHIJKLMNOPQRSTuvwxyz0123456789\r\n' >"$ck/creds/erlang-cookie"
+if cookie >/dev/null 2>&1 && [ "$(cat "$ck/data/.erlang.cookie")" = ABCDEFGHIJKLMNOPQRSTuvwxyz0123456789 ] \
+  && [ "$(stat -c %a "$ck/data/.erlang.cookie")" = 400 ]; then
+  ok "erlang-cookie:installed-0400-without-newline"
+else
+  fail "erlang-cookie:installed-0400-without-newline" "$(stat -c %a "$ck/data/.erlang.cookie" 2>&1)"
+fi
+printf 'ZYXWVUTSRQPONMLKJIHGfedcba9876543210' >"$ck/creds/erlang-cookie"
+if cookie >/dev/null 2>&1 && [ "$(cat "$ck/data/.erlang.cookie")" = ZYXWVUTSRQPONMLKJIHGfedcba9876543210 ]; then
+  ok "erlang-cookie:replaces-a-changed-cookie"
+else
+  fail "erlang-cookie:replaces-a-changed-cookie" "$(cat "$ck/data/.erlang.cookie" 2>&1)"
+fi
+for bad in 'short' 'has space in it and is long enough' ''; do
+  printf '%s' "$bad" >"$ck/creds/erlang-cookie"
+  if cookie >/dev/null 2>&1 || [ "$(cat "$ck/data/.erlang.cookie")" != ZYXWVUTSRQPONMLKJIHGfedcba9876543210 ]; then
+    fail "erlang-cookie:refuses-bad-cookies" "accepted '$bad'"
+    bad_cookie=1
+  fi
+done
+[ -z "${bad_cookie:-}" ] && ok "erlang-cookie:refuses-bad-cookies"
 
 exit "$failed"

@@ -1,6 +1,10 @@
 # The relay module (nix/modules/relay.nix) evaluated by ./eval.nix, for nix/tests/relay.nix.
-# `settings` is merged into services.comatching-relay (enable and package are set).
-settings:
+# `settings` is merged into services.comatching-relay (enable and package are set); `extra` is
+# one more module (e.g. another host name, or the relay switched off on a broker-only member).
+{
+  settings,
+  extra ? { },
+}:
 let
   eval = import ./eval.nix;
   pkgs = import ./pkgs.nix;
@@ -15,6 +19,7 @@ eval {
       };
     }
     { services.comatching-relay = settings; }
+    extra
   ];
   # What the module reads from nixpkgs' own options.
   stubs = {
@@ -24,5 +29,6 @@ eval {
       dataDir = "/var/lib/rabbitmq";
     };
     services.tailscale.enable = false;
+    networking.hostName = "comatching-relay";
   };
 }
