@@ -25,6 +25,13 @@
 # must switch together: one with a key refuses every message of one without (which itself
 # accepts anything). Set it together with the appliances' (the image's `comatching.site.linkKey`).
 #
+# Also (docs/operations.md §6): `backup` (a timer running `comatching-relay backup` as the
+# relay's user, then an optional off-box command, nix/modules/relay-backup.sh), `litestream`
+# (nixpkgs' services.litestream for relay.db, as the relay's user), LimitNOFILE= from
+# `settings.http.max_connections`, and `broker.cluster` (a RabbitMQ cluster member,
+# nix/lib/cluster.nix). The relay and the broker are independent: a cluster member may run the
+# broker alone.
+#
 # Option names of nixpkgs used below were checked against nixpkgs' own module sources; see
 # docs/operations.md, "Sources checked".
 {
