@@ -253,7 +253,7 @@ impl Checker {
 
     /// Reads what is in flight now: the relay's seq, unpublished rows and open holds (its
     /// database, read-only, so this works while the relay is down), and each appliance's
-    /// cursor (its `/status`, or its SQLite replica file when it is down).
+    /// cursor (its SQLite replica file, or `/status` for sled).
     pub async fn in_flight(w: &World) -> InFlight {
         let db = relay_db(w);
         let mut out = tokio::task::spawn_blocking(move || {
@@ -278,9 +278,11 @@ impl Checker {
         .await
         .expect("read the relay's database");
         for a in &w.appliances {
-            let applied = match a.status().await {
-                Some(s) => s["applied_seq"].as_u64(),
-                None => replica_cursor(&replica_db(a.data_dir())),
+            // The replica file's committed cursor when there is one (instant, and it answers
+            // for a paused or dead appliance); a sled replica's is only on `/status`.
+            let applied = match replica_cursor(&replica_db(a.data_dir())) {
+                Some(c) => Some(c),
+                None => a.status().await.and_then(|s| s["applied_seq"].as_u64()),
             };
             out.applied.push(applied);
         }

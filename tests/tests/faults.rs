@@ -478,9 +478,10 @@ async fn f05_broker_wiped() {
         jitter(&mut rng, 300).await;
         let at = ck.fault_begins(&w).await;
         note_in_flight(plan.row, round, &at);
+        // Resumed as the reset begins (a stopping node waits on a frozen client's connection).
+        w.resume_appliances();
         // Queues, messages, exchanges: all gone. Nobody touches the relay or the appliance.
         in_blocking(|| broker.reset());
-        w.resume_appliances();
         let mut writes = burst.await.expect("burst");
         writes.add(updates(users.clone(), 5, plan.seed ^ 0x5 ^ u64::from(round)).await);
         writes.require_mostly_ok(plan.row);
