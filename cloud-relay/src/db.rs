@@ -319,6 +319,11 @@ impl Db {
         })
     }
 
+    /// The database file's path.
+    pub fn path(&self) -> &Path {
+        &self.readers.path
+    }
+
     /// Runs `f` with the writer connection, exclusively, on a blocking thread.
     pub async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
     where

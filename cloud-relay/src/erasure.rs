@@ -9,7 +9,8 @@
 //! the partner views in this user's own stored answers (never replayed again: the account has no
 //! session left). `PRAGMA secure_delete` (every relay connection, `db.rs`) zeroes the replaced
 //! bytes in the file instead of leaving them in free space; `withdraw` then asks for a
-//! truncating WAL checkpoint so the old page images in the WAL go too.
+//! truncating WAL checkpoint so the old page images in the WAL go too (not when Litestream
+//! replicates the database: it owns the checkpoints then, see `litestream_replicates`).
 //!
 //! **Kept**, against the pseudonymous user id: the ledger (every amount, so balances and totals
 //! still add up), holds, matches (the pair, cost, time: the partner's history keeps the match and
@@ -63,6 +64,11 @@ pub async fn withdraw(db: &Db, user: UserId) -> Result<(), ApiError> {
         Ok(())
     })
     .await?;
+    if litestream_replicates(db.path()) {
+        // Litestream checkpoints this WAL itself, and its replica keeps the WAL's history for
+        // its own retention anyway; a truncate racing it would only cost it a new generation.
+        return Ok(());
+    }
     let db = db.clone();
     tokio::spawn(async move {
         for attempt in 1..=20u32 {
@@ -82,6 +88,18 @@ pub async fn withdraw(db: &Db, user: UserId) -> Result<(), ApiError> {
         }
     });
     Ok(())
+}
+
+/// Whether Litestream replicates the database at `db_path` (it keeps its shadow WAL in
+/// `.<file name>-litestream` beside the file).
+pub fn litestream_replicates(db_path: &std::path::Path) -> bool {
+    let Some(name) = db_path.file_name() else {
+        return false;
+    };
+    let mut shadow = std::ffi::OsString::from(".");
+    shadow.push(name);
+    shadow.push("-litestream");
+    db_path.with_file_name(shadow).is_dir()
 }
 
 /// `PRAGMA wal_checkpoint(TRUNCATE)`, waiting at most 100 ms for readers. True when the WAL was
@@ -420,6 +438,15 @@ mod tests {
         ] {
             assert!(!contains(&bytes, s), "{s} is still in the files");
         }
+    }
+
+    #[test]
+    fn litestream_is_seen_by_its_shadow_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("relay.db");
+        assert!(!litestream_replicates(&db));
+        std::fs::create_dir(dir.path().join(".relay.db-litestream")).unwrap();
+        assert!(litestream_replicates(&db));
     }
 
     #[test]
