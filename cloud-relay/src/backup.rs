@@ -399,7 +399,7 @@ impl RestoreReport {
             )),
         }
         out.push_str(&format!(
-            "  holds:          {} users, {} points in balances, {} matches, outbox seq {}\n",
+            "  contains:       {} users, {} points in balances, {} matches, outbox seq {}\n",
             s.users, s.balance_total, s.matches, s.outbox_seq
         ));
         if self.schema_migrated_from != s.schema_version {
