@@ -50,13 +50,31 @@ enum Cmd {
     },
 }
 
+/// splitmix64: deterministic noise, so the synthetic columns that are random in real life
+/// (password hashes, token hashes, the random half of ids) compress as badly as real ones.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// `n` characters of `alphabet` drawn from `seed`.
+fn noise(seed: u64, n: usize, alphabet: &[u8]) -> String {
+    (0..n as u64)
+        .map(|k| {
+            let r = mix(seed ^ k.wrapping_mul(0x1000_0000_01b3));
+            alphabet[(r % alphabet.len() as u64) as usize] as char
+        })
+        .collect()
+}
+
+const HEX: &[u8] = b"0123456789abcdef";
+const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
 fn hex_id(i: usize) -> String {
-    // Deterministic, v7-shaped enough for the relay's text columns (32 hex digits).
-    format!(
-        "{:016x}{:016x}",
-        0x0190_0000_0000_7000u64 + i as u64,
-        i as u64 * 2_654_435_761
-    )
+    // UUIDv7-shaped: a time prefix, then random bits (the relay's 32-hex-digit text ids).
+    format!("0190{:08x}7{}", i, noise(i as u64, 19, HEX))
 }
 
 fn populate(path: &Path, users: usize) -> rusqlite::Result<()> {
@@ -83,13 +101,15 @@ fn populate(path: &Path, users: usize) -> rusqlite::Result<()> {
         let mut out = tx.prepare(
             "INSERT INTO outbox(seq, user_id, version, op, features, created_ms) VALUES (?1, ?2, 1, 'upsert', ?3, ?4)",
         )?;
-        let hash = format!(
-            "$argon2id$v=19$m=19456,t=2,p=1${}${}",
-            "s".repeat(22),
-            "h".repeat(43)
-        );
-        let features = vec![0x87u8; 70];
         for i in 0..users {
+            let hash = format!(
+                "$argon2id$v=19$m=19456,t=2,p=1${}${}",
+                noise(1 << 40 | i as u64, 22, B64),
+                noise(2 << 40 | i as u64, 43, B64)
+            );
+            let features: Vec<u8> = (0..70u64)
+                .map(|k| (mix(3 << 40 | (i as u64) << 8 | k) & 0x7f) as u8)
+                .collect();
             let u = hex_id(i);
             let t = 1_796_000_000_000i64 + i as i64;
             let matched = i < users / 2 * 2;
@@ -107,7 +127,12 @@ fn populate(path: &Path, users: usize) -> rusqlite::Result<()> {
                 i64::from(matched && i % 2 == 1),
                 t
             ])?;
-            sess.execute(params![format!("{:064x}", i), u, t, t + 86_400_000])?;
+            sess.execute(params![
+                noise(4 << 40 | i as u64, 64, HEX),
+                u,
+                t,
+                t + 86_400_000
+            ])?;
             led.execute(params![
                 u,
                 "grant",
@@ -132,7 +157,7 @@ fn populate(path: &Path, users: usize) -> rusqlite::Result<()> {
         for k in 0..users / 2 {
             let (a, b) = (hex_id(2 * k), hex_id(2 * k + 1));
             let t = 1_796_100_000_000i64 + k as i64;
-            let id = format!("{:032x}", k + 1);
+            let id = noise(5 << 40 | k as u64, 32, HEX);
             let body = json!({
                 "match_id": id, "cost": 1000, "refunded": 0, "relaxed": [], "points": 4000,
                 "partner": {"user_id": b, "nickname": format!("nick{}", 2 * k + 1), "gender": "female",
@@ -144,8 +169,8 @@ fn populate(path: &Path, users: usize) -> rusqlite::Result<()> {
             hold.execute(params![id, a, t])?;
             req.execute(params![
                 a,
-                format!("key-{k}"),
-                "h".repeat(64),
+                noise(6 << 40 | k as u64, 36, HEX),
+                noise(7 << 40 | k as u64, 64, HEX),
                 id,
                 id,
                 body.to_string(),
