@@ -20,6 +20,7 @@ pub mod appliance;
 pub mod broker;
 pub mod checker;
 pub mod env;
+pub mod mixed_load;
 pub mod population;
 pub mod private_broker;
 pub mod process;
