@@ -115,6 +115,8 @@ mod tests {
     use proptest::prelude::*;
     use uuid::Uuid;
 
+    const PINNED_DENSE: &str = "acd5f63d6999ab67";
+
     fn uid(n: u128) -> UserId {
         // Force the version nibble to 7 and the variant bits to RFC 4122.
         let raw = (n & !(0xf << 76) & !(0b11 << 62)) | (0x7 << 76) | (0b10 << 62);
@@ -129,6 +131,15 @@ mod tests {
             format!("{:016x}", entry_hash(uid(0), 0)),
             "f3a335ff0989cac6"
         );
+    }
+
+    #[test]
+    fn pinned_for_a_dense_id_and_displayed_as_16_hex_digits() {
+        // An id with bits set everywhere: a mix step that ORs instead of XORing changes it.
+        let dense = uid(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+        assert_eq!(format!("{:016x}", entry_hash(dense, 7)), PINNED_DENSE);
+        assert_eq!(Digest(0xab).to_string(), "00000000000000ab");
+        assert_eq!(Digest(u64::MAX).to_string(), "ffffffffffffffff");
     }
 
     fn features(major: &str) -> Features {
