@@ -155,6 +155,11 @@ impl ApplianceProcess {
         self.service.pid()
     }
 
+    /// `http://127.0.0.1:PORT` of the status port.
+    pub fn base_url(&self) -> &str {
+        &self.status_url
+    }
+
     /// `GET /status` as JSON, or None while the port does not answer.
     pub async fn status(&self) -> Option<Value> {
         let r = self

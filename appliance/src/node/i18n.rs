@@ -2,10 +2,11 @@
 //! language a request gets, and the number/duration/size formats.
 //!
 //! A table is a [`Strings`] value, so the compiler refuses a language that lacks a string.
-//! Placeholders are `{name}` and are filled by [`fill`]. The English table is plain ASCII on
-//! purpose: the tty1 view (`status --watch`) draws it on the Linux console, whose fonts have no
-//! Hangul and may lack typographic punctuation; the Korean table is for browsers and terminals
-//! that can draw it.
+//! Placeholders are `{name}` and are filled by [`fill`]. English is the language of the tty1
+//! view (`status --watch`): the Linux console's fonts have no Hangul. The text view turns the
+//! few typographic characters the English table uses (the em dash, the no-break space) into
+//! ASCII for the console (`status_text::console_safe`); the Korean table is for browsers and
+//! terminals that can draw it.
 //!
 //! Language choice ([`choose`]), first that applies: an explicit `?lang=` (the page's switch,
 //! which also sets the cookie), the `lang` cookie, the first of Korean or English in
@@ -297,7 +298,7 @@ pub static EN: Strings = Strings {
     page_title: "COMAtching appliance",
     switch_to: "한국어",
 
-    ready: "Ready - serving matches",
+    ready: "Ready — serving matches",
     catching_up_n: "Catching up ({n} changes behind)",
     catching_up: "Catching up",
     not_serving: "Not serving: {reason}",
@@ -428,10 +429,10 @@ mod tests {
     }
 
     #[test]
-    fn english_is_plain_ascii_for_the_linux_console() {
-        let text = format!("{EN:?}");
+    fn english_is_ascii_once_made_console_safe() {
+        let text = crate::node::status_text::console_safe(&format!("{EN:?}"));
         let odd: String = text.chars().filter(|c| !c.is_ascii()).collect();
         // The switch label names Korean in Korean: it is shown by browsers only.
-        assert_eq!(odd, EN.switch_to, "non-ASCII in the English table");
+        assert_eq!(odd, EN.switch_to, "the console could not draw these");
     }
 }

@@ -102,11 +102,26 @@ fn colour(state: &str) -> &'static str {
     }
 }
 
-/// Greedy word wrap by display width; a word longer than the line is cut. No-break spaces
-/// (between a number and its unit) become plain spaces: the console font may lack them.
+/// The few typographic characters the tables use, as ASCII: the Linux console's fonts may
+/// lack them (its fonts have no Hangul at all: the tty view is in English).
+pub fn console_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\u{a0}' => ' ',
+            '—' | '–' => '-',
+            '·' => '-',
+            '‘' | '’' => '\'',
+            '“' | '”' => '"',
+            c => c,
+        })
+        .collect()
+}
+
+/// Greedy word wrap by display width, after [`console_safe`]; a word longer than the line is
+/// cut.
 pub fn wrap(text: &str, width: usize) -> Vec<String> {
     let width = width.max(1);
-    let text = text.replace('\u{a0}', " ");
+    let text = console_safe(text);
     let mut lines = Vec::new();
     let mut line = String::new();
     for word in text.split_whitespace() {
@@ -206,6 +221,23 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains('\x1b'), "no colour unless asked");
+    }
+
+    #[test]
+    fn english_comes_out_as_ascii() {
+        let mut ready = doc();
+        ready["ready"] = json!(true);
+        ready["broker_connected"] = json!(true);
+        let v = view::build(&ready, Lang::En);
+        let text = render(
+            &v,
+            "h",
+            Some(Lang::En.strings().refresh_note),
+            TextOptions::default(),
+        )
+        .join("\n");
+        assert!(text.is_ascii(), "{text}");
+        assert!(text.contains(" Ready - serving matches\n"), "{text}");
     }
 
     #[test]

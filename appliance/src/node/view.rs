@@ -325,7 +325,7 @@ mod tests {
     fn a_ready_box_in_both_languages() {
         let en = build(&ready_doc(), Lang::En);
         assert_eq!(en.verdict.state, "ready");
-        assert_eq!(en.verdict.title, "Ready - serving matches");
+        assert_eq!(en.verdict.title, "Ready — serving matches");
         assert_eq!(en.verdict.action, "Nothing to do. Safe to reboot.");
         assert_eq!(fact(&en, "students"), "1,234");
         assert_eq!(fact(&en, "in_step"), "yes");
