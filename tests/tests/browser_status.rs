@@ -9,6 +9,8 @@
 //! * The page says so when the appliance stops answering.
 //! * Screenshots at 390 and 1366 px in both languages (written to `COMATCHING_SCREENSHOTS_DIR`
 //!   when set: that is how `docs/screenshots/` is made).
+//! * The same verdict from `comatching-appliance status` (people, `--json`, `--watch` as tty1
+//!   runs it) and its exit codes.
 //!
 //! Every browser session ends with [`Session::close`], which fails the test on any console error.
 
@@ -141,6 +143,106 @@ async fn shows_ready_then_the_broker_verdict_within_5s_then_ready_again() {
     assert_eq!(fact(&s, "students").await, "12명");
     assert_eq!(fact(&s, "broker").await, "연결됨");
     s.close().await;
+
+    // The CLI says the same, and exits 0 for a box that serves.
+    let (code, text) = cli(&w.appliances[0], &["status"]).await;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("\n Ready - serving matches\n"), "{text}");
+    assert!(
+        text.contains("Students in the replica        12\n"),
+        "{text}"
+    );
+}
+
+/// Runs the CLI in an English locale; returns its exit code and stdout.
+async fn cli(a: &ApplianceProcess, args: &[&str]) -> (Option<i32>, String) {
+    let out = a
+        .cli(args)
+        .env("LANG", "C.UTF-8")
+        .env_remove("LC_ALL")
+        .env_remove("LC_MESSAGES")
+        .env_remove("NO_COLOR")
+        .output()
+        .await
+        .expect("run comatching-appliance");
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).expect("UTF-8 output"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_cli_for_people_for_machines_and_for_tty1() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let mut a = lonely_appliance("edge-cli").await;
+    let (code, text) = cli(&a, &["status"]).await;
+    assert_eq!(code, Some(1), "not serving: exit 1\n{text}");
+    assert!(
+        text.starts_with("COMAtching appliance edge-cli\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n Broker unreachable\n Check the network cable"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nBroker connection              disconnected\n"),
+        "{text}"
+    );
+    assert!(
+        text.is_ascii(),
+        "the English view is plain ASCII for the console"
+    );
+    assert!(text.lines().all(|l| l.chars().count() <= 80), "{text}");
+
+    let (_, ko) = cli(&a, &["status", "--lang", "ko"]).await;
+    assert!(ko.contains(" 브로커에 연결할 수 없음\n"), "{ko}");
+    let (code, _) = cli(&a, &["status", "--lang", "fr"]).await;
+    assert_eq!(code, Some(2), "a bad --lang is refused");
+
+    let (code, json) = cli(&a, &["status", "--json"]).await;
+    assert_eq!(code, Some(1));
+    let doc: Value = serde_json::from_str(&json).expect("--json prints the document");
+    assert_eq!(doc["verdict"]["state"], "broker_unreachable");
+    assert_eq!(doc["appliance_id"], "edge-cli");
+
+    // tty1's exact command line: `status --watch --config FILE`; frames every 2 s.
+    let mut watch = a
+        .cli(&["status", "--watch"])
+        .env("LANG", "C.UTF-8")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn status --watch");
+    let mut lines = BufReader::new(watch.stdout.take().expect("stdout")).lines();
+    let mut frames = 0;
+    let started = Instant::now();
+    while frames < 2 {
+        let line = tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .expect("a frame within PATIENCE")
+            .expect("read")
+            .expect("--watch keeps running");
+        if line == " Broker unreachable" {
+            frames += 1;
+        }
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "the second frame comes after the refresh period, not at once"
+    );
+    watch.kill().await.expect("stop --watch");
+
+    // Nothing on the status port: exit 3, and the people's view says what to do.
+    a.kill_9();
+    let (code, text) = cli(&a, &["status"]).await;
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains("\n Appliance not answering\n Power-cycle"),
+        "{text}"
+    );
+    let (code, _) = cli(&a, &["status", "--json"]).await;
+    assert_eq!(code, Some(3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
