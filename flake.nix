@@ -5,7 +5,7 @@
 {
   description = "COMATCHING Edge: cloud relay, appliance and the appliance disk image";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
 
   outputs = inputs: import ./nix/outputs.nix inputs;
 }

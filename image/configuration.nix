@@ -83,7 +83,7 @@ in
       '';
     };
     brokerUrl = lib.mkOption {
-      type = lib.types.str;
+      type = lib.types.either lib.types.str (lib.types.listOf lib.types.str);
       default = clib.tls.amqpUrl {
         user = "appliance-${site.applianceId}";
         host = site.brokerHost;
@@ -92,7 +92,24 @@ in
       defaultText = lib.literalExpression ''"amqps://appliance-<applianceId>@<brokerHost>:5671/%2f" (amqp:// and 5672 without brokerTls)'';
       description = ''
         The relay's broker, without the password (which comes with appliance.env at
-        provisioning; the URL there must use the same scheme and port).
+        provisioning; the URL there must use the same scheme and port). With a clustered broker,
+        a list: one URL per member, e.g. the relay's host first, then the other members.
+      '';
+    };
+    watchdogModules = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [
+        "lpc_ich"
+        "i2c_i801"
+        "iTCO_wdt"
+        "sp5100_tco"
+      ];
+      example = [ "iTCO_wdt" ];
+      description = ''
+        Kernel modules loaded in the initrd so the hardware watchdog exists before the real root
+        is mounted: Intel's TCO timer (iTCO_wdt, whose device lpc_ich or, on newer chipsets,
+        i2c_i801 creates) and AMD's (sp5100_tco). A module for absent hardware loads and binds
+        nothing. Narrow it to what `wdctl` reports on the real box (docs/operations.md).
       '';
     };
     tailscaleUpFlags = lib.mkOption {
@@ -104,7 +121,10 @@ in
   };
 
   config = {
-    system.stateVersion = "25.05";
+    # Every image starts with an empty /var (a re-image wipes the data partition, and nothing
+    # stateful lives elsewhere), so the state is always as old as the release the image is built
+    # from: stateVersion follows the nixpkgs branch in flake.nix.
+    system.stateVersion = "25.11";
     networking.hostName = site.hostName;
 
     # ---- the appliance -------------------------------------------------------------------
@@ -126,6 +146,9 @@ in
       # Provisioned from the ESP the same way; a systemd credential like the certificates.
       linkKeyFile = lib.mkIf site.linkKey "${provisionDir}/link.key";
       openFirewallOnTailnet = true;
+      # The verdict on the box's own monitor for staff without a phone (issue 11): tty1 shows
+      # `comatching-appliance status --watch` instead of a login prompt nobody can use.
+      statusConsole.enable = true;
     };
 
     # ---- tailscale -----------------------------------------------------------------------
@@ -189,16 +212,25 @@ in
 
     # ---- watchdog and failure handling: reboot rather than wait for a human ---------------------
     # PID 1 pets the hardware watchdog (/dev/watchdog0); a hung kernel or PID 1 resets the box.
-    systemd.watchdog = {
-      runtimeTime = "30s";
-      rebootTime = "5min";
+    # (`systemd.watchdog.*` before NixOS 25.11, now renamed into systemd.conf's own keys.)
+    systemd.settings.Manager = {
+      RuntimeWatchdogSec = "30s";
+      RebootWatchdogSec = "5min";
     };
-    boot.initrd.systemd.extraConfig = ''
-      RuntimeWatchdogSec=60s
-    '';
+    # The same in the initrd, where a wait for a disk or for repart could otherwise hang forever.
+    # `boot.initrd.systemd.extraConfig` is a removed option in 25.11 (an evaluation error). The
+    # setting alone did nothing on 25.05 either: the initrd carries only the kernel modules it is
+    # told to, and no watchdog driver was among them, so /dev/watchdog0 never appeared there.
+    # PID 1 opens the device lazily on its next ping once the module has created it.
+    boot.initrd.systemd.settings.Manager.RuntimeWatchdogSec = "60s";
+    boot.initrd.kernelModules = site.watchdogModules;
     boot.kernelParams = [ "panic=10" ];
     boot.kernel.sysctl."kernel.panic_on_oops" = 1;
-    # No emergency shell anywhere: a failed boot reboots after 30 s instead.
+    # No emergency shell anywhere. In the initrd (where the store and /var are mounted) a failure
+    # reaches emergency.target, and the unit below reboots after 30 s. After the switch to the
+    # real root there is no emergency.target at all (this option leaves it out), so a failing
+    # unit does not stop the boot: the rest comes up and the failed unit is retried by its own
+    # Restart= policy (the appliance's is "always"); a hang is the watchdog's.
     systemd.enableEmergencyMode = false;
     boot.initrd.systemd.emergencyAccess = false;
     boot.initrd.systemd.services.comatching-reboot-on-failure = {

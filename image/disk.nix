@@ -74,6 +74,7 @@ let
   '';
 
   storeDevice = "/dev/disk/by-partlabel/${labels.store}";
+  dataDeviceTimeout = "15min";
 in
 {
   imports = [ "${modulesPath}/image/repart.nix" ];
@@ -100,9 +101,9 @@ in
       };
       "20-store" = {
         storePaths = [ config.system.build.toplevel ];
-        # Store paths go to the partition's root; it is mounted on /nix/store. (Newer nixpkgs
-        # spell this `nixStorePrefix = "/"` and still accept this with a warning.)
-        stripNixStorePrefix = true;
+        # Store paths go to the partition's root; it is mounted on /nix/store. (Formerly
+        # `stripNixStorePrefix = true`, which 25.11 still accepts with a warning.)
+        nixStorePrefix = "/";
         repartConfig = {
           Type = "linux-generic";
           Label = labels.store;
@@ -130,7 +131,9 @@ in
 
   # systemd-repart operates on the disk behind "/" or, failing that, the one that
   # /run/systemd/volatile-root points to. "/" is a tmpfs here, so point it at the disk holding the
-  # store partition before repart runs.
+  # store partition before repart runs, as /dev/block/MAJ:MIN (./find-disk.sh says why that
+  # form). /run survives the switch to the real root, so systemd-gpt-auto-generator and bootctl
+  # there find the same disk.
   boot.initrd.systemd.services.comatching-find-disk = {
     description = "Point systemd-repart at the disk holding the store partition";
     wantedBy = [ "initrd.target" ];
@@ -144,12 +147,11 @@ in
       RemainAfterExit = true;
     };
     script = ''
-      part=$(readlink -f ${storeDevice})
-      disk=$(basename "$(readlink -f "/sys/class/block/$(basename "$part")/..")")
-      mkdir -p /run/systemd
-      ln -sfn "/dev/$disk" /run/systemd/volatile-root
-      echo "systemd-repart will operate on /dev/$disk (store partition $part)"
-    '';
+      store=${storeDevice}
+      link=/run/systemd/volatile-root
+      sysfs=/sys
+    ''
+    + builtins.readFile ./find-disk.sh;
   };
 
   fileSystems = {
@@ -173,6 +175,11 @@ in
       options = [
         "noatime"
         "x-systemd.after=systemd-repart.service"
+        # On the first boot (and a factory reset) this device appears only once repart has
+        # created the partition, after discarding and formatting the rest of the disk, which on
+        # a large or slow disk takes longer than systemd's default 90 s wait for a device; a
+        # timeout here would end the boot in the initrd's reboot loop (configuration.nix).
+        "x-systemd.device-timeout=${dataDeviceTimeout}"
       ];
       neededForBoot = true;
     };

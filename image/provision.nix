@@ -10,13 +10,15 @@
 #                                        the relay's own file (`comatching-relay pki link-key`)
 #
 # At boot this unit moves them to /var/lib/comatching-provision (data partition, root-only) and
-# deletes them from the ESP, before tailscale's autoconnect and the appliance start. Nothing
+# erases them from the ESP (overwritten, then unlinked: ./provision.sh), before tailscale's
+# autoconnect and the appliance start. Any other file in <ESP>/comatching/ is erased too, with a
+# journal line naming it: it is most likely a secret under a wrong name. Nothing
 # secret is ever in the Nix store or in the image. The appliance unit gets the three TLS files
 # and the link key as systemd credentials (image/configuration.nix,
 # services.comatching-appliance.brokerClient and .linkKeyFile). The files stay on the data
 # partition across reboots; a re-image or factory reset wipes them (copy them onto the ESP
 # again).
-{ lib, ... }:
+{ lib, pkgs, ... }:
 let
   espDir = "/boot/comatching";
   dir = "/var/lib/comatching-provision";
@@ -57,23 +59,15 @@ in
         RemainAfterExit = true;
         UMask = "0077";
       };
+      # fstrim (util-linux) discards the ESP's freed clusters after the files are erased.
+      path = [ pkgs.util-linux ];
       script = ''
-        set -eu
-        mkdir -p ${dir}
-        chmod 0700 ${dir}
-        for f in ${lib.concatStringsSep " " files}; do
-          src=${espDir}/$f
-          [ -f "$src" ] || continue
-          # Windows editors like CRLF; none of these files wants it (PEM parsers take LF; the
-          # link key is hex).
-          tr -d '\r' < "$src" > ${dir}/.$f.new
-          sync ${dir}/.$f.new
-          mv ${dir}/.$f.new ${dir}/$f
-          rm -f "$src"
-          echo "provisioned $f"
-        done
-        sync ${espDir} || true
-      '';
+        esp_dir=${espDir}
+        esp_mount=/boot
+        dir=${dir}
+        files=${lib.escapeShellArg (lib.concatStringsSep " " files)}
+      ''
+      + builtins.readFile ./provision.sh;
     };
 
     # Provisioned files are read by tailscaled-autoconnect (as root) and, for the appliance

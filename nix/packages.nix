@@ -4,6 +4,7 @@
 {
   lib,
   rustPlatform,
+  rustc,
   symlinkJoin,
 }:
 let
@@ -19,7 +20,19 @@ let
       (root + "/tests")
     ];
   };
-  inherit ((lib.importTOML (root + "/Cargo.toml")).workspace.package) version;
+  inherit ((lib.importTOML (root + "/Cargo.toml")).workspace.package) version rust-version;
+
+  # The workspace's `rust-version` is the oldest rustc that builds it. A pinned nixpkgs with an
+  # older one would fail deep inside cargo with a message about some dependency; say it here,
+  # at evaluation, with both versions (issue 15, finding 6). rustPlatform carries the rustc it
+  # builds with; pkgs.rustc is the same unless someone overrides rustPlatform.
+  toolchain = rustPlatform.rust.rustc.version or rustc.version;
+  checkToolchain =
+    drv:
+    if lib.versionAtLeast toolchain rust-version then
+      drv
+    else
+      throw "comatching: the pinned nixpkgs has rustc ${toolchain}, but the workspace needs ${rust-version} (rust-version in Cargo.toml); move flake.lock to a newer nixpkgs or lower rust-version";
 
   crate =
     {
@@ -27,7 +40,7 @@ let
       package,
       description,
     }:
-    rustPlatform.buildRustPackage {
+    checkToolchain (rustPlatform.buildRustPackage {
       inherit pname version src;
       cargoLock.lockFile = root + "/Cargo.lock";
       cargoBuildFlags = [
@@ -44,7 +57,7 @@ let
         license = lib.licenses.mit;
         platforms = lib.platforms.linux;
       };
-    };
+    });
 in
 rec {
   inherit src;

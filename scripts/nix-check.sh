@@ -3,8 +3,10 @@
 #   1. `nix-instantiate --parse` on every tracked-or-new .nix file of the tree;
 #   2. `deadnix --fail` on the same files (unused bindings and arguments);
 #   3. the evaluation tests nix/tests/*.nix (plain Nix, builtins only), each evaluated with
-#      `nix-instantiate --eval --strict`; a failing case throws, which fails the check.
-# Installs what is missing: `nix-bin` from Debian packages, `deadnix` with cargo.
+#      `nix-instantiate --eval --strict`; a failing case throws, which fails the check. Some
+#      evaluate the real module files with the stand-ins of nix/tests/stubs/;
+#   4. the shell scripts of the image and modules against fake trees (nix/tests/scripts.sh).
+# Installs what is missing: `nix-bin` and `jq` from Debian packages, `deadnix` with cargo.
 # Prints `nix-check: N passed, M failed` last and exits non-zero when M > 0.
 #
 # Called by scripts/test.sh; runs standalone too: scripts/nix-check.sh
@@ -29,6 +31,13 @@ if ! command -v nix-instantiate >/dev/null 2>&1; then
         apt-get install -y --no-install-recommends nix-bin >&2 \
         || { log "installing nix-bin failed"; exit 1; }
     command -v nix-instantiate >/dev/null 2>&1 || { log "nix-bin installed but no nix-instantiate"; exit 1; }
+fi
+if ! command -v jq >/dev/null 2>&1; then
+    log "installing jq from Debian packages"
+    as_root apt-get update >&2 || { log "apt-get update failed"; exit 1; }
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends jq >&2 \
+        || { log "installing jq failed"; exit 1; }
 fi
 if ! command -v deadnix >/dev/null 2>&1; then
     log "installing deadnix with cargo (about 1.5 min)"
@@ -90,6 +99,14 @@ for t in nix/tests/*.nix; do
         printf '%s\n' "$out" >&2
     fi
 done
+
+log "shell scripts"
+if out=$(bash nix/tests/scripts.sh 2>&1); then
+    passed=$((passed + $(printf '%s\n' "$out" | grep -c '^ok ')))
+else
+    fail "shell scripts"
+    printf '%s\n' "$out" | grep -v '^ok ' >&2
+fi
 
 echo "nix-check: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

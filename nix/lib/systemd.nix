@@ -57,6 +57,14 @@
     LimitNOFILE = 65536;
   };
 
+  # LimitNOFILE= for a server with a cap on concurrent connections (the relay's
+  # `http.max_connections`): one descriptor per connection plus 1024 for everything else
+  # (SQLite's files, the broker connection, the runtime, the journal). Without a cap in the
+  # settings, the binary's default cap applies (2048), for which 4096 leaves the same headroom
+  # and then some. The soft and hard limit both; systemd's own default soft limit is 1024,
+  # which a few laptops holding connections open would exhaust (issue 13).
+  nofileFor = maxConnections: if maxConnections == null then 4096 else maxConnections + 1024;
+
   unitConfig = {
     # Never give up restarting (the default would stop after 5 starts in 10 s).
     StartLimitIntervalSec = 0;

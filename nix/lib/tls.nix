@@ -223,10 +223,13 @@ let
 
   # The checks of BrokerSettings::check (protocol/src/config.rs), same wording; every failing
   # rule, not only the first. `broker` is the `[broker]` section as rendered.
+  # `broker.url` is one URL or a list of them (a cluster's members, tried in turn); the rules
+  # apply to the first, and the relay module asserts that the others use the same scheme.
   brokerErrors =
     broker:
     let
-      url = broker.url or "";
+      raw = broker.url or "";
+      url = if builtins.isList raw then (if raw == [ ] then "" else builtins.head raw) else raw;
       tls = hasPrefix "amqps://" url;
       anyFile = isSet broker "tls_ca" || isSet broker "tls_cert";
     in

@@ -169,7 +169,7 @@ in
           };
           broker = section {
             url = mkOption {
-              type = types.str;
+              type = types.either types.str (types.listOf types.str);
               default = clib.tls.amqpUrl {
                 user = "appliance-${cfg.settings.appliance.id}";
                 host = "127.0.0.1";
@@ -179,9 +179,10 @@ in
                 "amqps://appliance-''${settings.appliance.id}@127.0.0.1:5671/%2f" with brokerClient.caFile set,
                 "amqp://appliance-''${settings.appliance.id}@127.0.0.1:5672/%2f" otherwise'';
               description = ''
-                AMQP URL without the password (set the full URL in `environmentFile` as
-                COMATCHING_APPLIANCE__BROKER__URL, with the same scheme: amqps:// when the
-                brokerClient files are set).
+                AMQP URL without the password, or a list of them (the members of a clustered
+                broker, tried in turn). Set the full URL(s) in `environmentFile` as
+                COMATCHING_APPLIANCE__BROKER__URL (comma-separated for a list), with the same
+                scheme: amqps:// when the brokerClient files are set.
               '';
             };
             tls_ca = mkOption {
@@ -297,6 +298,19 @@ in
       description = "TimeoutStartSec=: how long the binary may take to send READY=1.";
     };
 
+    statusConsole = {
+      enable = mkEnableOption ''
+        the status view on a console: `comatching-appliance status --watch` (the verdict and
+        facts in plain text, redrawn every 2 s) on `statusConsole.tty` instead of a login
+        prompt, restarted whenever it exits'';
+
+      tty = mkOption {
+        type = types.strMatching "tty[0-9]+";
+        default = "tty1";
+        description = "The virtual console it takes over (its getty is switched off).";
+      };
+    };
+
     tailnetInterface = mkOption {
       type = types.str;
       default = "tailscale0";
@@ -319,7 +333,9 @@ in
 
     assertions = [
       {
-        assertion = builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" cfg.settings.broker.url == null;
+        assertion = lib.all (u: builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" u == null) (
+          if builtins.isList cfg.settings.broker.url then cfg.settings.broker.url else [ cfg.settings.broker.url ]
+        );
         message = "services.comatching-appliance.settings.broker.url must not contain a password (it would land in the Nix store); set COMATCHING_APPLIANCE__BROKER__URL in environmentFile.";
       }
     ]
@@ -361,6 +377,52 @@ in
         # dynamic user.
         LoadCredential = loadCredential;
       };
+    };
+
+    # The status view on the box's own monitor (issue 11 §2). It replaces the login prompt on
+    # that console: root has no password on the image, so the prompt was of no use there.
+    # No credentials are loaded: `status` reads no broker certificate, and the view must come
+    # up exactly when provisioning is incomplete (a missing credential would stop the unit).
+    # Runs as the service's dynamic user (same User= name, same UID) like the CLI wrapper.
+    systemd.services."getty@${cfg.statusConsole.tty}".enable = mkIf cfg.statusConsole.enable false;
+    systemd.services."autovt@${cfg.statusConsole.tty}".enable = mkIf cfg.statusConsole.enable false;
+    systemd.services."comatching-status-${cfg.statusConsole.tty}" = mkIf cfg.statusConsole.enable {
+      description = "COMATCHING Edge status view on ${cfg.statusConsole.tty}";
+      wantedBy = [ "multi-user.target" ];
+      after = [
+        "systemd-user-sessions.service"
+        "comatching-appliance.service"
+      ];
+      conflicts = [
+        "getty@${cfg.statusConsole.tty}.service"
+        "autovt@${cfg.statusConsole.tty}.service"
+      ];
+      environment.RUST_LOG = "warn";
+      unitConfig = clib.systemd.unitConfig;
+      serviceConfig =
+        clib.systemd.serviceConfig
+        // {
+          Type = "simple";
+          User = stateDir;
+          StateDirectory = stateDir;
+          WorkingDirectory = "%S/${stateDir}";
+          ExecStart = "${exe} status --watch --config ${configFile}";
+          # PID 1 opens the console before it drops to the dynamic user; resetting and
+          # deallocating it clears whatever the kernel or a previous run left there.
+          StandardInput = "tty";
+          StandardOutput = "tty";
+          StandardError = "journal";
+          TTYPath = "/dev/${cfg.statusConsole.tty}";
+          TTYReset = true;
+          TTYVHangup = true;
+          TTYVTDisallocate = true;
+          # The console is a device node: a private /dev would not have it.
+          PrivateDevices = false;
+          DeviceAllow = [ "/dev/${cfg.statusConsole.tty} rw" ];
+          # Redraws every 2 s; if it ever exits, the screen comes back within the same time.
+          Restart = "always";
+          RestartSec = "2s";
+        };
     };
 
     environment.etc."comatching/appliance.toml".source = configFile;

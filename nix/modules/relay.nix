@@ -25,6 +25,13 @@
 # must switch together: one with a key refuses every message of one without (which itself
 # accepts anything). Set it together with the appliances' (the image's `comatching.site.linkKey`).
 #
+# Also (docs/operations.md §6): `backup` (a timer running `comatching-relay backup` as the
+# relay's user, then an optional off-box command, nix/modules/relay-backup.sh), `litestream`
+# (nixpkgs' services.litestream for relay.db, as the relay's user), LimitNOFILE= from
+# `settings.http.max_connections`, and `broker.cluster` (a RabbitMQ cluster member,
+# nix/lib/cluster.nix). The relay and the broker are independent: a cluster member may run the
+# broker alone.
+#
 # Option names of nixpkgs used below were checked against nixpkgs' own module sources; see
 # docs/operations.md, "Sources checked".
 {
@@ -150,6 +157,53 @@ let
       else
         null;
   };
+  # ---- a clustered broker (issue 15 §1) ----
+  cl = brk.cluster;
+  clusterArgs = {
+    self = config.networking.hostName;
+    inherit (cl) peers;
+  };
+  # The relay's broker URLs: this host's broker first, then the other members (same user,
+  # scheme and port; their certificates must name them).
+  brokerUrlFor =
+    host:
+    clib.tls.amqpUrl {
+      user = "relay";
+      inherit host;
+      tls = cfg.brokerClient.caFile != null;
+      port = if cfg.brokerClient.caFile != null then brk.tls.port else brk.port;
+    };
+  brokerUrls = map brokerUrlFor ([ "127.0.0.1" ] ++ lib.optionals (brk.enable && cl.enable) cl.peers);
+  urlList = u: if builtins.isList u then u else [ u ];
+
+  # ---- backups (issue 14 §3) ----
+  bak = cfg.backup;
+  backupUnit = "comatching-relay-backup";
+  # The directory is a StateDirectory= of the backup unit, so it must be under /var/lib.
+  backupStateDir = lib.removePrefix "/var/lib/" bak.directory;
+  backupDirOk =
+    lib.hasPrefix "/var/lib/" bak.directory
+    && builtins.match "[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*" backupStateDir != null
+    && builtins.match "(.*/)?[.][.]?(/.*)?" backupStateDir == null
+    && backupStateDir != stateDir;
+  postCommand =
+    if bak.postCommand == null then
+      null
+    else
+      pkgs.writeShellScript "comatching-relay-backup-post" bak.postCommand;
+  dbPath = "/var/lib/${stateDir}/relay.db";
+
+  # The relay's sandbox for a unit that is not a long-running server (no Restart=always on a
+  # oneshot, no connection cap to size LimitNOFILE= for).
+  oneshotSandbox = removeAttrs clib.systemd.serviceConfig [
+    "Restart"
+    "RestartSec"
+    "LimitNOFILE"
+  ];
+
+  # ---- Litestream (issue 14 §3) ----
+  ls = cfg.litestream;
+
   nullOrFile =
     example: description:
     mkOption {
@@ -211,6 +265,15 @@ in
                 e.g. "0.0.0.0:443"), plain HTTP otherwise (keep that on loopback).
               '';
             };
+            max_connections = mkOption {
+              type = types.nullOr types.ints.positive;
+              default = null;
+              example = 10000;
+              description = ''
+                Cap on concurrent connections (the binary's default when null, 2048). The
+                unit's LimitNOFILE= follows it: max_connections + 1024, or 4096 when unset.
+              '';
+            };
             tls_cert = mkOption {
               type = types.nullOr types.str;
               default = httpsCreds.settings.tls_cert;
@@ -234,20 +297,17 @@ in
           };
           broker = section {
             url = mkOption {
-              type = types.str;
-              default = clib.tls.amqpUrl {
-                user = "relay";
-                host = "127.0.0.1";
-                tls = cfg.brokerClient.caFile != null;
-                port = if cfg.brokerClient.caFile != null then brk.tls.port else brk.port;
-              };
+              type = types.either types.str (types.listOf types.str);
+              default = if brk.enable && cl.enable then brokerUrls else builtins.head brokerUrls;
               defaultText = literalExpression ''
                 "amqps://relay@127.0.0.1:''${toString broker.tls.port}/%2f" with brokerClient.caFile set,
-                "amqp://relay@127.0.0.1:''${toString broker.port}/%2f" otherwise'';
+                "amqp://relay@127.0.0.1:''${toString broker.port}/%2f" otherwise; with broker.cluster,
+                a list: that URL, then the same for each of broker.cluster.peers'';
               description = ''
-                AMQP URL without the password (set the full URL in `environmentFile` as
-                COMATCHING_RELAY__BROKER__URL, with the same scheme: amqps:// when the
-                brokerClient files are set).
+                AMQP URL without the password, or a list of them (a cluster's members, tried in
+                turn). Set the full URL(s) in `environmentFile` as COMATCHING_RELAY__BROKER__URL
+                (comma-separated for a list), with the same scheme: amqps:// when the
+                brokerClient files are set.
               '';
             };
             tls_ca = mkOption {
@@ -343,6 +403,97 @@ in
       description = "Open the API port (from settings.http.listen; HTTPS with `https.*`) on all interfaces.";
     };
 
+    backup = {
+      enable = mkEnableOption ''
+        scheduled online backups of relay.db: a timer runs `comatching-relay backup` as the
+        relay's own user, keeps the newest `keep` files in `directory`, and then runs
+        `postCommand` on the new file, if set'';
+
+      interval = mkOption {
+        type = types.str;
+        default = "hourly";
+        example = "*:0/15";
+        description = ''
+          When to take a backup (a systemd.time(7) calendar event: the timer's OnCalendar=). A
+          run missed while the host was off is taken at the next boot (Persistent=).
+        '';
+      };
+
+      keep = mkOption {
+        type = types.ints.positive;
+        default = 48;
+        description = "How many backups to keep in `directory` (`--keep`); older ones are deleted after each backup.";
+      };
+
+      directory = mkOption {
+        type = types.str;
+        default = "/var/lib/comatching-relay-backups";
+        description = ''
+          Where the backups go. Must be under /var/lib: it is the backup unit's
+          StateDirectory=, which systemd creates and hands to the relay's dynamic user (mount
+          another disk there to keep backups off the relay's disk).
+        '';
+      };
+
+      postCommand = mkOption {
+        type = types.nullOr types.lines;
+        default = null;
+        example = ''rclone copyto "$1" "offbox:comatching-backups/$(basename "$1")"'';
+        description = ''
+          Shell commands run after each successful backup, to copy it off the box. The new
+          file is the first argument (`$1`) and `$COMATCHING_BACKUP_FILE`. It runs in the
+          backup unit: as the relay's dynamic user, in the relay's sandbox (network allowed,
+          no home directory, everything read-only but the two state directories), with
+          `postCommandPackages` on PATH and `postCommandEnvironmentFile` in the environment.
+          A failure fails the unit (`systemctl --failed` shows it); the backup stays.
+        '';
+      };
+
+      postCommandPackages = mkOption {
+        type = types.listOf types.package;
+        default = [ ];
+        example = literalExpression "[ pkgs.rclone ]";
+        description = "Packages on PATH for `postCommand`.";
+      };
+
+      postCommandEnvironmentFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/comatching-secrets/offbox.env";
+        description = ''
+          A file outside the store with `KEY=value` lines for the backup unit's
+          EnvironmentFile=: the off-box tool's credentials (e.g. rclone's
+          `RCLONE_CONFIG_<REMOTE>_*` variables). Read by systemd as root.
+        '';
+      };
+    };
+
+    litestream = {
+      enable = mkEnableOption ''
+        continuous replication of relay.db with Litestream: nixpkgs' `services.litestream`,
+        configured for the relay's database and run as the relay's own user, started and
+        stopped with the relay'';
+
+      replicaUrl = mkOption {
+        type = types.str;
+        example = "s3://comatching-backups/relay";
+        description = ''
+          Litestream replica URL (s3://, gs://, abs://, sftp://, file://…). No credentials in
+          it (it ends up in the store): put them in `environmentFile`.
+        '';
+      };
+
+      environmentFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/comatching-secrets/litestream.env";
+        description = ''
+          `services.litestream.environmentFile`: e.g. `LITESTREAM_ACCESS_KEY_ID=…` and
+          `LITESTREAM_SECRET_ACCESS_KEY=…`, outside the store.
+        '';
+      };
+    };
+
     broker = {
       enable = mkEnableOption "a local RabbitMQ broker with the COMATCHING topology, users and permissions";
 
@@ -400,6 +551,41 @@ in
         };
       };
 
+      cluster = {
+        enable = mkEnableOption ''
+          this broker as one member of a RabbitMQ cluster (issue 15): peer discovery by
+          `cluster_formation.classic_config.nodes` (this host and `peers`), the Erlang cookie
+          from `cookieFile` as a systemd credential, `cluster_partition_handling =
+          pause_minority`, and the Erlang distribution ports opened on `interface`. Every member
+          sets the same options with its own `peers`; a member that runs no relay sets
+          `broker.enable` without `services.comatching-relay.enable`'';
+
+        peers = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [
+            "comatching-broker-2"
+            "comatching-broker-3"
+          ];
+          description = ''
+            Host names of the other members (not this one), as every member resolves them (the
+            tailnet's MagicDNS names). Node names are rabbit@<host name>; this node's is
+            rabbit@`networking.hostName`. At least 2 (3 members), an even member count is refused.
+          '';
+        };
+
+        cookieFile = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "/var/lib/comatching-secrets/erlang-cookie";
+          description = ''
+            The Erlang cookie shared by all members (20-255 letters and digits, the same file on
+            every member), outside the store. Loaded as a credential of rabbitmq.service and
+            installed as the node's ~/.erlang.cookie before it starts.
+          '';
+        };
+      };
+
       tailnetAddress = mkOption {
         type = types.nullOr types.str;
         default = null;
@@ -447,8 +633,10 @@ in
     };
   };
 
-  config = mkIf cfg.enable (mkMerge [
-    {
+  # The relay, and a broker: either may run without the other (a cluster member that runs no
+  # relay sets broker.enable alone).
+  config = mkMerge [
+    (mkIf cfg.enable {
       # The binary refuses unknown sections; a section added to the Rust config but not yet to
       # nix/lib/settings.nix only warns here, so the module never blocks a valid new section.
       warnings = map (
@@ -457,8 +645,17 @@ in
 
       assertions = [
         {
-          assertion = builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" cfg.settings.broker.url == null;
+          assertion = lib.all (u: builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" u == null) (urlList cfg.settings.broker.url);
           message = "services.comatching-relay.settings.broker.url must not contain a password (it would land in the Nix store); set COMATCHING_RELAY__BROKER__URL in environmentFile.";
+        }
+        {
+          assertion =
+            let
+              urls = urlList cfg.settings.broker.url;
+              prefix = lib.head (lib.splitString "://" (lib.head urls)) + "://";
+            in
+            urls != [ ] && lib.all (lib.hasPrefix prefix) urls;
+          message = "services.comatching-relay.settings.broker.url: a list must not be empty, and every entry must use the same scheme (all amqp:// or all amqps://).";
         }
       ]
       # The rules the binary checks at start (nix/lib/tls.nix), so they fail here instead.
@@ -486,6 +683,8 @@ in
           clib.systemd.serviceConfig
           // {
             Type = "exec";
+            # One descriptor per connection up to the cap, plus headroom (nix/lib/systemd.nix).
+            LimitNOFILE = clib.systemd.nofileFor cfg.settings.http.max_connections;
             StateDirectory = stateDir;
             WorkingDirectory = "%S/${stateDir}";
             # Creates or upgrades the database; idempotent.
@@ -510,7 +709,7 @@ in
       # For operators: the rendered config and the admin wrapper.
       environment.etc."comatching/relay.toml".source = configFile;
       environment.systemPackages = [ adminCli ];
-    }
+    })
 
     (mkIf brk.enable {
       assertions = [
@@ -526,7 +725,8 @@ in
             message = "services.comatching-relay.broker.tls.enable needs caFile, certFile and keyFile.";
           }
           {
-            assertion = brk.tls.plainLoopback || (cfg.brokerClient.certFile != null && cfg.brokerClient.keyFile != null);
+            assertion =
+              !cfg.enable || brk.tls.plainLoopback || (cfg.brokerClient.certFile != null && cfg.brokerClient.keyFile != null);
             message = "services.comatching-relay.broker.tls: the broker refuses clients without a certificate; set brokerClient.certFile and keyFile (`comatching-relay pki issue --name relay --kind client`), or broker.tls.plainLoopback.";
           }
           {
@@ -608,12 +808,146 @@ in
         };
       };
 
-      systemd.services.comatching-relay = {
+      systemd.services.comatching-relay = mkIf cfg.enable {
         wants = [ "comatching-broker-users.service" ];
         after = [
           "rabbitmq.service"
           "comatching-broker-users.service"
         ];
+      };
+    })
+
+    (mkIf (brk.enable && cl.enable) {
+      assertions = [
+        {
+          assertion = cl.cookieFile != null && lib.hasPrefix "/" cl.cookieFile && !(lib.hasPrefix "/nix/store/" cl.cookieFile);
+          message = "services.comatching-relay.broker.cluster.cookieFile must be an absolute path outside the Nix store (the Erlang cookie grants full control of every member).";
+        }
+        {
+          assertion = brk.tailnetAddress != null;
+          message = "services.comatching-relay.broker.cluster needs broker.tailnetAddress: the members' clients fail over to each other over the tailnet.";
+        }
+        {
+          assertion = (config.services.rabbitmq.unsafeCookie or "") == "";
+          message = "services.comatching-relay.broker.cluster: leave services.rabbitmq.unsafeCookie empty (it would put the cookie in the store and fight cookieFile).";
+        }
+      ]
+      ++ map (m: {
+        assertion = false;
+        message = "services.comatching-relay.broker.cluster: ${m}";
+      }) (clib.cluster.errors clusterArgs);
+
+      services.rabbitmq.configItems = clib.cluster.configItems clusterArgs;
+
+      systemd.services.rabbitmq = {
+        serviceConfig.LoadCredential = optional (cl.cookieFile != null) "erlang-cookie:${cl.cookieFile}";
+        # As the `rabbitmq` user, before the node starts; the node and rabbitmqctl read it there.
+        preStart = lib.mkAfter ''
+          ${pkgs.bash}/bin/bash ${./erlang-cookie.sh} ${lib.escapeShellArg config.services.rabbitmq.dataDir}
+        '';
+      };
+
+      # The Erlang distribution between the members, on the tailnet only (WireGuard encrypts it;
+      # the cookie authenticates it). AMQP is opened there already.
+      networking.firewall.interfaces.${brk.interface}.allowedTCPPorts = clib.cluster.distributionPorts;
+    })
+
+    (mkIf (cfg.enable && bak.enable) {
+      assertions = [
+        {
+          assertion = backupDirOk;
+          message = "services.comatching-relay.backup.directory must be a directory under /var/lib other than the relay's own (it becomes the backup unit's StateDirectory=), got ${bak.directory}.";
+        }
+      ];
+
+      # Runs as the relay's user: DynamicUser= with the same User= name gets the same UID, so
+      # it reads relay.db where the relay keeps it and the files it writes belong to that user.
+      systemd.services.${backupUnit} = {
+        description = "COMATCHING Edge relay database backup";
+        after = [ "comatching-relay.service" ];
+        path = [
+          pkgs.coreutils
+          pkgs.gnugrep
+          pkgs.jq
+        ]
+        ++ bak.postCommandPackages;
+        environment.RUST_LOG = cfg.logFilter;
+        # Nothing to back up before the relay's first `migrate`.
+        unitConfig.ConditionPathExists = dbPath;
+        serviceConfig = oneshotSandbox // {
+          Type = "oneshot";
+          User = stateDir;
+          StateDirectory = [
+            stateDir
+            backupStateDir
+          ];
+          WorkingDirectory = "%S/${stateDir}";
+          EnvironmentFile = optional (
+            bak.postCommandEnvironmentFile != null
+          ) bak.postCommandEnvironmentFile;
+          ExecStart = lib.escapeShellArgs (
+            [
+              "${pkgs.bash}/bin/bash"
+              "${./relay-backup.sh}"
+              exe
+              "${configFile}"
+              bak.directory
+              (toString bak.keep)
+            ]
+            ++ optional (postCommand != null) "${postCommand}"
+          );
+        };
+      };
+
+      systemd.timers.${backupUnit} = {
+        description = "Scheduled COMATCHING Edge relay database backups";
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          OnCalendar = bak.interval;
+          Persistent = true;
+          AccuracySec = "1min";
+        };
+      };
+    })
+
+    (mkIf (cfg.enable && ls.enable) {
+      assertions = [
+        {
+          assertion = builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]*@.*" ls.replicaUrl == null;
+          message = "services.comatching-relay.litestream.replicaUrl must not contain credentials (it would land in the Nix store); use litestream.environmentFile.";
+        }
+      ];
+
+      services.litestream = {
+        enable = true;
+        inherit (ls) environmentFile;
+        # relay.db is in WAL mode with a 10 s busy timeout and only automatic (PASSIVE)
+        # checkpoints, which is what Litestream needs (docs/operations.md, "Continuous
+        # replication"). `replicas` with one entry is the form Litestream 0.3 reads and 0.5
+        # still accepts.
+        settings.dbs = [
+          {
+            path = dbPath;
+            replicas = [ { url = ls.replicaUrl; } ];
+          }
+        ];
+      };
+
+      # nixpkgs runs Litestream as its own static user, which cannot enter the relay's private
+      # state directory (a DynamicUser's, mode 0700). Run it as the relay's user instead, in
+      # the relay's sandbox, and tie it to the relay: it starts with it and stops with it, so a
+      # `restore` (done with the relay stopped) never races a running replication.
+      systemd.services.litestream = {
+        wantedBy = [ "comatching-relay.service" ];
+        bindsTo = [ "comatching-relay.service" ];
+        after = [ "comatching-relay.service" ];
+        unitConfig = clib.systemd.unitConfig;
+        serviceConfig = removeAttrs clib.systemd.serviceConfig [ "LimitNOFILE" ] // {
+          User = lib.mkForce stateDir;
+          Group = lib.mkForce stateDir;
+          StateDirectory = stateDir;
+          WorkingDirectory = "%S/${stateDir}";
+        };
       };
     })
 
@@ -623,5 +957,5 @@ in
         after = [ "tailscaled.service" ];
       };
     })
-  ]);
+  ];
 }

@@ -20,6 +20,7 @@ let
     mkDefault = x: {
       _default = x;
     };
+    versionAtLeast = a: b: builtins.compareVersions a b >= 0;
     nixosSystem = args: {
       inherit (args) modules;
       config.system.build = {
@@ -30,7 +31,11 @@ let
   };
 
   pkgs = {
-    rustPlatform.buildRustPackage = args: drv args.pname { inherit args; };
+    rustPlatform = {
+      buildRustPackage = args: drv args.pname { inherit args; };
+      rust.rustc.version = "1.91.1";
+    };
+    rustc.version = "1.91.1";
     symlinkJoin = args: drv args.name { inherit (args) paths; };
     runCommand = name: env: _script: drv name { inherit env; };
     rustfmt = drv "rustfmt" { };
@@ -63,6 +68,17 @@ let
   relayArgs = packages.cloud-relay.args;
   applianceArgs = packages.appliance.args;
   rel = p: builtins.substring (builtins.stringLength (toString ../..) + 1) 1000 (toString p);
+
+  # packages.nix with a toolchain older than the workspace's rust-version.
+  withRustc =
+    version:
+    pkgs.callPackage ../packages.nix {
+      rustPlatform = pkgs.rustPlatform // {
+        rust.rustc = { inherit version; };
+      };
+    };
+  builds = p: (builtins.tryEval (builtins.deepSeq p.cloud-relay.name true)).success;
+  rustVersion = (builtins.fromTOML (builtins.readFile ../../Cargo.toml)).workspace.package.rust-version;
 
   # The module wrapper sets the package default from the flake's packages.
   relayModule = self.nixosModules.relay {
@@ -159,6 +175,20 @@ import ./harness.nix [
     name = "module-defaults-the-flake-package";
     actual = relayModule.services.comatching-relay.package._default.name;
     expected = "comatching-relay";
+  }
+  {
+    # finding 6: a pinned rustc older than rust-version fails at evaluation, naming both.
+    name = "finding6:toolchain-at-least-rust-version";
+    actual = {
+      older = builds (withRustc "1.88.0");
+      same = builds (withRustc "${rustVersion}.0");
+      newer = builds (withRustc "1.91.1");
+    };
+    expected = {
+      older = false;
+      same = true;
+      newer = true;
+    };
   }
   {
     name = "checks";

@@ -51,6 +51,21 @@ import ./harness.nix [
     ];
   }
   {
+    # The relay's LimitNOFILE=: its connection cap plus headroom, or a fixed 4096 ≥ the
+    # binary's default cap (2048) + 1024.
+    name = "nofile-follows-the-connection-cap";
+    actual = map sd.nofileFor [
+      null
+      2048
+      10000
+    ];
+    expected = [
+      4096
+      3072
+      11024
+    ];
+  }
+  {
     name = "never-stops-restarting";
     actual = sd.unitConfig.StartLimitIntervalSec;
     expected = 0;
