@@ -164,14 +164,21 @@ fn text_options() -> TextOptions {
     }
 }
 
-/// Korean when the locale asks for it, English otherwise: the Linux console (tty1) has no
-/// Hangul glyphs, and a Korean terminal emulator sets a `ko_*` locale.
+/// Korean when the locale asks for it and the terminal can draw it, English otherwise.
 fn lang_from_env() -> Lang {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let locale = ["LC_ALL", "LC_MESSAGES", "LANG"]
         .iter()
-        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
-    match locale {
-        Some(l) if l.starts_with("ko") => Lang::Ko,
+        .find_map(|k| var(k));
+    lang_for(locale.as_deref(), var("TERM").as_deref())
+}
+
+/// The language rule of [`lang_from_env`]: Korean for a `ko*` locale, except on the Linux
+/// console (`TERM=linux`, tty1), whose fonts have no Hangul whatever the box's locale.
+fn lang_for(locale: Option<&str>, term: Option<&str>) -> Lang {
+    match (locale, term) {
+        (_, Some("linux")) => Lang::En,
+        (Some(l), _) if l.starts_with("ko") => Lang::Ko,
         _ => Lang::En,
     }
 }
@@ -293,4 +300,20 @@ fn store_check(cfg: &Config) -> Result<String, String> {
             .map(|e| e.to_string())
             .unwrap_or_else(|| "none".into())
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn korean_only_where_it_can_be_drawn() {
+        assert_eq!(
+            lang_for(Some("ko_KR.UTF-8"), Some("xterm-256color")),
+            Lang::Ko
+        );
+        assert_eq!(lang_for(Some("ko_KR.UTF-8"), Some("linux")), Lang::En);
+        assert_eq!(lang_for(Some("en_US.UTF-8"), None), Lang::En);
+        assert_eq!(lang_for(None, None), Lang::En);
+    }
 }

@@ -334,7 +334,10 @@ async fn first_paint_needs_no_script_and_the_language_switch_persists() {
     let s = browser
         .session(SessionOptions::phone(390).language("en-US,en"))
         .await;
-    s.goto(&format!("{base}/status")).await;
+    // Staff type the bare address.
+    s.goto(&format!("{base}/")).await;
+    let here = s.client().current_url().await.expect("current url");
+    assert_eq!(here.path(), "/status", "/ leads to the page");
     assert_eq!(s.attr("html", "lang").await.as_deref(), Some("en"));
     assert_eq!(
         s.text("#verdict-title").await.as_deref(),

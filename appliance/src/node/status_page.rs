@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 
 use axum::Router;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -38,9 +38,11 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 /// How long the `lang` cookie keeps the choice.
 const LANG_COOKIE_MAX_AGE_S: u64 = 365 * 24 * 3600;
 
-/// The page's files (merged into the status router; they need no state).
+/// The page's files and `/` (a redirect to the page: staff type the bare address), merged into
+/// the status router; they need no state.
 pub fn asset_routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
+        .route("/", get(|| async { Redirect::to("/status") }))
         .route(
             "/assets/status.js",
             get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
