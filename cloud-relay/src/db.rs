@@ -153,7 +153,17 @@ CREATE TABLE appliances (
     last_action   TEXT NOT NULL
 ) STRICT;
 "#,
+    r#"
+-- Personal data has an end (issue 14): set when an account's personal fields were erased, by
+-- withdrawal or by `admin purge`. An erased profile keeps its row (version, pool features, pick
+-- count) so versions never go backwards and the report keeps its counts.
+ALTER TABLE accounts ADD COLUMN erased_ms INTEGER;
+ALTER TABLE profiles ADD COLUMN erased_ms INTEGER;
+"#,
 ];
+
+/// The schema version this build writes (`PRAGMA user_version` after every migration ran).
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Read-only connections, and reads running at once (more would only add threads and page
 /// caches on a small box: reads take microseconds).
@@ -217,6 +227,7 @@ impl ReadPool {
         )?;
         c.busy_timeout(std::time::Duration::from_secs(10))?;
         c.pragma_update(None, "query_only", "ON")?;
+        secure_delete(&c)?;
         stable_plans(&c)?;
         Ok(c)
     }
@@ -267,6 +278,13 @@ fn stable_plans(c: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Overwrites deleted and replaced content with zeros instead of leaving it readable in free
+/// space: an erased contact handle must not survive in the file (issue 14). Per connection;
+/// on the read-only ones it changes nothing, and is set so that every relay connection is alike.
+pub fn secure_delete(c: &Connection) -> rusqlite::Result<()> {
+    c.pragma_update(None, "secure_delete", "ON")
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -286,6 +304,7 @@ impl Db {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
+        secure_delete(&conn)?;
         conn.set_prepared_statement_cache_capacity(64);
         stable_plans(&conn)?;
         migrate(&mut conn)?;
@@ -298,6 +317,11 @@ impl Db {
                 permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
             }),
         })
+    }
+
+    /// The database file's path.
+    pub fn path(&self) -> &Path {
+        &self.readers.path
     }
 
     /// Runs `f` with the writer connection, exclusively, on a blocking thread.
@@ -491,7 +515,8 @@ fn run_group(conn: &mut Connection, jobs: Vec<GroupJob>) {
     }
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), rusqlite::Error> {
+/// Brings an older database up to `SCHEMA_VERSION` (restore uses it on a copy).
+pub fn migrate(conn: &mut Connection) -> Result<(), rusqlite::Error> {
     let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let tx = conn.transaction()?;

@@ -329,19 +329,7 @@ async fn me(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiEr
 }
 
 async fn withdraw(State(s): State<AppState>, caller: Caller) -> Result<StatusCode, ApiError> {
-    let user = caller.user_id;
-    s.db.write(move |db| {
-        let tx = db.savepoint()?;
-        tx.execute(
-            "UPDATE accounts SET withdrawn_ms = ?2 WHERE user_id = ?1 AND withdrawn_ms IS NULL",
-            params![user.to_hex(), now_ms()],
-        )?;
-        tx.execute("DELETE FROM sessions WHERE user_id = ?1", [user.to_hex()])?;
-        profiles::leave_pool(&tx, user)?;
-        tx.commit()?;
-        Ok(())
-    })
-    .await?;
+    crate::erasure::withdraw(&s.db, caller.user_id).await?;
     s.outbox_wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }

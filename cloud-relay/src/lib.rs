@@ -8,13 +8,17 @@
 //! tracking, outbox trimming), `broker` (connection supervisor), `rpc` (match
 //! request/reply client), `matching` (the match flow + sweeper), `limits` (rate limits),
 //! `metrics` (Prometheus text), `http` (routes), `tls` (the HTTPS accept loop), `pki` (the
-//! private CA behind `comatching-relay pki`), `server` (wiring it all together).
+//! private CA behind `comatching-relay pki`), `server` (wiring it all together), `backup` (online backup and restore),
+//! `datadir` (the data directory's lock), `erasure` (withdrawal and purge erase personal data).
 
 pub mod auth;
+pub mod backup;
 pub mod broker;
 pub mod config;
 pub mod control;
+pub mod datadir;
 pub mod db;
+pub mod erasure;
 pub mod error;
 pub mod http;
 pub mod ledger;

@@ -28,6 +28,22 @@ enum Command {
     Serve,
     /// Create or upgrade the database, then exit.
     Migrate,
+    /// Takes a consistent, checked copy of the database while the relay serves; prints one JSON
+    /// line (path, bytes, seconds, epoch, outbox_seq, users, balance_total, …).
+    Backup {
+        /// Directory the backup is written to (created if missing).
+        #[arg(long)]
+        to: PathBuf,
+        /// Keep the newest N backups in DIR, delete older ones.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        keep: Option<u32>,
+    },
+    /// Installs a backup as the database (the relay must be stopped); the current one is moved
+    /// aside, never deleted, and a new epoch starts.
+    Restore {
+        /// A backup file (`relay-….db`).
+        file: PathBuf,
+    },
     /// Operator helpers.
     Admin {
         #[command(subcommand)]
@@ -84,6 +100,13 @@ enum AdminCommand {
     /// epoch at their next hello and reload everything from a snapshot instead of mixing
     /// histories. Run it with the relay stopped, before starting it on the restored copy.
     NewEpoch,
+    /// After the festival, with the relay stopped: erase the personal fields of every account
+    /// not active since DATE (YYYY-MM-DD, UTC, or an RFC 3339 time), keeping the ledger and
+    /// match counts; prints one JSON line.
+    Purge {
+        #[arg(long, value_name = "DATE", value_parser = comatching_relay::erasure::parse_before)]
+        before: i64,
+    },
 }
 
 /// At most two malloc arenas (glibc). glibc gives each thread that contends for the heap an
@@ -146,6 +169,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Pki { .. } => unreachable!("handled before the configuration is loaded"),
+        Command::Backup { to, keep } => backup(&cfg, &to, keep),
+        Command::Restore { file } => restore(&cfg, &file),
+        Command::Admin {
+            command: AdminCommand::Purge { before },
+        } => purge(&cfg, before),
         Command::Migrate => match Db::open(&cfg.storage.db_path()) {
             Ok(_) => {
                 println!("database ready at {}", cfg.storage.db_path().display());
@@ -253,6 +281,79 @@ fn pki(command: PkiCommand) -> ExitCode {
         Err(e) => {
             eprintln!("comatching-relay: {}: {e}", e.code());
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `backup`: one JSON line on stdout; exit 1 with the reason on stderr.
+fn backup(cfg: &Config, to: &std::path::Path, keep: Option<u32>) -> ExitCode {
+    match comatching_relay::backup::backup(&cfg.storage.db_path(), to, keep.map(|k| k as usize)) {
+        Ok(report) => {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("comatching-relay: backup failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `restore`: what was restored and what to tell students; exit 3 while a relay serves.
+fn restore(cfg: &Config, file: &std::path::Path) -> ExitCode {
+    use comatching_relay::backup::BackupError;
+    match comatching_relay::backup::restore(&cfg.storage.data_dir, file) {
+        Ok(report) => {
+            print!("{}", report.explain());
+            ExitCode::SUCCESS
+        }
+        Err(e @ BackupError::Serving(_)) => {
+            eprintln!("comatching-relay: restore refused: {e}");
+            ExitCode::from(3)
+        }
+        Err(e) => {
+            eprintln!("comatching-relay: restore failed, nothing was changed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `admin purge --before DATE`: refuses while a relay serves (exit 3); one JSON line.
+fn purge(cfg: &Config, before_ms: i64) -> ExitCode {
+    let _lock = match comatching_relay::datadir::lock(&cfg.storage.data_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("comatching-relay: purge refused: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    if !cfg.storage.db_path().is_file() {
+        eprintln!(
+            "comatching-relay: no relay database at {}",
+            cfg.storage.db_path().display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let db = match Db::open(&cfg.storage.db_path()) {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("comatching-relay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let done = db.run_sync(|c| {
+        let report = comatching_relay::erasure::purge(c, before_ms)?;
+        comatching_relay::erasure::truncate_wal(c)?;
+        Ok(report)
+    });
+    match done {
+        Ok(report) => {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("comatching-relay: purge failed, nothing was changed: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -609,7 +609,7 @@ pub fn list(c: &Connection, user: UserId) -> Result<Value, ApiError> {
         let partner: UserId = partner
             .parse()
             .map_err(|_| ApiError::internal("stored user id"))?;
-        let view = profiles::load(c, partner)?.map(|(v, _)| v.partner_json());
+        let view = profiles::partner_json(c, partner)?;
         out.push(json!({
             "match_id": match_id,
             "partner": view,

@@ -242,14 +242,36 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ProfileView, PoolEntry)>
     Ok((view, entry))
 }
 
+/// The user's profile, unless there is none or it was erased (`erasure`).
 pub fn load(conn: &Connection, user: UserId) -> Result<Option<(ProfileView, PoolEntry)>, ApiError> {
     Ok(conn
         .row_cached(
-            &format!("{SELECT} WHERE p.user_id = ?1"),
+            &format!("{SELECT} WHERE p.user_id = ?1 AND p.erased_ms IS NULL"),
             [user.to_hex()],
             read_row,
         )
         .optional()?)
+}
+
+/// What a requester's match history shows of `partner`: their profile, or, once their personal
+/// data was erased, that they withdrew.
+pub fn partner_json(conn: &Connection, partner: UserId) -> Result<serde_json::Value, ApiError> {
+    if let Some((view, _)) = load(conn, partner)? {
+        return Ok(view.partner_json());
+    }
+    let erased: bool = conn
+        .row_cached(
+            "SELECT erased_ms IS NOT NULL FROM accounts WHERE user_id = ?1",
+            [partner.to_hex()],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(false);
+    Ok(if erased {
+        crate::erasure::withdrawn_partner(&partner.to_hex())
+    } else {
+        serde_json::Value::Null
+    })
 }
 
 /// Creates or replaces the caller's profile; returns the stored view.

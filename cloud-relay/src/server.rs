@@ -28,6 +28,9 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         ),
         _ => None,
     };
+    // Held until the process exits: `restore` and `admin purge` refuse while it is.
+    let _data_dir_lock =
+        crate::datadir::lock(&cfg.storage.data_dir).map_err(|e| anyhow_like::err(e.to_string()))?;
     let db = Db::open(&cfg.storage.db_path()).map_err(|e| {
         anyhow_like::err(format!("opening {}: {e}", cfg.storage.db_path().display()))
     })?;

@@ -94,6 +94,12 @@ impl History {
         a
     }
 
+    /// Adds an answer obtained elsewhere (a restore drill keeps only those its restored truth
+    /// knows about).
+    pub fn record(&self, a: Answer) {
+        self.answers.lock().expect("history").push(a);
+    }
+
     pub fn answers(&self) -> Vec<Answer> {
         self.answers.lock().expect("history").clone()
     }

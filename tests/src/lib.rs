@@ -23,6 +23,7 @@ pub mod broker;
 pub mod browser;
 pub mod checker;
 pub mod env;
+pub mod mixed_load;
 pub mod population;
 pub mod private_broker;
 pub mod process;

@@ -340,6 +340,43 @@ impl RelayProcess {
         self.wait_ready().await;
     }
 
+    /// Runs `comatching-relay ARGS… --config FILE` with this relay's configuration (the command
+    /// may run while `serve` does) and returns its output.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        self.command()
+            .args(args)
+            .arg("--config")
+            .arg(self.config_path())
+            .output()
+            .unwrap_or_else(|e| panic!("run comatching-relay {args:?}: {e}"))
+    }
+
+    /// `comatching-relay backup --to DIR [--keep N]`: panics unless it succeeds and printed exactly
+    /// one JSON line; returns that line.
+    pub fn online_backup(&self, to: &Path, keep: Option<u32>) -> serde_json::Value {
+        let to = to.to_str().expect("utf-8 path");
+        let keep = keep.map(|k| k.to_string());
+        let mut args = vec!["backup", "--to", to];
+        if let Some(k) = &keep {
+            args.extend(["--keep", k.as_str()]);
+        }
+        let out = self.run(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.lines().count() == 1,
+            "backup failed ({}):\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(stdout.trim()).expect("backup prints one JSON line")
+    }
+
+    /// Deletes the relay's whole data directory (the disk was lost). Kill the relay first.
+    pub fn destroy_data_dir(&self) {
+        assert!(self.pid().is_none(), "the relay is still running");
+        std::fs::remove_dir_all(self.data_dir()).expect("remove the data dir");
+    }
+
     /// Changes the broker URL for the next (re)start.
     pub fn set_broker_url(&mut self, url: impl Into<String>) {
         self.config.broker.url = url.into();

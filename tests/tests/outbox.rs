@@ -214,6 +214,13 @@ async fn rows_committed_while_the_broker_was_away_are_published_after_a_crash() 
     expected.push(upsert(&users[0], &s));
     assert_eq!(users[1].delete_me().await.status, 204);
     expected.push(delete(&users[1]));
+    // A withdrawal erases the user's features from their earlier outbox rows too (issue 14):
+    // an upsert not yet published goes out as a delete of the same version.
+    for e in expected.iter_mut() {
+        if matches!(e, Expect::Upsert { user, .. } if *user == users[1].user_id) {
+            *e = delete(&users[1]);
+        }
+    }
     assert!(
         tap.events().is_empty(),
         "nothing can have been published yet"

@@ -51,6 +51,10 @@ impl SqliteStore {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
+        // A deleted user's features (their major is personal data) are zeroed in the file, not
+        // left readable in free space (issue 14).
+        conn.pragma_update(None, "secure_delete", "ON")
+            .map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
