@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one test command (CI runs exactly this via .ci/run): starts the shared broker, then the
+# The one test command (CI runs exactly this via .ci/run): starts the shared broker, installs the
+# browser the browser tests drive (scripts/browser.sh), then the
 # format check, clippy with warnings denied, a build of every binary (the end-to-end tests spawn
 # target/debug/comatching-relay and friends), and the whole workspace test suite. CI reads the
 # closing lines of `cargo test`.
@@ -14,6 +15,9 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 
 step "broker"
 scripts/broker.sh
+
+step "browser (chromium, chromedriver, CJK fonts for the browser tests)"
+scripts/browser.sh
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check

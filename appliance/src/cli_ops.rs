@@ -1,12 +1,15 @@
 //! The operator subcommands `status`, `resync` and `doctor`: short, blocking, and safe to run on
 //! a box whose service is misbehaving. Each prints what it found and returns an exit code.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::net::TcpStream;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::node::config::Config;
+use crate::node::i18n::Lang;
+use crate::node::status_text::{self, TextOptions};
+use crate::node::view;
 use crate::store;
 use crate::tailscale::TailscaleProbe;
 
@@ -32,7 +35,37 @@ fn http_get(cfg: &Config, path: &str) -> Result<(u16, String), String> {
     Ok((code, body.to_owned()))
 }
 
-pub fn status(cfg: &Config) -> ExitCode {
+/// How `status` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusMode {
+    /// Verdict and facts for people, once.
+    Once,
+    /// The status document as JSON.
+    Json,
+    /// Verdict and facts, redrawn every [`WATCH_EVERY`] until interrupted (tty1).
+    Watch,
+}
+
+/// The `status --watch` redraw period.
+pub const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// `comatching-appliance status`. Exit codes (README): 0 serving matches, 1 not serving (or the
+/// status port answered with an error), 3 nothing answers on the status port. `--watch` runs
+/// until interrupted.
+pub fn status(cfg: &Config, mode: StatusMode, lang: Option<Lang>) -> ExitCode {
+    let lang = lang.unwrap_or_else(lang_from_env);
+    match mode {
+        StatusMode::Json => status_json(cfg),
+        StatusMode::Once => {
+            let (lines, code) = status_frame(cfg, lang, None, text_options());
+            println!("{}", lines.join("\n"));
+            code
+        }
+        StatusMode::Watch => watch(cfg, lang),
+    }
+}
+
+fn status_json(cfg: &Config) -> ExitCode {
     match http_get(cfg, "/status") {
         Ok((200, body)) => {
             println!("{body}");
@@ -54,6 +87,99 @@ pub fn status(cfg: &Config) -> ExitCode {
             eprintln!("comatching-appliance is not running? {e}");
             ExitCode::from(3)
         }
+    }
+}
+
+/// One screen of the people's view and the exit code it stands for.
+fn status_frame(
+    cfg: &Config,
+    lang: Lang,
+    footer: Option<&str>,
+    opts: TextOptions,
+) -> (Vec<String>, ExitCode) {
+    let s = lang.strings();
+    let heading = format!("{} {}", s.page_title, cfg.appliance.id);
+    let failed = |error: String, code: u8| {
+        let lines =
+            status_text::render_no_answer(&view::no_answer(s), &heading, &error, footer, opts);
+        (lines, ExitCode::from(code))
+    };
+    match http_get(cfg, "/status") {
+        Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
+            Ok(doc) => {
+                let v = view::build(&doc, lang);
+                let code = if doc["ready"].as_bool() == Some(true) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                };
+                (status_text::render(&v, &heading, footer, opts), code)
+            }
+            Err(e) => failed(format!("unreadable status document: {e}"), 1),
+        },
+        Ok((code, body)) => failed(format!("status answered {code}: {}", body.trim()), 1),
+        Err(e) => failed(format!("comatching-appliance is not running? {e}"), 3),
+    }
+}
+
+fn watch(cfg: &Config, lang: Lang) -> ExitCode {
+    let terminal = std::io::stdout().is_terminal();
+    let opts = text_options();
+    let footer = lang.strings().refresh_note;
+    let mut out = std::io::stdout().lock();
+    if terminal {
+        // Clear once; later frames overwrite in place (no flicker on the console).
+        let _ = write!(out, "\x1b[2J");
+    }
+    loop {
+        let (lines, _) = status_frame(cfg, lang, Some(footer), opts);
+        let frame = if terminal {
+            let mut f = String::from("\x1b[H");
+            for l in &lines {
+                f.push_str(l);
+                f.push_str("\x1b[K\n");
+            }
+            f.push_str("\x1b[J");
+            f
+        } else {
+            lines.join("\n") + "\n\n"
+        };
+        if out
+            .write_all(frame.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            // Nobody reads any more (the terminal went away).
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(WATCH_EVERY);
+    }
+}
+
+fn text_options() -> TextOptions {
+    let terminal = std::io::stdout().is_terminal();
+    TextOptions {
+        width: 80,
+        color: terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+    }
+}
+
+/// Korean when the locale asks for it and the terminal can draw it, English otherwise.
+fn lang_from_env() -> Lang {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let locale = ["LC_ALL", "LC_MESSAGES", "LANG"]
+        .iter()
+        .find_map(|k| var(k));
+    lang_for(locale.as_deref(), var("TERM").as_deref())
+}
+
+/// The language rule of [`lang_from_env`]: Korean for a `ko*` locale, except on the Linux
+/// console (`TERM=linux`, tty1), whose fonts have no Hangul whatever the box's locale.
+fn lang_for(locale: Option<&str>, term: Option<&str>) -> Lang {
+    match (locale, term) {
+        (_, Some("linux")) => Lang::En,
+        (Some(l), _) if l.starts_with("ko") => Lang::Ko,
+        _ => Lang::En,
     }
 }
 
@@ -174,4 +300,20 @@ fn store_check(cfg: &Config) -> Result<String, String> {
             .map(|e| e.to_string())
             .unwrap_or_else(|| "none".into())
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn korean_only_where_it_can_be_drawn() {
+        assert_eq!(
+            lang_for(Some("ko_KR.UTF-8"), Some("xterm-256color")),
+            Lang::Ko
+        );
+        assert_eq!(lang_for(Some("ko_KR.UTF-8"), Some("linux")), Lang::En);
+        assert_eq!(lang_for(Some("en_US.UTF-8"), None), Lang::En);
+        assert_eq!(lang_for(None, None), Lang::En);
+    }
 }

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use comatching_appliance::engine::EngineKind;
 use comatching_appliance::engine::hnsw::HnswConfig;
 use comatching_appliance::node::config::Config;
+use comatching_appliance::node::i18n::Lang;
 use comatching_appliance::store::StoreBackend;
 use comatching_appliance::{bench, cli_ops, node};
 
@@ -29,8 +30,20 @@ struct Cli {
 enum Command {
     /// Run the appliance: replica, broker link, match serving, status page.
     Run,
-    /// Print the running appliance's status (JSON); exits 0 when it is serving matches.
-    Status,
+    /// Print the running appliance's verdict and facts for people; exits 0 when it is serving
+    /// matches, 1 when it is not, 3 when nothing answers on its status port.
+    Status {
+        /// Print the status document (JSON) instead.
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
+        /// Redraw every 2 s until interrupted (the appliance image runs this on tty1).
+        #[arg(long)]
+        watch: bool,
+        /// `ko` or `en`; default: Korean when LC_ALL/LC_MESSAGES/LANG start with "ko", else
+        /// English (the Linux console cannot draw Hangul).
+        #[arg(long)]
+        lang: Option<String>,
+    },
     /// Wipe the local replica so the next start loads a fresh snapshot (stop the service first).
     Resync,
     /// Check tailscale, the broker, the data directory and the replica's integrity.
@@ -126,10 +139,27 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status => match load_config(cli.config.as_deref()) {
-            Ok(cfg) => cli_ops::status(&cfg),
-            Err(code) => code,
-        },
+        Command::Status { json, watch, lang } => {
+            let lang = match lang.as_deref().map(Lang::parse) {
+                None => None,
+                Some(Some(l)) => Some(l),
+                Some(None) => {
+                    eprintln!("comatching-appliance: --lang must be \"ko\" or \"en\"");
+                    return ExitCode::from(2);
+                }
+            };
+            let mode = if json {
+                cli_ops::StatusMode::Json
+            } else if watch {
+                cli_ops::StatusMode::Watch
+            } else {
+                cli_ops::StatusMode::Once
+            };
+            match load_config(cli.config.as_deref()) {
+                Ok(cfg) => cli_ops::status(&cfg, mode, lang),
+                Err(code) => code,
+            }
+        }
         Command::Resync => match load_config(cli.config.as_deref()) {
             Ok(cfg) => cli_ops::resync(&cfg),
             Err(code) => code,

@@ -155,6 +155,29 @@ impl ApplianceProcess {
         self.service.pid()
     }
 
+    /// `http://127.0.0.1:PORT` of the status port.
+    pub fn base_url(&self) -> &str {
+        &self.status_url
+    }
+
+    /// `comatching-appliance ARGS --config FILE` against this appliance's configuration (the
+    /// operator commands: `status`, `doctor`, …), not yet spawned; the caller's
+    /// `COMATCHING_APPLIANCE__*` variables removed as for the service itself.
+    pub fn cli(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.service.bin);
+        cmd.args(args)
+            .arg("--config")
+            .arg(self.service.config_path())
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with(self.service.env_prefix) {
+                cmd.env_remove(k);
+            }
+        }
+        cmd
+    }
+
     /// `GET /status` as JSON, or None while the port does not answer.
     pub async fn status(&self) -> Option<Value> {
         self.status_with("").await

@@ -10,7 +10,9 @@
 //! * [`api::Api`] — a typed HTTP client for the relay's public contract;
 //! * [`responder::Responder`] — a scripted stand-in for the appliance on the match queue;
 //! * [`sync_tap::SyncTap`] — a queue bound to the sync exchange that records what the relay
-//!   publishes.
+//!   publishes;
+//! * [`browser::Browser`] — headless Chromium over WebDriver for page tests (console errors,
+//!   layout measured in the browser, screenshots).
 //!
 //! Nothing here sleeps to synchronise: tests wait for a condition with a deadline
 //! ([`wait_until`], [`wait_for`]) and fail with a message naming what they waited for.
@@ -18,6 +20,7 @@
 pub mod api;
 pub mod appliance;
 pub mod broker;
+pub mod browser;
 pub mod checker;
 pub mod env;
 pub mod mixed_load;

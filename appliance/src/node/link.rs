@@ -166,6 +166,7 @@ impl Link {
                 let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
                 l.broker_connected = false;
                 l.hello_acked = false;
+                l.connected_at = None;
                 if let Err(e) = &result {
                     l.last_error = Some(e.clone());
                 }
@@ -238,6 +239,7 @@ impl Link {
             let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
             l.broker_connected = true;
             l.hello_acked = false;
+            l.connected_at = Some(Instant::now());
         }
         tracing::info!(queue, "broker link up");
         let mut st = SessionState {
@@ -543,6 +545,9 @@ impl Link {
         {
             let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
             l.events_applied += changes as u64;
+            if changes > 0 {
+                l.last_applied_at = Some(Instant::now());
+            }
             l.gap = plan.gap.map(|g| (g.from, g.to));
             if plan.resync.is_none() && l.relay_epoch == batch.first().map(|e| e.epoch) {
                 l.relay_seq = l.relay_seq.max(max_seq);
@@ -735,6 +740,7 @@ impl Link {
             let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
             l.snapshot_in_progress = None;
             l.snapshots_loaded += 1;
+            l.last_applied_at = Some(Instant::now());
             l.stuck = None;
             st.retry.reset();
             l.relay_epoch = Some(epoch);
@@ -846,10 +852,11 @@ async fn handle_match(replica: Arc<Replica>, ch: Channel, auth: Arc<LinkAuth>, d
         tracing::warn!(error = %err, "could not publish a match reply");
         return reject(&d, true).await;
     }
-    replica
-        .link
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .matches_answered += 1;
+    {
+        let now_s = replica.started.elapsed().as_secs();
+        let mut l = replica.link.lock().unwrap_or_else(|p| p.into_inner());
+        l.matches_answered += 1;
+        l.answered_recent.record(now_s);
+    }
     let _ = d.ack(BasicAckOptions::default()).await;
 }

@@ -6,14 +6,29 @@
 //! * [`link`] — the broker loop: topology, sync batches, snapshots, hellos, match serving.
 //! * [`retry`] — what happens when a sync event cannot be committed (halt, retry with a pause).
 //! * [`status`] — `/healthz`, `/status`, `/metrics`.
+//! * [`facts`], [`host`], [`recent`] — the `/status` fields for staff: version, disk and memory,
+//!   matches in the last minute, the computed verdict.
+//! * [`verdict`] — the staff verdict (Ready / Catching up / Not serving / Broker unreachable /
+//!   Replica damaged) as a pure function of the status document.
+//! * [`view`], [`i18n`], [`status_page`], [`status_text`] — the staff views: the words (Korean
+//!   and English), the HTML page and its refresh, the plain-text view of `status` and
+//!   `status --watch`.
 //! * [`notify`] — sd_notify READY/WATCHDOG.
 
 pub mod config;
+pub mod facts;
+pub mod host;
+pub mod i18n;
 pub mod link;
 pub mod notify;
+pub mod recent;
 pub mod replica;
 pub mod retry;
 pub mod status;
+pub mod status_page;
+pub mod status_text;
+pub mod verdict;
+pub mod view;
 
 use std::sync::Arc;
 use std::time::Duration;

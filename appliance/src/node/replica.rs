@@ -43,6 +43,15 @@ pub struct LinkStatus {
     pub apply_failures: u64,
     /// The event the replica is halted at, while its commit keeps failing (see `node::retry`).
     pub stuck: Option<Stuck>,
+    /// When the current broker session came up; `None` while disconnected (status page).
+    #[serde(skip)]
+    pub connected_at: Option<Instant>,
+    /// When a commit last changed the replica (a sync batch or a snapshot swap).
+    #[serde(skip)]
+    pub last_applied_at: Option<Instant>,
+    /// Matches answered over the last minute, by second since [`Replica::started`].
+    #[serde(skip)]
+    pub answered_recent: super::recent::MinuteWindow,
 }
 
 /// What the store holds, recomputed from its rows.

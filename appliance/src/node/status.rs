@@ -1,5 +1,6 @@
-//! The appliance's local HTTP port: `/healthz`, `/status` (JSON for machines, HTML for staff)
-//! and `/metrics` (Prometheus text). Read-only; it never changes the replica.
+//! The appliance's local HTTP port: `/healthz`, `/status` (JSON for machines, HTML for staff:
+//! `status_page`), `/status/view` (the staff page's refresh) and `/metrics` (Prometheus text).
+//! Read-only; it never changes the replica.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -7,12 +8,13 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 
 use super::config::Config;
 use super::replica::Replica;
+use super::status_page::{self, LangParam};
 
 #[derive(Clone)]
 pub struct StatusState {
@@ -26,7 +28,9 @@ pub fn router(state: StatusState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/status", get(status))
+        .route("/status/view", get(status_view))
         .route("/metrics", get(metrics))
+        .merge(super::status_page::asset_routes())
         .with_state(state)
 }
 
@@ -41,7 +45,7 @@ pub async fn status_json(s: &StatusState) -> Result<Value, String> {
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     let lag = link.relay_seq.saturating_sub(meta.cursor.applied_seq);
-    Ok(json!({
+    let mut doc = json!({
         "appliance_id": s.cfg.appliance.id.as_str(),
         "store_backend": s.replica.backend().as_str(),
         "count": meta.count,
@@ -82,7 +86,9 @@ pub async fn status_json(s: &StatusState) -> Result<Value, String> {
         "tailscale": s.tailscale.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         "uptime_s": s.replica.started.elapsed().as_secs(),
         "last_error": link.last_error,
-    }))
+    });
+    super::facts::augment(&mut doc, &link, s.replica.started, &s.cfg.store_dir());
+    Ok(doc)
 }
 
 async fn healthz(State(s): State<StatusState>) -> Response {
@@ -109,6 +115,7 @@ async fn status(
     State(s): State<StatusState>,
     Query(q): Query<StatusQuery>,
     headers: HeaderMap,
+    Query(lang): Query<LangParam>,
 ) -> Response {
     let mut doc = match status_json(&s).await {
         Ok(d) => d,
@@ -133,74 +140,27 @@ async fn status(
                 Err(e) => json!({"error": e.to_string()}),
             };
     }
-    let wants_html = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/html"));
-    if wants_html {
-        Html(render_html(&doc)).into_response()
+    if status_page::wants_html(&headers) {
+        status_page::page(&doc, &headers, &lang)
     } else {
         axum::Json(doc).into_response()
     }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-fn render_html(doc: &Value) -> String {
-    let ready = doc["ready"].as_bool().unwrap_or(false);
-    let mut rows = String::new();
-    let mut row = |k: &str, v: &Value| {
-        let shown = match v {
-            Value::String(s) => s.clone(),
-            Value::Null => "—".to_owned(),
-            other => other.to_string(),
-        };
-        let _ = write!(
-            rows,
-            "<tr><th>{}</th><td>{}</td></tr>",
-            escape(k),
-            escape(&shown)
-        );
-    };
-    for key in [
-        "appliance_id",
-        "store_backend",
-        "count",
-        "digest",
-        "epoch",
-        "applied_seq",
-        "relay_seq",
-        "lag",
-        "broker_connected",
-        "uptime_s",
-        "last_error",
-    ] {
-        row(key, &doc[key]);
+/// The staff page's words as JSON (its script's refresh).
+async fn status_view(
+    State(s): State<StatusState>,
+    headers: HeaderMap,
+    Query(lang): Query<LangParam>,
+) -> Response {
+    match status_json(&s).await {
+        Ok(doc) => status_page::view_json(&doc, &headers, &lang),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"error": {"code": "store_unavailable", "message": e}})),
+        )
+            .into_response(),
     }
-    row("index", &doc["index"]);
-    row("sync", &doc["sync"]);
-    row("matches", &doc["matches"]);
-    row("tailscale", &doc["tailscale"]);
-    format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\">\
-         <title>COMAtching appliance</title><style>body{{font-family:sans-serif;margin:2em}}\
-         .s{{font-size:2em;padding:.3em .6em;color:#fff;background:{}}}th{{text-align:left;padding-right:1em}}\
-         td{{font-family:monospace}}</style></head><body><h1>COMAtching appliance</h1>\
-         <p class=\"s\">{}</p><table>{}</table></body></html>",
-        if ready { "#2a7" } else { "#c33" },
-        match (ready, doc["sync"]["stuck"]["seq"].as_u64()) {
-            (true, _) => "READY — serving matches".to_owned(),
-            (false, Some(seq)) =>
-                format!("NOT READY — cannot commit sync seq {seq} (see last_error)"),
-            (false, None) => "NOT READY — catching up or offline".to_owned(),
-        },
-        rows
-    )
 }
 
 async fn metrics(State(s): State<StatusState>) -> Response {
