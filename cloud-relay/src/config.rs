@@ -327,6 +327,18 @@ mod tests {
                 .cors_allowed_origins
                 .is_empty()
         );
+        let env = Config::from_parts(
+            "",
+            vec![(
+                "COMATCHING_RELAY__HTTP__CORS_ALLOWED_ORIGINS".to_owned(),
+                r#"["https://comatching.web.app", "http://localhost:5173"]"#.to_owned(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            env.http.cors_allowed_origins,
+            ["https://comatching.web.app", "http://localhost:5173"]
+        );
     }
 
     #[test]

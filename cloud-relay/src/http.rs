@@ -521,6 +521,7 @@ struct Me {
     /// Points available (grants minus charges and open holds).
     points: i64,
     /// Null until `PUT /api/v1/me/profile`.
+    #[schema(required = true)]
     profile: Option<ProfileView>,
 }
 
