@@ -20,6 +20,12 @@ pub enum ErrorCode {
     MatcherUnavailable,
     RateLimited,
     PayloadTooLarge,
+    /// The student already has a pending charge request.
+    ChargePending,
+    /// The charge request was already approved, rejected or cancelled.
+    ChargeDecided,
+    /// The relay serves as many live event streams as it is configured for.
+    TooManyStreams,
     Internal,
 }
 
@@ -38,6 +44,9 @@ impl ErrorCode {
             ErrorCode::MatcherUnavailable => "matcher_unavailable",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::ChargePending => "charge_pending",
+            ErrorCode::ChargeDecided => "charge_decided",
+            ErrorCode::TooManyStreams => "too_many_streams",
             ErrorCode::Internal => "internal",
         }
     }
@@ -48,10 +57,15 @@ impl ErrorCode {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound | ErrorCode::NoCandidate => StatusCode::NOT_FOUND,
-            ErrorCode::UsernameTaken | ErrorCode::IdempotencyInProgress => StatusCode::CONFLICT,
+            ErrorCode::UsernameTaken
+            | ErrorCode::IdempotencyInProgress
+            | ErrorCode::ChargePending
+            | ErrorCode::ChargeDecided => StatusCode::CONFLICT,
             ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::InsufficientPoints => StatusCode::PAYMENT_REQUIRED,
-            ErrorCode::MatcherUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::MatcherUnavailable | ErrorCode::TooManyStreams => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,

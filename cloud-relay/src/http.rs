@@ -45,6 +45,7 @@ pub struct AppState {
     pub limits: Arc<RateLimits>,
     pub outbox_wake: Arc<Notify>,
     pub hashing: Arc<Semaphore>,
+    pub events: Arc<crate::events::Hub>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -61,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::booth::router())
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -423,7 +425,11 @@ async fn list_matches(State(s): State<AppState>, caller: Caller) -> Result<Respo
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GrantInput {
-    user_id: UserId,
+    /// Exactly one of `user_id` and `username` names the student.
+    #[serde(default)]
+    user_id: Option<UserId>,
+    #[serde(default)]
+    username: Option<String>,
     amount: i64,
     reason: String,
 }
@@ -447,25 +453,27 @@ async fn grant_points(
             "must be 1 to 200 printable characters",
         ));
     }
-    let body = s
-        .db
-        .write(move |db| {
+    let operator = caller.user_id;
+    let (body, wake) =
+        s.db.write(move |db| {
             let tx = db.savepoint()?;
-            let exists: bool = tx.query_row(
-                "SELECT EXISTS(SELECT 1 FROM accounts WHERE user_id = ?1 AND withdrawn_ms IS NULL)",
-                [g.user_id.to_hex()],
-                |r| r.get(0),
-            )?;
-            if !exists {
-                return Err(ApiError::field(ErrorCode::NotFound, "user_id", "no such user"));
-            }
-            let (entry_id, _) = ledger::grant(&tx, g.user_id, g.amount as u64, &reason)?;
-            let points = ledger::available(&tx, g.user_id)?;
+            let user = crate::booth::resolve_user(&tx, g.user_id, g.username.as_deref())?;
+            let source = ledger::GrantSource {
+                operator: Some(operator),
+                charge_id: None,
+            };
+            let (entry_id, _) = ledger::grant_from(&tx, user, g.amount as u64, &reason, source)?;
+            let points = ledger::available(&tx, user)?;
+            let wake = crate::charges::points_changed(&tx, user, points)?;
             tx.commit()?;
-            tracing::info!(operator = %caller.user_id, user = %g.user_id, amount = g.amount, "points granted");
-            Ok(json!({ "entry_id": entry_id, "points": points }))
+            tracing::info!(operator = %operator, user = %user, amount = g.amount, "points granted");
+            Ok((
+                json!({ "entry_id": entry_id, "user_id": user.to_hex(), "points": points }),
+                wake,
+            ))
         })
         .await?;
+    s.events.notify(&[wake]);
     Ok(created(body))
 }
 
