@@ -22,6 +22,8 @@ pub struct Config {
     pub points: CostTable,
     pub rate_limit: RateLimit,
     pub auth: Auth,
+    pub charges: Charges,
+    pub events: Events,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -147,6 +149,51 @@ impl Default for Auth {
     }
 }
 
+/// The booth's charge requests: which amounts a student may ask for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Charges {
+    pub min_amount: u64,
+    pub max_amount: u64,
+    /// Every amount is a multiple of this.
+    pub step: u64,
+}
+
+impl Default for Charges {
+    fn default() -> Self {
+        Charges {
+            min_amount: 1_000,
+            max_amount: 100_000,
+            step: 500,
+        }
+    }
+}
+
+/// Live event streams (SSE) and the event log they replay from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Events {
+    /// A comment line is sent on an idle stream this often (proxies close silent connections).
+    pub keep_alive_s: u64,
+    /// Streams open at once; one more is refused with 503 `too_many_streams`.
+    pub max_streams: usize,
+    /// Events older than this are pruned; a `Last-Event-ID` older than the log gets `resync`.
+    pub retention_hours: u64,
+    /// At most this many events are kept, whatever their age.
+    pub retention_rows: u64,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            keep_alive_s: 15,
+            max_streams: 2_000,
+            retention_hours: 24,
+            retention_rows: 20_000,
+        }
+    }
+}
+
 impl Config {
     /// Reads `path` (if given) and the process environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -188,6 +235,27 @@ impl Config {
         }
         if self.http.max_body_bytes < 1024 {
             return bad("http.max_body_bytes must be at least 1024");
+        }
+        let ch = &self.charges;
+        if ch.step == 0
+            || ch.min_amount == 0
+            || ch.min_amount > ch.max_amount
+            || ch.max_amount > 1_000_000
+            || !ch.min_amount.is_multiple_of(ch.step)
+            || !ch.max_amount.is_multiple_of(ch.step)
+        {
+            return bad(
+                "charges: need 0 < min_amount <= max_amount <= 1000000, both multiples of step > 0",
+            );
+        }
+        let ev = &self.events;
+        if ev.keep_alive_s == 0 || ev.keep_alive_s > 300 {
+            return bad("events.keep_alive_s must be within 1..=300");
+        }
+        if ev.max_streams == 0 || ev.retention_hours == 0 || ev.retention_rows < 100 {
+            return bad(
+                "events.max_streams and events.retention_hours must be positive, events.retention_rows at least 100",
+            );
         }
         self.broker.check()?;
         if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {

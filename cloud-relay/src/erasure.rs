@@ -169,6 +169,10 @@ pub fn erase(c: &Connection, user: UserId, now: i64) -> Result<bool, ApiError> {
         "UPDATE outbox SET op = 'delete', features = NULL WHERE user_id = ?1 AND op = 'upsert'",
         [&id],
     )?;
+    // The booth: a pending charge request is cancelled, the depositor name blanked on all of
+    // them (amounts and decisions stay, like the ledger), and the live events about the user go.
+    crate::charges::erase(c, user, now)?;
+    crate::events::erase(c, user)?;
     // Answers that showed this user as the partner: the partner is now withdrawn.
     let shown: Vec<(String, String)> = {
         let mut st = c.prepare_cached(

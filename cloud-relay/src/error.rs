@@ -22,6 +22,12 @@ pub enum ErrorCode {
     PayloadTooLarge,
     WrongPassword,
     MethodNotAllowed,
+    /// The student already has a pending charge request.
+    ChargePending,
+    /// The charge request was already approved, rejected or cancelled.
+    ChargeDecided,
+    /// The relay serves as many live event streams as it is configured for.
+    TooManyStreams,
     Internal,
 }
 
@@ -42,6 +48,9 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::WrongPassword => "wrong_password",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::ChargePending => "charge_pending",
+            ErrorCode::ChargeDecided => "charge_decided",
+            ErrorCode::TooManyStreams => "too_many_streams",
             ErrorCode::Internal => "internal",
         }
     }
@@ -69,6 +78,11 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "the body is larger than `http.max_body_bytes`",
             ErrorCode::WrongPassword => "the current password is wrong",
             ErrorCode::MethodNotAllowed => "the path exists but not with this method",
+            ErrorCode::ChargePending => "the student already has a pending charge request",
+            ErrorCode::ChargeDecided => {
+                "the charge request was already approved, rejected or cancelled"
+            }
+            ErrorCode::TooManyStreams => "the relay serves as many event streams as configured",
             ErrorCode::Internal => "an internal error (logged; no detail is shown)",
         }
     }
@@ -80,10 +94,15 @@ impl ErrorCode {
             ErrorCode::Forbidden | ErrorCode::WrongPassword => StatusCode::FORBIDDEN,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::NotFound | ErrorCode::NoCandidate => StatusCode::NOT_FOUND,
-            ErrorCode::UsernameTaken | ErrorCode::IdempotencyInProgress => StatusCode::CONFLICT,
+            ErrorCode::UsernameTaken
+            | ErrorCode::IdempotencyInProgress
+            | ErrorCode::ChargePending
+            | ErrorCode::ChargeDecided => StatusCode::CONFLICT,
             ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::InsufficientPoints => StatusCode::PAYMENT_REQUIRED,
-            ErrorCode::MatcherUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::MatcherUnavailable | ErrorCode::TooManyStreams => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,

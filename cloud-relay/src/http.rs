@@ -51,6 +51,7 @@ pub struct AppState {
     pub limits: Arc<RateLimits>,
     pub outbox_wake: Arc<Notify>,
     pub hashing: Arc<Semaphore>,
+    pub events: Arc<crate::events::Hub>,
 }
 
 /// Every route, each with its OpenAPI operation (see `openapi`). Stateless: the document is
@@ -79,6 +80,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
 pub fn router(state: AppState) -> Router {
     let (routes, _doc) = api_router().split_for_parts();
     routes
+        .merge(crate::booth::router())
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorCode::MethodNotAllowed, "this path has no such method")
@@ -667,7 +669,11 @@ async fn list_matches(State(s): State<AppState>, caller: Caller) -> Result<Respo
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct GrantInput {
-    user_id: UserId,
+    /// Exactly one of `user_id` and `username` names the student.
+    #[serde(default)]
+    user_id: Option<UserId>,
+    #[serde(default)]
+    username: Option<String>,
     /// 1 to 1,000,000.
     amount: i64,
     /// 1 to 200 printable characters after trimming.
@@ -678,6 +684,8 @@ struct GrantInput {
 struct Granted {
     /// The ledger entry written.
     entry_id: i64,
+    /// The student credited (32 hex digits).
+    user_id: String,
     /// The user's balance afterwards.
     points: i64,
 }
@@ -706,25 +714,31 @@ async fn grant_points(
             "must be 1 to 200 printable characters",
         ));
     }
-    let body = s
-        .db
-        .write(move |db| {
+    let operator = caller.user_id;
+    let (body, wake) =
+        s.db.write(move |db| {
             let tx = db.savepoint()?;
-            let exists: bool = tx.query_row(
-                "SELECT EXISTS(SELECT 1 FROM accounts WHERE user_id = ?1 AND withdrawn_ms IS NULL)",
-                [g.user_id.to_hex()],
-                |r| r.get(0),
-            )?;
-            if !exists {
-                return Err(ApiError::field(ErrorCode::NotFound, "user_id", "no such user"));
-            }
-            let (entry_id, _) = ledger::grant(&tx, g.user_id, g.amount as u64, &reason)?;
-            let points = ledger::available(&tx, g.user_id)?;
+            let user = crate::booth::resolve_user(&tx, g.user_id, g.username.as_deref())?;
+            let source = ledger::GrantSource {
+                operator: Some(operator),
+                charge_id: None,
+            };
+            let (entry_id, _) = ledger::grant_from(&tx, user, g.amount as u64, &reason, source)?;
+            let points = ledger::available(&tx, user)?;
+            let wake = crate::charges::points_changed(&tx, user, points)?;
             tx.commit()?;
-            tracing::info!(operator = %caller.user_id, user = %g.user_id, amount = g.amount, "points granted");
-            Ok(Granted { entry_id, points })
+            tracing::info!(operator = %operator, user = %user, amount = g.amount, "points granted");
+            Ok((
+                Granted {
+                    entry_id,
+                    user_id: user.to_hex(),
+                    points,
+                },
+                wake,
+            ))
         })
         .await?;
+    s.events.notify(&[wake]);
     Ok(created(body))
 }
 

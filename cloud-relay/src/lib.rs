@@ -10,17 +10,22 @@
 //! `metrics` (Prometheus text), `http` (routes, CORS, response headers), `openapi` (the
 //! generated OpenAPI document), `tls` (the HTTPS accept loop), `pki` (the
 //! private CA behind `comatching-relay pki`), `server` (wiring it all together), `backup` (online backup and restore),
-//! `datadir` (the data directory's lock), `erasure` (withdrawal and purge erase personal data).
+//! `datadir` (the data directory's lock), `erasure` (withdrawal and purge erase personal data), `charges` (the booth's charge
+//! requests: rules and state machine), `events` (the live-event log and its SSE streams), `booth`
+//! (the charge, ledger-history and user look-up routes).
 
 pub mod auth;
 pub mod backup;
+pub mod booth;
 pub mod broker;
+pub mod charges;
 pub mod config;
 pub mod control;
 pub mod datadir;
 pub mod db;
 pub mod erasure;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod ledger;
 pub mod limits;

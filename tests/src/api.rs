@@ -346,6 +346,39 @@ impl User {
             .await
     }
 
+    /// `POST /api/v1/me/charges {amount, depositor}`.
+    pub async fn request_charge(&self, amount: i64, depositor: &str) -> Resp {
+        let body = json!({"amount": amount, "depositor": depositor});
+        self.api
+            .request(
+                Method::POST,
+                "/api/v1/me/charges",
+                Some(&self.token),
+                Some(&body),
+                &[],
+            )
+            .await
+    }
+
+    /// Files a charge request (201 expected); returns its `charge_id`.
+    pub async fn request_charge_ok(&self, amount: i64) -> String {
+        let body = self.request_charge(amount, "홍길동").await.expect(201);
+        body["charge_id"].as_str().expect("charge_id").to_owned()
+    }
+
+    /// `DELETE /api/v1/me/charges/{id}`.
+    pub async fn cancel_charge(&self, charge_id: &str) -> Resp {
+        self.api
+            .request(
+                Method::DELETE,
+                &format!("/api/v1/me/charges/{charge_id}"),
+                Some(&self.token),
+                None,
+                &[],
+            )
+            .await
+    }
+
     /// `GET /api/v1/matches`, 200 expected; the list, newest first.
     pub async fn matches(&self) -> Vec<Value> {
         let body = self.get("/api/v1/matches").await.expect(200);
@@ -395,6 +428,34 @@ impl Operator {
             .await
             .expect(201);
         body["points"].as_i64().expect("points in grant response")
+    }
+
+    /// `POST /api/v1/admin/charges/{id}/approve`.
+    pub async fn approve(&self, charge_id: &str) -> Resp {
+        self.user
+            .api
+            .request(
+                Method::POST,
+                &format!("/api/v1/admin/charges/{charge_id}/approve"),
+                Some(&self.user.token),
+                None,
+                &[],
+            )
+            .await
+    }
+
+    /// `POST /api/v1/admin/charges/{id}/reject {reason}`.
+    pub async fn reject(&self, charge_id: &str, reason: &str) -> Resp {
+        self.user
+            .api
+            .request(
+                Method::POST,
+                &format!("/api/v1/admin/charges/{charge_id}/reject"),
+                Some(&self.user.token),
+                Some(&json!({ "reason": reason })),
+                &[],
+            )
+            .await
     }
 
     /// `GET /api/v1/admin/stats`, 200 expected.

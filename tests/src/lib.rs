@@ -33,6 +33,7 @@ pub mod profiles;
 pub mod proxy;
 pub mod relay;
 pub mod responder;
+pub mod sse;
 pub mod sync_tap;
 pub mod world;
 
