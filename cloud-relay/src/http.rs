@@ -72,6 +72,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
+        .merge(crate::booth::routes())
 }
 
 /// The served router. Layers, outermost first: preflight finishing, `nosniff`, CORS (so every
@@ -80,7 +81,6 @@ pub fn api_router() -> OpenApiRouter<AppState> {
 pub fn router(state: AppState) -> Router {
     let (routes, _doc) = api_router().split_for_parts();
     routes
-        .merge(crate::booth::router())
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorCode::MethodNotAllowed, "this path has no such method")
