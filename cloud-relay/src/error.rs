@@ -20,6 +20,7 @@ pub enum ErrorCode {
     MatcherUnavailable,
     RateLimited,
     PayloadTooLarge,
+    RequestTimeout,
     Internal,
 }
 
@@ -38,6 +39,7 @@ impl ErrorCode {
             ErrorCode::MatcherUnavailable => "matcher_unavailable",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Internal => "internal",
         }
     }
@@ -54,6 +56,7 @@ impl ErrorCode {
             ErrorCode::MatcherUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -66,6 +69,8 @@ pub struct ApiError {
     /// Shown to the client, except for `internal`.
     pub message: String,
     pub field: Option<String>,
+    /// Sent as `Retry-After` (whole seconds, rounded up).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -74,6 +79,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
     pub fn field(code: ErrorCode, field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -81,6 +87,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: Some(field.into()),
+            retry_after: None,
         }
     }
     pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -88,6 +95,10 @@ impl ApiError {
     }
     pub fn internal(detail: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, detail)
+    }
+    pub fn with_retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after = Some(after);
+        self
     }
     pub fn unauthorized() -> Self {
         Self::new(ErrorCode::Unauthorized, "a valid session token is required")
@@ -125,6 +136,12 @@ impl IntoResponse for ApiError {
         if self.code == ErrorCode::Internal {
             tracing::error!(detail = %self.message, "internal error");
         }
-        (self.code.status(), axum::Json(self.body())).into_response()
+        let mut resp = (self.code.status(), axum::Json(self.body())).into_response();
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
