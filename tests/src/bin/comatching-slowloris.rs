@@ -1,7 +1,10 @@
 //! A slowloris client for measuring the relay's edge (issue 13): opens N connections (over TLS
 //! with `--tls-ca`, handshake completed), sends half a request header on each and then one more
 //! header byte every few seconds, never finishing it. Prints one JSON line: how many of the
-//! connections were still open at each of the `--at-s` times (seconds since the first connect).
+//! connections were still open at each of the `--at-s` times (seconds since the first connect),
+//! and how long the longest-lived one was held from its connect (or TLS handshake) on: a server
+//! busy with handshakes, or holding the rest in its listen backlog, connects some late, so the
+//! counts alone mix "held too long" with "arrived late".
 //!
 //! ```text
 //! comatching-slowloris --addr 127.0.0.1:8080 --connections 3000 --at-s 5,15,35 [--tls-ca ca.pem]
@@ -46,6 +49,26 @@ struct Counts {
     connected: AtomicU64,
     failed: AtomicU64,
     closed: AtomicU64,
+    /// Longest time from connect to close among the closed ones, in ms.
+    longest_closed_ms: AtomicU64,
+    /// Connect times (ms since start) of the ones still open, by slot.
+    open_since: std::sync::Mutex<std::collections::HashMap<usize, u64>>,
+}
+
+impl Counts {
+    fn opened(&self, i: usize, start: Instant) {
+        self.connected.fetch_add(1, Ordering::Relaxed);
+        let at = start.elapsed().as_millis() as u64;
+        self.open_since.lock().unwrap().insert(i, at);
+    }
+
+    fn closed(&self, i: usize, start: Instant) {
+        self.closed.fetch_add(1, Ordering::Relaxed);
+        if let Some(at) = self.open_since.lock().unwrap().remove(&i) {
+            let lived = (start.elapsed().as_millis() as u64).saturating_sub(at);
+            self.longest_closed_ms.fetch_max(lived, Ordering::Relaxed);
+        }
+    }
 }
 
 async fn hold<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, trickle: Duration) {
@@ -87,7 +110,7 @@ async fn main() {
     let counts = Arc::new(Counts::default());
     let start = Instant::now();
     let trickle = Duration::from_secs(args.trickle_s.max(1));
-    for _ in 0..args.connections {
+    for i in 0..args.connections {
         let counts = counts.clone();
         let tls = tls.clone();
         let name = name.clone();
@@ -104,7 +127,7 @@ async fn main() {
             };
             match tls {
                 None => {
-                    counts.connected.fetch_add(1, Ordering::Relaxed);
+                    counts.opened(i, start);
                     hold(tcp, trickle).await;
                 }
                 Some(c) => {
@@ -114,7 +137,7 @@ async fn main() {
                         .await
                     {
                         Ok(Ok(s)) => {
-                            counts.connected.fetch_add(1, Ordering::Relaxed);
+                            counts.opened(i, start);
                             hold(s, trickle).await;
                         }
                         _ => {
@@ -124,7 +147,7 @@ async fn main() {
                     }
                 }
             }
-            counts.closed.fetch_add(1, Ordering::Relaxed);
+            counts.closed(i, start);
         });
         // A little spacing keeps the client's own SYN queue sane.
         tokio::task::yield_now().await;
@@ -138,6 +161,16 @@ async fn main() {
             - counts.closed.load(Ordering::Relaxed) as i64;
         open_at.insert(format!("{t}"), json!(open));
     }
+    let now_ms = start.elapsed().as_millis() as u64;
+    let longest_open_ms = counts
+        .open_since
+        .lock()
+        .unwrap()
+        .values()
+        .map(|at| now_ms.saturating_sub(*at))
+        .max()
+        .unwrap_or(0);
+    let longest_ms = longest_open_ms.max(counts.longest_closed_ms.load(Ordering::Relaxed));
     println!(
         "{}",
         json!({
@@ -147,6 +180,8 @@ async fn main() {
             "connected": counts.connected.load(Ordering::Relaxed),
             "connect_failed": counts.failed.load(Ordering::Relaxed),
             "open_at_s": open_at,
+            "longest_held_s": (longest_ms as f64 / 100.0).round() / 10.0,
+            "longest_held_still_open": longest_open_ms >= longest_ms && longest_open_ms > 0,
         })
     );
 }
