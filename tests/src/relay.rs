@@ -351,6 +351,11 @@ impl RelayProcess {
         self.service.pid()
     }
 
+    /// SIGTERM (a clean stop, as systemd does); the exit status if it exited within `within`.
+    pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.service.terminate(within).await
+    }
+
     /// SIGKILL: no shutdown hooks, no flushing — a crash.
     pub fn kill_9(&mut self) {
         self.service.kill_9();

@@ -3,7 +3,8 @@
 //! extra connections in the backlog until a slot frees; a request body that never completes is
 //! 408; a campus NAT address full of students is not throttled with the default limits;
 //! password guessing is limited per username even through a proxy that rotates addresses; a
-//! forged `X-Forwarded-For` from a peer that is not a trusted proxy changes nothing.
+//! forged `X-Forwarded-For` from a peer that is not a trusted proxy changes nothing; a clean
+//! stop still lets the request in progress finish.
 
 use std::path::Path;
 use std::process::Output;
@@ -524,4 +525,69 @@ async fn a_forged_forwarded_header_from_an_untrusted_peer_changes_nothing() {
         metric(&m, "comatching_rate_limited_total{limit=\"credentials\"}"),
         7.0
     );
+}
+
+/// SIGTERM while a match is in progress: the listener stops accepting, the request in progress
+/// is answered on its connection (not dropped), and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_answers_the_request_in_progress_and_exits_zero() {
+    let env = TestEnv::start_with("edge-drain", cheap_auth).await;
+    let op = env.operator().await;
+    let me = env
+        .api
+        .signup_with_profile("hank", &ProfileBuilder::male().nickname("hank"))
+        .await;
+    op.grant(&me, 5_000).await;
+    let partner = env
+        .api
+        .signup_with_profile("iris", &ProfileBuilder::female().nickname("iris"))
+        .await;
+    let gate = comatching_tests::Gate::new();
+    let responder = Responder::start(&env.amqp_url(), {
+        let (gate, p) = (gate.clone(), partner.id());
+        move |req| {
+            comatching_tests::ResponderAction::ReplyWhenOpened(
+                gate.clone(),
+                comatching_tests::responder::ok_reply(req, &[p]),
+            )
+        }
+    })
+    .await;
+    let in_flight = tokio::spawn({
+        let me = me.clone();
+        async move { me.post_match("drain", &MatchOptionsBuilder::new()).await }
+    });
+    responder.wait_for_requests(1).await;
+    let TestEnv {
+        mut relay, vhost, ..
+    } = env;
+    let a = addr(&relay);
+    let stopping = tokio::spawn(async move {
+        let status = relay.terminate(PATIENCE).await;
+        (status, relay)
+    });
+    // Once the listener is gone, new connections are refused.
+    let deadline = Instant::now() + PATIENCE;
+    while TcpStream::connect(&a).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    gate.open();
+    // The request in progress gets its answer on its connection (a dropped connection panics
+    // in the request task). The match flow stops with the process: it answers 503, uncharged,
+    // unless the reply made it first.
+    let resp = in_flight
+        .await
+        .expect("the request in progress was answered");
+    assert!(
+        resp.status == 201 || resp.error_code() == Some("matcher_unavailable"),
+        "{} {}",
+        resp.status,
+        resp.text
+    );
+    let (status, relay) = stopping.await.expect("stop task");
+    let status = status.expect("the relay exits within 30 s of SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    drop(relay);
+    drop(vhost);
 }
