@@ -9,7 +9,8 @@
 //! request/reply client), `matching` (the match flow + sweeper), `limits` (rate limits),
 //! `metrics` (Prometheus text), `http` (routes), `tls` (the HTTPS accept loop), `pki` (the
 //! private CA behind `comatching-relay pki`), `server` (wiring it all together), `backup` (online backup and restore),
-//! `datadir` (the data directory's lock), `erasure` (withdrawal and purge erase personal data).
+//! `datadir` (the data directory's lock), `erasure` (withdrawal and purge erase personal data),
+//! `dead_letters` (counting dead letters; retiring an appliance).
 
 pub mod auth;
 pub mod backup;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod datadir;
 pub mod db;
+pub mod dead_letters;
 pub mod erasure;
 pub mod error;
 pub mod http;
