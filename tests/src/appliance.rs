@@ -292,6 +292,11 @@ impl ApplianceProcess {
         self.service.kill_9();
     }
 
+    /// A clean stop (SIGTERM, waits for the exit).
+    pub fn stop(&mut self) {
+        self.service.stop();
+    }
+
     /// Starts again on the same id, port and data dir.
     pub async fn restart(&mut self) {
         self.service.kill_9();
