@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use comatching_protocol::amqp::{LinkAuth, declare_shared_topology};
+use comatching_protocol::amqp::{
+    DeadLetterLimits, LinkAuth, declare_dead_letter_queues, declare_shared_topology,
+};
 use comatching_protocol::topology::LEGACY_MATCH_QUEUE;
 use futures_util::StreamExt;
 use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
@@ -82,6 +84,7 @@ impl BrokerHandle {
 
 pub struct BrokerSupervisor {
     cfg: config::Broker,
+    dead_letters: DeadLetterLimits,
     tls: OwnedTLSConfig,
     tx: watch::Sender<Option<Arc<Session>>>,
 }
@@ -90,20 +93,34 @@ pub struct BrokerSupervisor {
 /// `[broker]` cannot be read: better to stop at start than to fail every reconnect.
 pub fn supervisor(
     cfg: config::Broker,
+    dead_letters: DeadLetterLimits,
 ) -> Result<(BrokerSupervisor, BrokerHandle), comatching_protocol::config::ConfigError> {
     let tls = comatching_protocol::amqp::tls_config(&cfg)?;
     let auth = Arc::new(LinkAuth::from_settings(&cfg)?);
     let (tx, rx) = watch::channel(None);
-    Ok((BrokerSupervisor { cfg, tls, tx }, BrokerHandle { rx, auth }))
+    Ok((
+        BrokerSupervisor {
+            cfg,
+            dead_letters,
+            tls,
+            tx,
+        },
+        BrokerHandle { rx, auth },
+    ))
 }
 
-/// Declares the shared topology, then deletes the match queue of earlier releases once no
+/// Declares the shared topology and the dead-letter queues with the configured limits
+/// (replacing unbounded ones of earlier releases), then deletes the match queue of earlier releases once no
 /// consumer is left on it (an appliance still running an old release keeps it alive; the next
 /// connect looks again). Its requests, if any, are long past their deadlines.
-async fn declare_topology(connection: &Connection) -> lapin::Result<()> {
+async fn declare_topology(
+    connection: &Connection,
+    dead_letters: &DeadLetterLimits,
+) -> lapin::Result<()> {
     let setup = connection.create_channel().await?;
     declare_shared_topology(&setup).await?;
     let _ = setup.close(200, "topology declared".into()).await;
+    declare_dead_letter_queues(connection, dead_letters).await?;
     // Quorum queues refuse `if-unused` deletes (with a connection error), so look first. A
     // missing queue, or no permission to see it, fails this channel only.
     let legacy = connection.create_channel().await?;
@@ -138,9 +155,14 @@ async fn declare_topology(connection: &Connection) -> lapin::Result<()> {
     Ok(())
 }
 
-async fn connect(url: &str, tls: &OwnedTLSConfig, id: u64) -> lapin::Result<Session> {
+async fn connect(
+    url: &str,
+    tls: &OwnedTLSConfig,
+    dead_letters: &DeadLetterLimits,
+    id: u64,
+) -> lapin::Result<Session> {
     let connection = comatching_protocol::amqp::connect(url, tls).await?;
-    declare_topology(&connection).await?;
+    declare_topology(&connection, dead_letters).await?;
     let outbox = connection.create_channel().await?;
     outbox
         .confirm_select(ConfirmSelectOptions::default())
@@ -173,8 +195,11 @@ impl BrokerSupervisor {
                 break;
             }
             id += 1;
-            let attempt =
-                tokio::time::timeout(Duration::from_secs(10), connect(&url, &self.tls, id)).await;
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(10),
+                connect(&url, &self.tls, &self.dead_letters, id),
+            )
+            .await;
             let session = match attempt {
                 Ok(Ok(s)) => Arc::new(s),
                 Ok(Err(e)) => {

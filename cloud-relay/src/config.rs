@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use comatching_protocol::CostTable;
-use comatching_protocol::config::{ConfigError, mask_url_password, parse};
+use comatching_protocol::amqp::DeadLetterLimits;
+use comatching_protocol::config::{ConfigError, hours_to_ms, mask_url_password, parse};
 use serde::{Deserialize, Serialize};
 
 pub const ENV_PREFIX: &str = "COMATCHING_RELAY";
@@ -24,6 +25,46 @@ pub struct Config {
     pub auth: Auth,
     pub charges: Charges,
     pub events: Events,
+    pub sync: Sync,
+    pub dead_letters: DeadLetters,
+}
+
+/// The appliances' sync queues, as the relay sees them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sync {
+    /// The appliances' `sync.queue_expires_h` (keep them equal): an appliance not heard from
+    /// for this long has lost its queue to the broker's expiry, so it no longer holds the
+    /// outbox back; it catches up by snapshot if it ever returns.
+    pub queue_expires_h: f64,
+}
+
+impl Default for Sync {
+    fn default() -> Self {
+        Sync {
+            queue_expires_h: comatching_protocol::topology::SYNC_QUEUE_EXPIRES_H as f64,
+        }
+    }
+}
+
+/// The dead-letter queues `comatching.dead` (for inspection) and `comatching.dead.tally` (the
+/// relay counts it into `comatching_dead_letters_total`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadLetters {
+    /// Most dead letters kept in each queue; beyond it the oldest is dropped.
+    pub max_length: i64,
+    /// Longest a dead letter is kept, in hours.
+    pub message_ttl_h: f64,
+}
+
+impl Default for DeadLetters {
+    fn default() -> Self {
+        DeadLetters {
+            max_length: comatching_protocol::topology::DEAD_LETTERS_MAX_LENGTH,
+            message_ttl_h: comatching_protocol::topology::DEAD_LETTERS_TTL_H as f64,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -305,6 +346,14 @@ impl Config {
         }
         self.broker.check()?;
         self.check_edge()?;
+        hours_to_ms("sync.queue_expires_h", self.sync.queue_expires_h)?;
+        hours_to_ms(
+            "dead_letters.message_ttl_h",
+            self.dead_letters.message_ttl_h,
+        )?;
+        if !(1..=10_000_000).contains(&self.dead_letters.max_length) {
+            return bad("dead_letters.max_length must be within 1..=10000000");
+        }
         if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
             return bad("http.tls_cert and http.tls_key go together: set both or neither");
         }
@@ -363,6 +412,25 @@ impl Config {
             return bad("rate_limit.max_tracked_keys must be at least 100".into());
         }
         Ok(())
+    }
+
+    /// `sync.queue_expires_h` in milliseconds (checked at load).
+    pub fn sync_queue_expires_ms(&self) -> i64 {
+        hours_to_ms("sync.queue_expires_h", self.sync.queue_expires_h)
+            .unwrap_or(comatching_protocol::topology::SYNC_QUEUE_EXPIRES_H * 3_600_000)
+    }
+
+    /// The `[dead_letters]` limits as queue arguments take them (checked at load).
+    pub fn dead_letter_limits(&self) -> DeadLetterLimits {
+        let default = DeadLetterLimits::default();
+        DeadLetterLimits {
+            max_length: self.dead_letters.max_length,
+            message_ttl_ms: hours_to_ms(
+                "dead_letters.message_ttl_h",
+                self.dead_letters.message_ttl_h,
+            )
+            .unwrap_or(default.message_ttl_ms),
+        }
     }
 
     /// The effective configuration as TOML with secrets masked, for the start-up log.
@@ -530,5 +598,13 @@ mod tests {
                 .len(),
             3
         );
+        assert!(Config::from_parts("[sync]\nqueue_expires_h = 0\n", Vec::new()).is_err());
+        assert!(Config::from_parts("[dead_letters]\nmax_length = 0\n", Vec::new()).is_err());
+        assert!(Config::from_parts("[dead_letters]\nmessage_ttl_h = -1\n", Vec::new()).is_err());
+        let d = Config::from_parts("", Vec::new()).unwrap();
+        assert_eq!(d.sync_queue_expires_ms(), 72 * 3_600_000);
+        assert_eq!(d.dead_letter_limits(), DeadLetterLimits::default());
+        assert_eq!(d.dead_letter_limits().max_length, 10_000);
+        assert_eq!(d.dead_letter_limits().message_ttl_ms, 24 * 3_600_000);
     }
 }

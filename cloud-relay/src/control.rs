@@ -34,8 +34,6 @@ use comatching_protocol::topology::CONTROL_QUEUE;
 /// Outbox rows kept below the slowest appliance's position, so a briefly lagging or new
 /// appliance can catch up by replay instead of a snapshot.
 pub const RETENTION_ROWS: u64 = 50_000;
-/// An appliance not heard from for this long no longer holds the outbox back.
-pub const STALE_APPLIANCE_MS: i64 = 24 * 3600 * 1000;
 /// An appliance is reported ready when its last hello is this fresh and it was caught up.
 pub const READY_FRESH_MS: i64 = 60_000;
 
@@ -525,13 +523,15 @@ pub fn appliances_json(c: &Connection) -> Result<Value, ApiError> {
 }
 
 /// Deletes outbox rows nobody can need: already published, below every recently seen
-/// appliance's position, and older than the retention window. Returns rows deleted.
-pub fn trim(c: &Connection) -> Result<usize, ApiError> {
+/// appliance's position, and older than the retention window. An appliance not heard from for
+/// `stale_ms` (the sync queues' expiry: its queue is gone, it would need a snapshot anyway) no
+/// longer holds the outbox back. Returns rows deleted.
+pub fn trim(c: &Connection, stale_ms: i64) -> Result<usize, ApiError> {
     let published = meta_u64(c, "published_upto")?;
     let slowest: Option<i64> = c
         .query_row(
             "SELECT MIN(applied_seq) FROM appliances WHERE epoch_matches = 1 AND last_seen_ms > ?1",
-            [now_ms() - STALE_APPLIANCE_MS],
+            [now_ms() - stale_ms],
             |r| r.get(0),
         )
         .optional()?

@@ -13,7 +13,8 @@
 //! private CA behind `comatching-relay pki`), `server` (wiring it all together), `backup` (online backup and restore),
 //! `datadir` (the data directory's lock), `erasure` (withdrawal and purge erase personal data), `charges` (the booth's charge
 //! requests: rules and state machine), `events` (the live-event log and its SSE streams), `booth`
-//! (the charge, ledger-history and user look-up routes).
+//! (the charge, ledger-history and user look-up routes), `dead_letters` (counting dead letters;
+//! retiring an appliance).
 
 pub mod auth;
 pub mod backup;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod control;
 pub mod datadir;
 pub mod db;
+pub mod dead_letters;
 pub mod erasure;
 pub mod error;
 pub mod events;

@@ -110,6 +110,12 @@ enum AdminCommand {
         #[arg(long, value_name = "DATE", value_parser = comatching_relay::erasure::parse_before)]
         before: i64,
     },
+    /// An appliance that is gone for good (re-imaged with a new id, a test box): deletes its
+    /// sync queue on the broker and its tracking row, so the broker stops collecting every
+    /// change for it and the outbox retention stops waiting for it. Stop the appliance first
+    /// (refused, exit 4, while it consumes its queue). Prints one JSON line; exit 2 for an
+    /// invalid id, 3 when there was nothing to retire.
+    RetireAppliance { id: String },
 }
 
 /// At most two malloc arenas (glibc). glibc gives each thread that contends for the heap an
@@ -183,6 +189,9 @@ fn main() -> ExitCode {
         Command::Admin {
             command: AdminCommand::Purge { before },
         } => purge(&cfg, before),
+        Command::Admin {
+            command: AdminCommand::RetireAppliance { id },
+        } => retire_appliance(&cfg, &id),
         Command::Migrate => match Db::open(&cfg.storage.db_path()) {
             Ok(_) => {
                 println!("database ready at {}", cfg.storage.db_path().display());
@@ -325,6 +334,77 @@ fn restore(cfg: &Config, file: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `admin retire-appliance ID`: queue first (refused while the appliance consumes it), then the
+/// tracking row; exit 2 invalid id, 3 nothing to retire, 4 still connected, 1 other failures.
+fn retire_appliance(cfg: &Config, raw: &str) -> ExitCode {
+    use comatching_relay::dead_letters::{self, RetireError, Retired};
+    let id = match dead_letters::parse_id(raw) {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("comatching-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("comatching-relay: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (queue_deleted, messages_dropped) =
+        match rt.block_on(dead_letters::delete_sync_queue(&cfg.broker, &id)) {
+            Ok(r) => r,
+            Err(e @ RetireError::Connected { .. }) => {
+                eprintln!("comatching-relay: retire refused: {e}");
+                return ExitCode::from(4);
+            }
+            Err(e) => {
+                eprintln!("comatching-relay: retire failed: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let db = match Db::open(&cfg.storage.db_path()) {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("comatching-relay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let appliance = id.as_str().to_owned();
+    let rows = match db.run_sync(move |c| {
+        Ok(c.execute(
+            "DELETE FROM appliances WHERE appliance_id = ?1",
+            [&appliance],
+        )?)
+    }) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("comatching-relay: retire failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = Retired {
+        appliance_id: id.as_str().to_owned(),
+        queue: comatching_protocol::topology::sync_queue(id.as_str()),
+        queue_deleted,
+        messages_dropped,
+        tracking_row_deleted: rows > 0,
+    };
+    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    if !queue_deleted && rows == 0 {
+        eprintln!(
+            "comatching-relay: nothing to retire: no queue {} and no tracking row",
+            report.queue
+        );
+        return ExitCode::from(3);
+    }
+    ExitCode::SUCCESS
 }
 
 /// `admin purge --before DATE`: refuses while a relay serves (exit 3); one JSON line.

@@ -11,6 +11,7 @@ use crate::broker;
 use crate::config::Config;
 use crate::control::{ControlConsumer, trim};
 use crate::db::Db;
+use crate::dead_letters::DeadLetterTally;
 use crate::http::{AppState, router};
 use crate::limits::RateLimits;
 use crate::matching::Matcher;
@@ -34,7 +35,7 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         anyhow_like::err(format!("opening {}: {e}", cfg.storage.db_path().display()))
     })?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (supervisor, broker) = broker::supervisor(cfg.broker.clone())
+    let (supervisor, broker) = broker::supervisor(cfg.broker.clone(), cfg.dead_letter_limits())
         .map_err(|e| anyhow_like::err(format!("broker: {e}")))?;
     let supervisor_task = tokio::spawn(supervisor.run(shutdown_rx.clone()));
     let rpc = MatchRpc::start(broker.clone());
@@ -59,7 +60,18 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         broker: broker.clone(),
     };
     let control_task = tokio::spawn(control.run(shutdown_rx.clone()));
-    let trimmer_task = tokio::spawn(run_trimmer(db.clone(), shutdown_rx.clone()));
+    let trimmer_task = tokio::spawn(run_trimmer(
+        db.clone(),
+        cfg.sync_queue_expires_ms(),
+        shutdown_rx.clone(),
+    ));
+    let tally_task = tokio::spawn(
+        DeadLetterTally {
+            cfg: cfg.broker.clone(),
+            metrics: metrics.clone(),
+        }
+        .run(shutdown_rx.clone()),
+    );
     let events = Arc::new(crate::events::Hub::new(&cfg.events, shutdown_rx.clone()));
     let pruner_task = tokio::spawn(crate::events::run_pruner(
         db.clone(),
@@ -124,15 +136,17 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         control_task,
         trimmer_task,
         pruner_task,
-        sweeper_limits_task
+        sweeper_limits_task,
+        tally_task
     );
     Ok(())
 }
 
-/// Trims the outbox once a minute (see `control::trim`).
-async fn run_trimmer(db: Db, mut shutdown: watch::Receiver<bool>) {
+/// Trims the outbox once a minute (see `control::trim`); appliances not heard from for
+/// `stale_ms` (the sync queues' expiry) no longer hold it back.
+async fn run_trimmer(db: Db, stale_ms: i64, mut shutdown: watch::Receiver<bool>) {
     loop {
-        match db.run(|c| trim(c)).await {
+        match db.run(move |c| trim(c, stale_ms)).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "outbox trimmed"),
             Err(e) => tracing::warn!(error = %e, "outbox trim failed"),

@@ -141,6 +141,26 @@ impl ServiceChild {
         }
     }
 
+    /// SIGTERM and wait for the exit (a clean stop, as systemd's); SIGKILL after 20 s.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the child process this harness started.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => return,
+                    Ok(None) if std::time::Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return;
+                    }
+                    Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+
     /// SIGKILL: no shutdown hooks, no flushing — a crash (or a power cut, for the process).
     pub fn kill_9(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -35,6 +35,23 @@ pub struct RelayConfig {
     /// Password hashing cost; `None` keeps the relay's (production) default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSection>,
+    /// `[sync]`; `None` keeps the relay's defaults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncSection>,
+    /// `[dead_letters]`; `None` keeps the relay's defaults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letters: Option<DeadLettersSection>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SyncSection {
+    pub queue_expires_h: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DeadLettersSection {
+    pub max_length: i64,
+    pub message_ttl_h: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -187,6 +204,8 @@ impl RelayConfig {
             },
             rate_limit: RateLimitSection::generous(),
             auth: None,
+            sync: None,
+            dead_letters: None,
         }
     }
 }

@@ -22,9 +22,9 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    QueueBindOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 use tokio::sync::{Semaphore, watch};
 
@@ -32,11 +32,12 @@ use super::config::Config;
 use super::replica::{Replica, Stuck};
 use super::retry::RetryGate;
 use crate::sync::SyncPlan;
-use comatching_protocol::amqp::{LinkAuth, declare_shared_topology, queue_args, text};
-use comatching_protocol::config::amqp_url_with_heartbeat;
-use comatching_protocol::topology::{
-    self, CONTROL_QUEUE, DEAD_EXCHANGE, MATCH_QUEUE, SYNC_EXCHANGE,
+use comatching_protocol::amqp::{
+    Declared, LinkAuth, declare_queue_replacing, declare_shared_topology, ensure_dead_queue,
+    sync_queue_args,
 };
+use comatching_protocol::config::amqp_url_with_heartbeat;
+use comatching_protocol::topology::{self, CONTROL_QUEUE, MATCH_QUEUE, SYNC_EXCHANGE};
 
 /// Longest the broker may take to set up a session, or to confirm a hello.
 const SETUP_DEADLINE: Duration = Duration::from_secs(15);
@@ -63,28 +64,23 @@ pub fn sync_queue(cfg: &Config) -> String {
     topology::sync_queue(cfg.appliance.id.as_str())
 }
 
-/// The shared topology (declared exactly as the relay does), then this appliance's own sync
-/// queue, bound to the sync exchange.
-async fn declare_topology(ch: &Channel, cfg: &Config) -> lapin::Result<()> {
-    declare_shared_topology(ch).await?;
+/// The shared topology (declared exactly as the relay does), the dead-letter queue when it is
+/// missing, then this appliance's own sync queue, bound to the sync exchange. A sync queue left
+/// by an earlier release with other arguments is replaced (its events are replayed on hello).
+async fn declare_topology(conn: &Connection, cfg: &Config) -> lapin::Result<()> {
+    let ch = conn.create_channel().await?;
+    declare_shared_topology(&ch).await?;
+    let _ = ch.close(200, "declared".into()).await;
+    ensure_dead_queue(conn).await?;
     let own = sync_queue(cfg);
-    ch.queue_declare(
-        own.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        queue_args(&[
-            ("x-queue-type", text("quorum")),
-            ("x-single-active-consumer", AMQPValue::Boolean(true)),
-            (
-                "x-delivery-limit",
-                AMQPValue::LongLongInt(cfg.sync.delivery_limit),
-            ),
-            ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
-        ]),
-    )
-    .await?;
+    let args = sync_queue_args(cfg.sync.delivery_limit, cfg.sync_queue_expires_ms());
+    if declare_queue_replacing(conn, &own, args).await? == Declared::Replaced {
+        tracing::warn!(
+            queue = own,
+            "sync queue had other arguments (an earlier release's); replaced it, catching up by hello"
+        );
+    }
+    let ch = conn.create_channel().await?;
     ch.queue_bind(
         own.as_str().into(),
         SYNC_EXCHANGE.into(),
@@ -93,6 +89,7 @@ async fn declare_topology(ch: &Channel, cfg: &Config) -> lapin::Result<()> {
         FieldTable::default(),
     )
     .await?;
+    let _ = ch.close(200, "bound".into()).await;
     Ok(())
 }
 
@@ -197,11 +194,9 @@ impl Link {
         // Every step of the set-up has a deadline: a broker can accept a connection and then
         // never answer a declare (a quorum queue without a leader after a crash).
         let setup = async {
-            let setup = conn.create_channel().await.map_err(e("channel"))?;
-            declare_topology(&setup, &self.cfg)
+            declare_topology(conn, &self.cfg)
                 .await
                 .map_err(e("declare topology"))?;
-            let _ = setup.close(200, "declared".into()).await;
             let sync_ch = conn.create_channel().await.map_err(e("channel"))?;
             let prefetch = (self.cfg.sync.batch_max * 2).min(u16::MAX as usize) as u16;
             sync_ch
