@@ -11,7 +11,8 @@
 //! private CA behind `comatching-relay pki`), `server` (wiring it all together), `backup` (online backup and restore),
 //! `datadir` (the data directory's lock), `erasure` (withdrawal and purge erase personal data), `charges` (the booth's charge
 //! requests: rules and state machine), `events` (the live-event log and its SSE streams), `booth`
-//! (the charge, ledger-history and user look-up routes).
+//! (the charge, ledger-history and user look-up routes), `report` (`admin report`: the festival's
+//! money, reconciled).
 
 pub mod auth;
 pub mod backup;
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod pki;
 pub mod profiles;
+pub mod report;
 pub mod rpc;
 pub mod server;
 pub mod tls;

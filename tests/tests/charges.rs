@@ -195,6 +195,30 @@ async fn approval_credits_once_and_the_ledger_shows_it() {
         .await
         .expect(200);
     assert_eq!(page["entries"][0]["charge_id"], ca.as_str());
+    // The festival's report, beside the serving relay: the approval under its operator, the
+    // grants by reason, and totals that reconcile (exit 0).
+    let out = env.relay.run(&["admin", "report", "--format", "json"]);
+    assert!(out.status.success(), "report: {out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(
+        report["approved_by_operator_day"][0]["operator"],
+        "operator"
+    );
+    assert_eq!(report["approved_by_operator_day"][0]["points"], 5000);
+    assert_eq!(report["rejected_charges"], 1);
+    assert_eq!(report["reconciliation"]["reconciled"], true);
+    assert_eq!(report["reconciliation"]["balance_total"], 5700);
+    let out = env
+        .relay
+        .run(&["admin", "report", "--format", "csv", "--from", "2000-01-01"]);
+    assert!(out.status.success(), "report: {out:?}");
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert!(csv.starts_with("section,day,key,count,points\n"), "{csv}");
+    assert!(csv.contains(",operator,1,5000\n"), "{csv}");
+    assert!(csv.contains("grants,,booth purchase,1,700\n"), "{csv}");
+    let out = env.relay.run(&["admin", "report", "--format", "xml"]);
+    assert_eq!(out.status.code(), Some(2), "a bad format is a usage error");
+
     a.get("/api/v1/me/ledger?cursor=abc")
         .await
         .assert_invalid("cursor");
