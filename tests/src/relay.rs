@@ -33,6 +33,17 @@ pub struct RelayConfig {
     /// Password hashing cost; `None` keeps the relay's (production) default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSection>,
+    /// Live streams; `None` keeps the relay's defaults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventsSection>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EventsSection {
+    pub keep_alive_s: u64,
+    pub max_streams: usize,
+    pub retention_hours: u64,
+    pub retention_rows: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -128,6 +139,7 @@ impl RelayConfig {
                 per_user_per_minute: 1_000_000,
             },
             auth: None,
+            events: None,
         }
     }
 }

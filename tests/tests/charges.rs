@@ -541,3 +541,60 @@ async fn withdrawal_cancels_the_pending_request() {
         "the name is erased"
     );
 }
+
+/// At most `events.max_streams` streams: one more is 503 `too_many_streams`; a closed stream's
+/// slot is free again (waited for, not timed: the relay notices a closed connection at its next
+/// write, a keep-alive here); idle streams get keep-alive comments; `/metrics` counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_capped_and_kept_alive() {
+    let env = TestEnv::start_with("charges-cap", |c| {
+        c.events = Some(comatching_tests::relay::EventsSection {
+            keep_alive_s: 1,
+            max_streams: 2,
+            retention_hours: 24,
+            retention_rows: 20_000,
+        })
+    })
+    .await;
+    let op = env.operator().await;
+    let a = env.api.signup("student_a").await;
+    let first = operator_stream(&env, &op, None).await;
+    let mut second = student_stream(&env, &a, None).await;
+    let (status, body) = sse::open(env.api.base_url(), "/api/v1/me/events", &a.token, None)
+        .await
+        .err()
+        .expect("a third stream is refused");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too_many_streams"), "{body}");
+    let metrics = env.api.get("/metrics", None).await.text;
+    assert!(
+        metrics.contains("comatching_sse_streams 2"),
+        "metrics: {metrics}"
+    );
+
+    // Idle: keep-alive comments, no events.
+    assert!(
+        second
+            .next_within(Duration::from_millis(2500))
+            .await
+            .is_none()
+    );
+    assert!(second.comments >= 1, "no keep-alive comment in 2.5 s");
+
+    drop(first);
+    let base = env.api.base_url().to_owned();
+    let third = comatching_tests::wait_for(
+        comatching_tests::PATIENCE,
+        "the closed stream's slot to be free",
+        || {
+            let (base, token) = (base.clone(), op.user.token.clone());
+            async move {
+                sse::open(&base, "/api/v1/admin/charges/events", &token, None)
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    drop(third);
+}
