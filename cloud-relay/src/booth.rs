@@ -27,6 +27,9 @@ const PAGE_MAX: usize = 100;
 /// Most users an operator look-up returns.
 const LOOKUP_MAX: usize = 20;
 
+// Interim (merge of the charge workflow into the OpenAPI-first router): these routes are not yet
+// in the OpenAPI document; they move to `routes!` with their annotations next.
+#[allow(clippy::disallowed_methods)]
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/me/charges", post(create_charge).get(my_charges))

@@ -35,6 +35,9 @@ pub struct Http {
     /// With both set, the listener speaks HTTPS only (PEM chain, leaf first, and its key).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Origins (`scheme://host[:port]`, exactly as a browser sends them) whose pages may call
+    /// the API cross-origin (CORS). Empty: none may.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for Http {
@@ -44,6 +47,7 @@ impl Default for Http {
             max_body_bytes: 16 * 1024,
             tls_cert: None,
             tls_key: None,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -257,6 +261,11 @@ impl Config {
         if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
             return bad("http.tls_cert and http.tls_key go together: set both or neither");
         }
+        for o in &self.http.cors_allowed_origins {
+            check_origin(o).map_err(|why| {
+                ConfigError::Invalid(format!("http.cors_allowed_origins: {o:?} {why}"))
+            })?;
+        }
         Ok(())
     }
 
@@ -266,6 +275,55 @@ impl Config {
         shown.broker.url = mask_url_password(&shown.broker.url);
         toml::to_string(&shown).unwrap_or_else(|e| format!("<unprintable: {e}>"))
     }
+}
+
+/// An origin as browsers send it in `Origin`: `http` or `https`, `://`, a lowercase host, an
+/// optional port; nothing else (no path, not even `/`, no wildcard, no user). CORS compares
+/// origins byte for byte, so anything else would silently never match.
+fn check_origin(o: &str) -> Result<(), &'static str> {
+    let rest = o
+        .strip_prefix("https://")
+        .or_else(|| o.strip_prefix("http://"))
+        .ok_or("must start with https:// or http://")?;
+    let (host, port) = match rest.strip_prefix('[') {
+        // An IPv6 literal: [addr] then an optional :port.
+        Some(v6) => {
+            let (addr, after) = v6.split_once(']').ok_or("has an unclosed [")?;
+            if addr.is_empty() || !addr.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
+                return Err("has an invalid IPv6 address");
+            }
+            match after {
+                "" => (&rest[..addr.len() + 2], None),
+                _ => (
+                    &rest[..addr.len() + 2],
+                    Some(after.strip_prefix(':').ok_or("must have no path")?),
+                ),
+            }
+        }
+        None => match rest.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        },
+    };
+    let host_ok = host.starts_with('[')
+        || (!host.is_empty()
+            && host
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.')));
+    if !host_ok {
+        return Err(
+            "must be scheme://host[:port] with a lowercase host and no path, wildcard or user",
+        );
+    }
+    let port_ok = |p: &str| {
+        (1..=5).contains(&p.len())
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && (1..=65535).contains(&p.parse::<u32>().unwrap_or(0))
+    };
+    if port.is_some_and(|p| !port_ok(p)) {
+        return Err("has an invalid port");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -295,6 +353,48 @@ mod tests {
         assert_eq!(c.matching.max_picked, 3);
         assert!(c.masked().contains("guest:***@"));
         assert!(!c.masked().contains("guest:guest"));
+    }
+
+    #[test]
+    fn cors_origins_are_exact_origins() {
+        let with = |o: &str| {
+            Config::from_parts(
+                &format!("[http]\ncors_allowed_origins = [{o:?}]\n"),
+                Vec::new(),
+            )
+        };
+        for good in [
+            "https://comatching.web.app",
+            "http://localhost:5173",
+            "https://127.0.0.1:8443",
+            "http://[::1]:3000",
+        ] {
+            assert!(with(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "*",
+            "https://*.web.app",
+            "comatching.web.app",
+            "https://comatching.web.app/",
+            "https://comatching.web.app/app",
+            "https://Comatching.web.app",
+            "https://user@comatching.web.app",
+            "https://comatching.web.app:99999",
+            "https://comatching.web.app:",
+            "ftp://comatching.web.app",
+            "https://",
+            "https://a.b?x=1",
+        ] {
+            let e = with(bad).expect_err(bad).to_string();
+            assert!(e.contains("cors_allowed_origins"), "{bad}: {e}");
+        }
+        assert!(
+            Config::from_parts("", Vec::new())
+                .unwrap()
+                .http
+                .cors_allowed_origins
+                .is_empty()
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub struct Resp {
     pub status: u16,
     pub body: Value,
     pub text: String,
+    pub headers: reqwest::header::HeaderMap,
 }
 
 impl Resp {
@@ -37,6 +38,11 @@ impl Resp {
             self.status, self.text
         );
         self.body
+    }
+
+    /// A response header as text (None if absent or not text).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     pub fn error_code(&self) -> Option<&str> {
@@ -194,9 +200,15 @@ impl Api {
     async fn finish(req: reqwest::RequestBuilder) -> Resp {
         let resp = req.send().await.expect("HTTP request to the relay");
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let text = resp.text().await.unwrap_or_default();
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Resp { status, body, text }
+        Resp {
+            status,
+            body,
+            text,
+            headers,
+        }
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
