@@ -895,6 +895,11 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
                 .load(std::sync::atomic::Ordering::Relaxed) as f64,
         ),
         (
+            "comatching_sse_streams",
+            "Live event streams (SSE) open now.",
+            s.events.open_streams() as f64,
+        ),
+        (
             "comatching_unauthenticated_messages",
             "Messages refused because their link-key tag was missing or wrong.",
             s.rpc.refused_messages() as f64,

@@ -13,8 +13,8 @@
 //! private CA behind `comatching-relay pki`), `server` (wiring it all together), `backup` (online backup and restore),
 //! `datadir` (the data directory's lock), `erasure` (withdrawal and purge erase personal data), `charges` (the booth's charge
 //! requests: rules and state machine), `events` (the live-event log and its SSE streams), `booth`
-//! (the charge, ledger-history and user look-up routes), `dead_letters` (counting dead letters;
-//! retiring an appliance).
+//! (the charge, ledger-history and user look-up routes), `report` (`admin report`: the festival's
+//! money, reconciled), `dead_letters` (counting dead letters; retiring an appliance).
 
 pub mod auth;
 pub mod backup;
@@ -39,6 +39,7 @@ pub mod openapi;
 pub mod outbox;
 pub mod pki;
 pub mod profiles;
+pub mod report;
 pub mod rpc;
 pub mod server;
 pub mod tls;

@@ -116,6 +116,25 @@ enum AdminCommand {
     /// (refused, exit 4, while it consumes its queue). Prints one JSON line; exit 2 for an
     /// invalid id, 3 when there was nothing to retire.
     RetireAppliance { id: String },
+    /// The festival's money: approved charge requests per operator per day, grants by reason,
+    /// points spent on matches, refunds, open holds, and their reconciliation with the ledger.
+    /// Safe while the relay serves. Exit 4 when the totals do not reconcile.
+    Report {
+        /// From this date (YYYY-MM-DD, UTC, or an RFC 3339 time), inclusive.
+        #[arg(long, value_name = "DATE", value_parser = comatching_relay::erasure::parse_before)]
+        from: Option<i64>,
+        /// Up to this date: a bare date includes that whole day.
+        #[arg(long, value_name = "DATE", value_parser = comatching_relay::report::parse_to)]
+        to: Option<i64>,
+        #[arg(long, value_enum)]
+        format: ReportFormat,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportFormat {
+    Csv,
+    Json,
 }
 
 /// At most two malloc arenas (glibc). glibc gives each thread that contends for the heap an
@@ -192,6 +211,9 @@ fn main() -> ExitCode {
         Command::Admin {
             command: AdminCommand::RetireAppliance { id },
         } => retire_appliance(&cfg, &id),
+        Command::Admin {
+            command: AdminCommand::Report { from, to, format },
+        } => report(&cfg, from, to, format),
         Command::Migrate => match Db::open(&cfg.storage.db_path()) {
             Ok(_) => {
                 println!("database ready at {}", cfg.storage.db_path().display());
@@ -442,6 +464,53 @@ fn purge(cfg: &Config, before_ms: i64) -> ExitCode {
         }
         Err(e) => {
             eprintln!("comatching-relay: purge failed, nothing was changed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `admin report`: reads one consistent snapshot (read-only, beside a serving relay); exit 4
+/// when the money does not reconcile, 1 on any other failure.
+fn report(cfg: &Config, from: Option<i64>, to: Option<i64>, format: ReportFormat) -> ExitCode {
+    use rusqlite::{Connection, OpenFlags};
+    let path = cfg.storage.db_path();
+    let run = || -> Result<comatching_relay::report::Report, String> {
+        let mut c = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        c.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        let version: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| e.to_string())?;
+        if version != comatching_relay::db::SCHEMA_VERSION {
+            return Err(format!(
+                "the database is at schema {version}, this build reads {}: run `comatching-relay migrate`",
+                comatching_relay::db::SCHEMA_VERSION
+            ));
+        }
+        let tx = c.transaction().map_err(|e| e.to_string())?;
+        comatching_relay::report::build(&tx, from, to).map_err(|e| e.to_string())
+    };
+    match run() {
+        Ok(r) => {
+            match format {
+                ReportFormat::Json => {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default())
+                }
+                ReportFormat::Csv => print!("{}", comatching_relay::report::to_csv(&r)),
+            }
+            if r.reconciliation.reconciled {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "comatching-relay: the report does not reconcile: {:?}",
+                    r.reconciliation
+                );
+                ExitCode::from(4)
+            }
+        }
+        Err(e) => {
+            eprintln!("comatching-relay: report failed: {e}");
             ExitCode::FAILURE
         }
     }

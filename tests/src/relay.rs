@@ -41,6 +41,9 @@ pub struct RelayConfig {
     /// `[dead_letters]`; `None` keeps the relay's defaults.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letters: Option<DeadLettersSection>,
+    /// Live streams; `None` keeps the relay's defaults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventsSection>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -52,6 +55,14 @@ pub struct SyncSection {
 pub struct DeadLettersSection {
     pub max_length: i64,
     pub message_ttl_h: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EventsSection {
+    pub keep_alive_s: u64,
+    pub max_streams: usize,
+    pub retention_hours: u64,
+    pub retention_rows: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -206,6 +217,7 @@ impl RelayConfig {
             auth: None,
             sync: None,
             dead_letters: None,
+            events: None,
         }
     }
 }

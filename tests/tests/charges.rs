@@ -195,6 +195,30 @@ async fn approval_credits_once_and_the_ledger_shows_it() {
         .await
         .expect(200);
     assert_eq!(page["entries"][0]["charge_id"], ca.as_str());
+    // The festival's report, beside the serving relay: the approval under its operator, the
+    // grants by reason, and totals that reconcile (exit 0).
+    let out = env.relay.run(&["admin", "report", "--format", "json"]);
+    assert!(out.status.success(), "report: {out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(
+        report["approved_by_operator_day"][0]["operator"],
+        "operator"
+    );
+    assert_eq!(report["approved_by_operator_day"][0]["points"], 5000);
+    assert_eq!(report["rejected_charges"], 1);
+    assert_eq!(report["reconciliation"]["reconciled"], true);
+    assert_eq!(report["reconciliation"]["balance_total"], 5700);
+    let out = env
+        .relay
+        .run(&["admin", "report", "--format", "csv", "--from", "2000-01-01"]);
+    assert!(out.status.success(), "report: {out:?}");
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert!(csv.starts_with("section,day,key,count,points\n"), "{csv}");
+    assert!(csv.contains(",operator,1,5000\n"), "{csv}");
+    assert!(csv.contains("grants,,booth purchase,1,700\n"), "{csv}");
+    let out = env.relay.run(&["admin", "report", "--format", "xml"]);
+    assert_eq!(out.status.code(), Some(2), "a bad format is a usage error");
+
     a.get("/api/v1/me/ledger?cursor=abc")
         .await
         .assert_invalid("cursor");
@@ -516,4 +540,61 @@ async fn withdrawal_cancels_the_pending_request() {
         cancelled["charges"][0]["depositor"], "",
         "the name is erased"
     );
+}
+
+/// At most `events.max_streams` streams: one more is 503 `too_many_streams`; a closed stream's
+/// slot is free again (waited for, not timed: the relay notices a closed connection at its next
+/// write, a keep-alive here); idle streams get keep-alive comments; `/metrics` counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_capped_and_kept_alive() {
+    let env = TestEnv::start_with("charges-cap", |c| {
+        c.events = Some(comatching_tests::relay::EventsSection {
+            keep_alive_s: 1,
+            max_streams: 2,
+            retention_hours: 24,
+            retention_rows: 20_000,
+        })
+    })
+    .await;
+    let op = env.operator().await;
+    let a = env.api.signup("student_a").await;
+    let first = operator_stream(&env, &op, None).await;
+    let mut second = student_stream(&env, &a, None).await;
+    let (status, body) = sse::open(env.api.base_url(), "/api/v1/me/events", &a.token, None)
+        .await
+        .err()
+        .expect("a third stream is refused");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too_many_streams"), "{body}");
+    let metrics = env.api.get("/metrics", None).await.text;
+    assert!(
+        metrics.contains("comatching_sse_streams 2"),
+        "metrics: {metrics}"
+    );
+
+    // Idle: keep-alive comments, no events.
+    assert!(
+        second
+            .next_within(Duration::from_millis(2500))
+            .await
+            .is_none()
+    );
+    assert!(second.comments >= 1, "no keep-alive comment in 2.5 s");
+
+    drop(first);
+    let base = env.api.base_url().to_owned();
+    let third = comatching_tests::wait_for(
+        comatching_tests::PATIENCE,
+        "the closed stream's slot to be free",
+        || {
+            let (base, token) = (base.clone(), op.user.token.clone());
+            async move {
+                sse::open(&base, "/api/v1/admin/charges/events", &token, None)
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    drop(third);
 }
