@@ -61,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::console::router())
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -469,13 +470,37 @@ async fn grant_points(
     Ok(created(body))
 }
 
-async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+/// `?since_ms=` adds `matches_since`: matches made at or after that time (the console asks
+/// for its local midnight: "matches today").
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    since_ms: Option<i64>,
+}
+
+async fn stats(
+    State(s): State<AppState>,
+    caller: Caller,
+    q: Result<axum::extract::Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
     caller.require_operator()?;
+    let since = q
+        .map_err(|_| {
+            ApiError::validation("since_ms", "must be milliseconds since 1970, 0 or more")
+        })?
+        .0
+        .since_ms;
+    if since.is_some_and(|ms| ms < 0) {
+        return Err(ApiError::validation(
+            "since_ms",
+            "must be milliseconds since 1970, 0 or more",
+        ));
+    }
     let body = s
         .db
-        .read(|db| {
+        .read(move |db| {
             let n = |sql: &str| -> Result<i64, ApiError> { Ok(db.query_row(sql, [], |r| r.get(0))?) };
-            Ok(json!({
+            let mut body = json!({
                 "users": n("SELECT COUNT(*) FROM accounts WHERE withdrawn_ms IS NULL")?,
                 "profiles": n("SELECT COUNT(*) FROM profiles p JOIN accounts a ON a.user_id = p.user_id WHERE a.withdrawn_ms IS NULL")?,
                 "matches": n("SELECT COUNT(*) FROM matches")?,
@@ -483,7 +508,15 @@ async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Response, Ap
                 "points_granted": n("SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE kind = 'grant'")?,
                 "points_spent": n("SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE kind = 'charge'")?,
                 "outbox_lag": outbox::lag(db)?,
-            }))
+            });
+            if let Some(ms) = since {
+                body["matches_since"] = json!(db.query_row(
+                    "SELECT COUNT(*) FROM matches WHERE created_ms >= ?1",
+                    [ms],
+                    |r| r.get::<_, i64>(0),
+                )?);
+            }
+            Ok(body)
         })
         .await?;
     Ok(axum::Json(body).into_response())

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod backup;
 pub mod broker;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod datadir;
 pub mod db;
