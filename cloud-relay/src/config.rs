@@ -22,6 +22,8 @@ pub struct Config {
     pub points: CostTable,
     pub rate_limit: RateLimit,
     pub auth: Auth,
+    pub charges: Charges,
+    pub events: Events,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -33,6 +35,9 @@ pub struct Http {
     /// With both set, the listener speaks HTTPS only (PEM chain, leaf first, and its key).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Origins (`scheme://host[:port]`, exactly as a browser sends them) whose pages may call
+    /// the API cross-origin (CORS). Empty: none may.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for Http {
@@ -42,6 +47,7 @@ impl Default for Http {
             max_body_bytes: 16 * 1024,
             tls_cert: None,
             tls_key: None,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -143,6 +149,51 @@ impl Default for Auth {
     }
 }
 
+/// The booth's charge requests: which amounts a student may ask for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Charges {
+    pub min_amount: u64,
+    pub max_amount: u64,
+    /// Every amount is a multiple of this.
+    pub step: u64,
+}
+
+impl Default for Charges {
+    fn default() -> Self {
+        Charges {
+            min_amount: 1_000,
+            max_amount: 100_000,
+            step: 500,
+        }
+    }
+}
+
+/// Live event streams (SSE) and the event log they replay from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Events {
+    /// A comment line is sent on an idle stream this often (proxies close silent connections).
+    pub keep_alive_s: u64,
+    /// Streams open at once; one more is refused with 503 `too_many_streams`.
+    pub max_streams: usize,
+    /// Events older than this are pruned; a `Last-Event-ID` older than the log gets `resync`.
+    pub retention_hours: u64,
+    /// At most this many events are kept, whatever their age.
+    pub retention_rows: u64,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            keep_alive_s: 15,
+            max_streams: 2_000,
+            retention_hours: 24,
+            retention_rows: 20_000,
+        }
+    }
+}
+
 impl Config {
     /// Reads `path` (if given) and the process environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -185,9 +236,35 @@ impl Config {
         if self.http.max_body_bytes < 1024 {
             return bad("http.max_body_bytes must be at least 1024");
         }
+        let ch = &self.charges;
+        if ch.step == 0
+            || ch.min_amount == 0
+            || ch.min_amount > ch.max_amount
+            || ch.max_amount > 1_000_000
+            || !ch.min_amount.is_multiple_of(ch.step)
+            || !ch.max_amount.is_multiple_of(ch.step)
+        {
+            return bad(
+                "charges: need 0 < min_amount <= max_amount <= 1000000, both multiples of step > 0",
+            );
+        }
+        let ev = &self.events;
+        if ev.keep_alive_s == 0 || ev.keep_alive_s > 300 {
+            return bad("events.keep_alive_s must be within 1..=300");
+        }
+        if ev.max_streams == 0 || ev.retention_hours == 0 || ev.retention_rows < 100 {
+            return bad(
+                "events.max_streams and events.retention_hours must be positive, events.retention_rows at least 100",
+            );
+        }
         self.broker.check()?;
         if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
             return bad("http.tls_cert and http.tls_key go together: set both or neither");
+        }
+        for o in &self.http.cors_allowed_origins {
+            check_origin(o).map_err(|why| {
+                ConfigError::Invalid(format!("http.cors_allowed_origins: {o:?} {why}"))
+            })?;
         }
         Ok(())
     }
@@ -198,6 +275,55 @@ impl Config {
         shown.broker.url = mask_url_password(&shown.broker.url);
         toml::to_string(&shown).unwrap_or_else(|e| format!("<unprintable: {e}>"))
     }
+}
+
+/// An origin as browsers send it in `Origin`: `http` or `https`, `://`, a lowercase host, an
+/// optional port; nothing else (no path, not even `/`, no wildcard, no user). CORS compares
+/// origins byte for byte, so anything else would silently never match.
+fn check_origin(o: &str) -> Result<(), &'static str> {
+    let rest = o
+        .strip_prefix("https://")
+        .or_else(|| o.strip_prefix("http://"))
+        .ok_or("must start with https:// or http://")?;
+    let (host, port) = match rest.strip_prefix('[') {
+        // An IPv6 literal: [addr] then an optional :port.
+        Some(v6) => {
+            let (addr, after) = v6.split_once(']').ok_or("has an unclosed [")?;
+            if addr.is_empty() || !addr.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
+                return Err("has an invalid IPv6 address");
+            }
+            match after {
+                "" => (&rest[..addr.len() + 2], None),
+                _ => (
+                    &rest[..addr.len() + 2],
+                    Some(after.strip_prefix(':').ok_or("must have no path")?),
+                ),
+            }
+        }
+        None => match rest.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        },
+    };
+    let host_ok = host.starts_with('[')
+        || (!host.is_empty()
+            && host
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.')));
+    if !host_ok {
+        return Err(
+            "must be scheme://host[:port] with a lowercase host and no path, wildcard or user",
+        );
+    }
+    let port_ok = |p: &str| {
+        (1..=5).contains(&p.len())
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && (1..=65535).contains(&p.parse::<u32>().unwrap_or(0))
+    };
+    if port.is_some_and(|p| !port_ok(p)) {
+        return Err("has an invalid port");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -227,6 +353,48 @@ mod tests {
         assert_eq!(c.matching.max_picked, 3);
         assert!(c.masked().contains("guest:***@"));
         assert!(!c.masked().contains("guest:guest"));
+    }
+
+    #[test]
+    fn cors_origins_are_exact_origins() {
+        let with = |o: &str| {
+            Config::from_parts(
+                &format!("[http]\ncors_allowed_origins = [{o:?}]\n"),
+                Vec::new(),
+            )
+        };
+        for good in [
+            "https://comatching.web.app",
+            "http://localhost:5173",
+            "https://127.0.0.1:8443",
+            "http://[::1]:3000",
+        ] {
+            assert!(with(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "*",
+            "https://*.web.app",
+            "comatching.web.app",
+            "https://comatching.web.app/",
+            "https://comatching.web.app/app",
+            "https://Comatching.web.app",
+            "https://user@comatching.web.app",
+            "https://comatching.web.app:99999",
+            "https://comatching.web.app:",
+            "ftp://comatching.web.app",
+            "https://",
+            "https://a.b?x=1",
+        ] {
+            let e = with(bad).expect_err(bad).to_string();
+            assert!(e.contains("cors_allowed_origins"), "{bad}: {e}");
+        }
+        assert!(
+            Config::from_parts("", Vec::new())
+                .unwrap()
+                .http
+                .cors_allowed_origins
+                .is_empty()
+        );
     }
 
     #[test]

@@ -20,6 +20,14 @@ pub enum ErrorCode {
     MatcherUnavailable,
     RateLimited,
     PayloadTooLarge,
+    WrongPassword,
+    MethodNotAllowed,
+    /// The student already has a pending charge request.
+    ChargePending,
+    /// The charge request was already approved, rejected or cancelled.
+    ChargeDecided,
+    /// The relay serves as many live event streams as it is configured for.
+    TooManyStreams,
     Internal,
 }
 
@@ -38,7 +46,44 @@ impl ErrorCode {
             ErrorCode::MatcherUnavailable => "matcher_unavailable",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::WrongPassword => "wrong_password",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::ChargePending => "charge_pending",
+            ErrorCode::ChargeDecided => "charge_decided",
+            ErrorCode::TooManyStreams => "too_many_streams",
             ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// What the code means, for the OpenAPI document's response descriptions.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            ErrorCode::ValidationFailed => {
+                "the body, a header or a parameter is invalid (`field` names it)"
+            }
+            ErrorCode::Unauthorized => "no valid session token (or wrong credentials at login)",
+            ErrorCode::Forbidden => "the route is for operators",
+            ErrorCode::NotFound => "no such resource",
+            ErrorCode::UsernameTaken => "the username is taken",
+            ErrorCode::IdempotencyInProgress => {
+                "a request with this Idempotency-Key is still running"
+            }
+            ErrorCode::IdempotencyKeyReused => {
+                "this Idempotency-Key was used with a different body"
+            }
+            ErrorCode::InsufficientPoints => "not enough points for this request",
+            ErrorCode::NoCandidate => "nobody matches right now (not charged)",
+            ErrorCode::MatcherUnavailable => "no appliance answered in time (not charged)",
+            ErrorCode::RateLimited => "too many requests from this address or account",
+            ErrorCode::PayloadTooLarge => "the body is larger than `http.max_body_bytes`",
+            ErrorCode::WrongPassword => "the current password is wrong",
+            ErrorCode::MethodNotAllowed => "the path exists but not with this method",
+            ErrorCode::ChargePending => "the student already has a pending charge request",
+            ErrorCode::ChargeDecided => {
+                "the charge request was already approved, rejected or cancelled"
+            }
+            ErrorCode::TooManyStreams => "the relay serves as many event streams as configured",
+            ErrorCode::Internal => "an internal error (logged; no detail is shown)",
         }
     }
 
@@ -46,12 +91,18 @@ impl ErrorCode {
         match self {
             ErrorCode::ValidationFailed => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden | ErrorCode::WrongPassword => StatusCode::FORBIDDEN,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::NotFound | ErrorCode::NoCandidate => StatusCode::NOT_FOUND,
-            ErrorCode::UsernameTaken | ErrorCode::IdempotencyInProgress => StatusCode::CONFLICT,
+            ErrorCode::UsernameTaken
+            | ErrorCode::IdempotencyInProgress
+            | ErrorCode::ChargePending
+            | ErrorCode::ChargeDecided => StatusCode::CONFLICT,
             ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::InsufficientPoints => StatusCode::PAYMENT_REQUIRED,
-            ErrorCode::MatcherUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::MatcherUnavailable | ErrorCode::TooManyStreams => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,

@@ -7,13 +7,18 @@
 //! `outbox` (ordered change log + publisher), `control` (hellos → replay/snapshot, appliance
 //! tracking, outbox trimming), `broker` (connection supervisor), `rpc` (match
 //! request/reply client), `matching` (the match flow + sweeper), `limits` (rate limits),
-//! `metrics` (Prometheus text), `http` (routes), `tls` (the HTTPS accept loop), `pki` (the
+//! `metrics` (Prometheus text), `http` (routes, CORS, response headers), `openapi` (the
+//! generated OpenAPI document), `tls` (the HTTPS accept loop), `pki` (the
 //! private CA behind `comatching-relay pki`), `server` (wiring it all together), `backup` (online backup and restore),
-//! `datadir` (the data directory's lock), `erasure` (withdrawal and purge erase personal data).
+//! `datadir` (the data directory's lock), `erasure` (withdrawal and purge erase personal data), `charges` (the booth's charge
+//! requests: rules and state machine), `events` (the live-event log and its SSE streams), `booth`
+//! (the charge, ledger-history and user look-up routes).
 
 pub mod auth;
 pub mod backup;
+pub mod booth;
 pub mod broker;
+pub mod charges;
 pub mod config;
 pub mod console;
 pub mod control;
@@ -21,11 +26,13 @@ pub mod datadir;
 pub mod db;
 pub mod erasure;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod ledger;
 pub mod limits;
 pub mod matching;
 pub mod metrics;
+pub mod openapi;
 pub mod outbox;
 pub mod pki;
 pub mod profiles;

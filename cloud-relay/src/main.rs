@@ -1,4 +1,4 @@
-//! `comatching-relay` — the cloud relay's command line: `serve`, `migrate`, `admin`.
+//! `comatching-relay` — the cloud relay's command line: `serve`, `migrate`, `admin`, `openapi`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +49,9 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Prints the API's OpenAPI 3.1 document (as served at /api/v1/openapi.json); no
+    /// configuration needed. `docs/openapi.json` is its output.
+    Openapi,
     /// The private CA: certificates for HTTPS and for AMQP over TLS.
     Pki {
         #[command(subcommand)]
@@ -143,6 +146,10 @@ fn main() -> ExitCode {
     if let Command::Pki { command } = cli.command {
         return pki(command);
     }
+    if let Command::Openapi = cli.command {
+        print!("{}", comatching_relay::openapi::document_json());
+        return ExitCode::SUCCESS;
+    }
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -168,7 +175,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Pki { .. } => unreachable!("handled before the configuration is loaded"),
+        Command::Pki { .. } | Command::Openapi => {
+            unreachable!("handled before the configuration is loaded")
+        }
         Command::Backup { to, keep } => backup(&cfg, &to, keep),
         Command::Restore { file } => restore(&cfg, &file),
         Command::Admin {

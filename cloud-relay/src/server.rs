@@ -61,6 +61,12 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
     };
     let control_task = tokio::spawn(control.run(shutdown_rx.clone()));
     let trimmer_task = tokio::spawn(run_trimmer(db.clone(), shutdown_rx.clone()));
+    let events = Arc::new(crate::events::Hub::new(&cfg.events, shutdown_rx.clone()));
+    let pruner_task = tokio::spawn(crate::events::run_pruner(
+        db.clone(),
+        cfg.events.clone(),
+        shutdown_rx.clone(),
+    ));
     let state = AppState {
         db,
         cfg: Arc::new(cfg.clone()),
@@ -73,6 +79,7 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         )),
         outbox_wake,
         hashing: Arc::new(Semaphore::new(HASH_PERMITS)),
+        events,
     };
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
@@ -119,7 +126,8 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         publisher_task,
         sweeper_task,
         control_task,
-        trimmer_task
+        trimmer_task,
+        pruner_task
     );
     Ok(())
 }

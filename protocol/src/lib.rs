@@ -15,6 +15,8 @@ pub mod error;
 pub mod ids;
 pub mod mac;
 pub mod options;
+#[cfg(feature = "utoipa")]
+mod schema;
 pub mod topology;
 pub mod wire;
 

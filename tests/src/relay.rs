@@ -52,6 +52,9 @@ pub struct HttpSection {
     /// Not the relay's: the CA the test's clients trust when the relay serves HTTPS.
     #[serde(skip)]
     pub trust_ca: Option<PathBuf>,
+    /// Origins allowed to call the API cross-origin (CORS); empty = the relay's default (none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cors_allowed_origins: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -102,6 +105,7 @@ impl RelayConfig {
                 tls_cert: None,
                 tls_key: None,
                 trust_ca: None,
+                cors_allowed_origins: Vec::new(),
             },
             storage: StorageSection {
                 data_dir: PathBuf::new(),

@@ -30,7 +30,9 @@ pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; 
      img-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
 
-/// The console's routes, to be merged into the relay's router.
+/// The console's routes, to be merged into the relay's router. Static files, not API
+/// operations: they stay out of the OpenAPI document, so a plain `route` is right here.
+#[allow(clippy::disallowed_methods)]
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route(
