@@ -71,6 +71,8 @@
     const who = sessionStorage.getItem(USER_KEY);
     $("who").textContent = who ? t("signed_in_as", { username: who }) : "";
     if (lastBoard) renderBoard();
+    renderQueue();
+    renderStream();
   }
 
   async function switchLang() {
@@ -141,6 +143,7 @@
     $("booting").hidden = true;
     $("login-view").hidden = view !== "login";
     $("board-view").hidden = view !== "board";
+    $("queue-view").hidden = view !== "board";
     const signedIn = view !== "login";
     $("logout").hidden = !signedIn;
     $("who").hidden = !signedIn;
@@ -159,6 +162,7 @@
     lastBoard = null;
     if (boardTimer) clearTimeout(boardTimer);
     boardTimer = null;
+    stopStream();
   }
 
   function toLogin(message) {
@@ -256,6 +260,7 @@
   async function enterBoard() {
     applyStrings();
     show("board");
+    startStream();
     await refreshBoard();
   }
 
@@ -328,6 +333,300 @@
       el("span", "seen", t("last_seen", { ago: ago(Date.now() - a.last_seen_unix_ms) })),
     );
     return li;
+  }
+
+
+  // ---- pending charges, live ----------------------------------------------------------------
+  //
+  // EventSource cannot send an Authorization header, so the stream is read with fetch() and a
+  // ReadableStream, parsed here (text/event-stream: lines `field: value`, events end at a blank
+  // line). After a drop it reconnects with backoff and `Last-Event-ID`; the relay replays what
+  // was missed, or says `resync` and the list is loaded again.
+
+  const NEW_FOR_MS = 10000;
+  const queue = new Map(); // charge_id → charge (pending only)
+  const gone = new Set(); // charge ids decided or cancelled since the list was asked for
+  const firstSeen = new Map(); // charge_id → when this console first showed it
+  let stream = null; // {abort: AbortController}
+  let lastEventId = null;
+  let streamState = "connecting";
+  let retryInS = 0;
+  let backoffMs = 500;
+  let ageTimer = null;
+  let listLoaded = false;
+  const sinceLoad = new Set(); // charge ids created on the stream while the list was loading
+
+  function stopStream() {
+    if (stream) stream.abort.abort();
+    stream = null;
+    lastEventId = null;
+    queue.clear();
+    gone.clear();
+    sinceLoad.clear();
+    firstSeen.clear();
+    listLoaded = false;
+    if (ageTimer) clearInterval(ageTimer);
+    ageTimer = null;
+  }
+
+  function startStream() {
+    stopStream();
+    ageTimer = setInterval(renderQueue, 1000);
+    connect();
+  }
+
+  async function connect() {
+    const me = { abort: new AbortController() };
+    stream = me;
+    streamState = "connecting";
+    renderStream();
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    if (!token) return;
+    const headers = { Accept: "text/event-stream", Authorization: "Bearer " + token };
+    if (lastEventId !== null) headers["Last-Event-ID"] = lastEventId;
+    try {
+      const r = await fetch("/api/v1/admin/charges/events", {
+        headers, cache: "no-store", credentials: "omit", signal: me.abort.signal,
+      });
+      if (!r.ok) {
+        let code = "http_" + r.status;
+        try {
+          code = (await r.json()).error.code || code;
+        } catch (_) {
+          // keep the status
+        }
+        const e = new ApiError(r.status, code, code);
+        if (sessionProblem(e)) return;
+        throw e;
+      }
+      await readEvents(r.body.getReader(), me);
+    } catch (_) {
+      // A drop, a relay restart, or our own abort: retry below unless this stream is over.
+    }
+    if (stream !== me || !sessionStorage.getItem(TOKEN_KEY)) return;
+    retryInS = Math.ceil(backoffMs / 1000);
+    streamState = "retrying";
+    renderStream();
+    setTimeout(() => {
+      if (stream === me) connect();
+    }, backoffMs);
+    backoffMs = Math.min(backoffMs * 2, 8000);
+  }
+
+  async function readEvents(reader, me) {
+    const decoder = new TextDecoder();
+    let buf = "";
+    let ev = { event: "message", data: [], id: null };
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done || stream !== me) return;
+      buf += decoder.decode(value, { stream: true });
+      let nl;
+      while ((nl = buf.search(/\r\n|\r|\n/)) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + (buf.startsWith("\r\n", nl) ? 2 : 1));
+        if (line === "") {
+          if (ev.id !== null) lastEventId = ev.id;
+          if (ev.data.length) await onEvent(ev.event, ev.data.join("\n"));
+          ev = { event: "message", data: [], id: null };
+          continue;
+        }
+        if (line.startsWith(":")) continue; // keep-alive comment
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let val = colon < 0 ? "" : line.slice(colon + 1);
+        if (val.startsWith(" ")) val = val.slice(1);
+        if (field === "event") ev.event = val;
+        else if (field === "data") ev.data.push(val);
+        else if (field === "id") ev.id = val;
+      }
+    }
+  }
+
+  async function onEvent(kind, data) {
+    let body;
+    try {
+      body = JSON.parse(data);
+    } catch (_) {
+      return;
+    }
+    if (kind === "ready") {
+      streamState = "live";
+      backoffMs = 500;
+      if (lastEventId === null && body.last_event_id !== undefined) {
+        lastEventId = String(body.last_event_id);
+      }
+      renderStream();
+      if (!listLoaded) await loadQueue();
+    } else if (kind === "resync") {
+      await loadQueue();
+    } else if (kind === "charge.created" && body.charge) {
+      if (body.charge.status === "pending" && !gone.has(body.charge.charge_id)) {
+        queue.set(body.charge.charge_id, body.charge);
+        sinceLoad.add(body.charge.charge_id);
+      }
+    } else if ((kind === "charge.decided" || kind === "charge.cancelled") && body.charge) {
+      gone.add(body.charge.charge_id);
+      queue.delete(body.charge.charge_id);
+    }
+    renderQueue();
+  }
+
+  /// The pending list, oldest first, after the stream has said where it starts: events after
+  /// that position arrive on the stream, so nothing falls between the two.
+  async function loadQueue() {
+    const fresh = new Map();
+    sinceLoad.clear();
+    let cursor = null;
+    try {
+      for (let page = 0; page < 20; page++) {
+        const q = "/api/v1/admin/charges?status=pending&limit=100" +
+          (cursor ? "&cursor=" + encodeURIComponent(cursor) : "");
+        const r = await api("GET", q);
+        for (const c of r.charges) fresh.set(c.charge_id, c);
+        cursor = r.next_cursor;
+        if (!cursor) break;
+      }
+    } catch (e) {
+      if (!sessionProblem(e)) listLoaded = false;
+      return;
+    }
+    for (const id of [...queue.keys()]) {
+      if (!fresh.has(id) && !sinceLoad.has(id)) queue.delete(id);
+    }
+    for (const [id, c] of fresh) {
+      if (gone.has(id)) continue;
+      // Waiting before this console looked is not "new"; a resync keeps what it showed.
+      if (!listLoaded && !firstSeen.has(id)) firstSeen.set(id, 0);
+      queue.set(id, c);
+    }
+    listLoaded = true;
+    document.body.dataset.queueLoaded = "true";
+    renderQueue();
+  }
+
+  function renderStream() {
+    const p = $("stream-status");
+    if (!p) return;
+    p.dataset.state = streamState;
+    p.classList.toggle("bad", streamState === "retrying");
+    p.textContent = streamState === "live" ? t("stream_live")
+      : streamState === "retrying" ? t("stream_retrying", { s: retryInS })
+        : t("stream_connecting");
+  }
+
+  function renderQueue() {
+    const list = $("queue");
+    if (!list) return;
+    const now = Date.now();
+    const items = [...queue.values()].sort((a, b) =>
+      a.created_at_unix_ms - b.created_at_unix_ms || (a.charge_id < b.charge_id ? -1 : 1));
+    const keep = new Set(items.map((c) => c.charge_id));
+    for (const li of [...list.children]) {
+      if (!keep.has(li.dataset.charge)) li.remove();
+    }
+    let prev = null;
+    for (const c of items) {
+      if (!firstSeen.has(c.charge_id)) firstSeen.set(c.charge_id, listLoaded ? now : 0);
+      let li = list.querySelector("[data-charge=\"" + c.charge_id + "\"]");
+      if (!li) li = chargeRow(c);
+      const fresh = now - firstSeen.get(c.charge_id) < NEW_FOR_MS;
+      li.classList.toggle("new", fresh);
+      li.querySelector(".flag").hidden = !fresh;
+      li.querySelector(".flag").textContent = t("charge_new");
+      li.querySelector(".age").textContent =
+        t("charge_age", { ago: ago(now - c.created_at_unix_ms) });
+      li.querySelector(".depositor").textContent = t("charge_depositor", { name: c.depositor });
+      li.querySelector(".approve").textContent = t("approve");
+      li.querySelector(".reject").textContent = t("reject");
+      const want = prev ? prev.nextSibling : list.firstChild;
+      if (want !== li) list.insertBefore(li, want);
+      prev = li;
+    }
+    document.body.dataset.queue = String(items.length);
+    $("queue-empty").hidden = items.length > 0 || !listLoaded;
+  }
+
+  function chargeRow(c) {
+    const li = el("li", "charge");
+    li.dataset.charge = c.charge_id;
+    li.dataset.username = c.username;
+    const approve = el("button", "approve");
+    approve.type = "button";
+    approve.addEventListener("click", () => decide(c, "approve", null, li));
+    const reject = el("button", "reject");
+    reject.type = "button";
+    reject.addEventListener("click", () => askReason(c, li));
+    const buttons = el("span", "buttons");
+    buttons.append(approve, reject);
+    li.append(
+      el("span", "flag"),
+      el("span", "amount", num(c.amount)),
+      el("span", "who", c.username),
+      el("span", "depositor"),
+      el("span", "age"),
+      buttons,
+    );
+    return li;
+  }
+
+  function askReason(c, li) {
+    if (li.querySelector(".reject-form")) return;
+    const form = el("form", "reject-form");
+    form.noValidate = true;
+    const input = el("input", "reason");
+    input.maxLength = 200;
+    input.placeholder = t("reject_reason");
+    input.setAttribute("aria-label", t("reject_reason"));
+    const ok = el("button", "reject-confirm", t("reject_confirm"));
+    ok.type = "submit";
+    const cancel = el("button", "reject-cancel", t("cancel"));
+    cancel.type = "button";
+    cancel.addEventListener("click", () => form.remove());
+    form.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const reason = input.value.trim();
+      if (!reason) {
+        result(t("err_reason_required"), true);
+        input.focus();
+        return;
+      }
+      decide(c, "reject", reason, li);
+    });
+    form.append(input, ok, cancel);
+    li.append(form);
+    input.focus();
+  }
+
+  function result(text, bad) {
+    const p = $("queue-result");
+    p.textContent = text;
+    p.hidden = !text;
+    p.classList.toggle("bad", !!bad);
+  }
+
+  async function decide(c, action, reason, li) {
+    for (const b of li.querySelectorAll("button")) b.disabled = true;
+    try {
+      const body = action === "reject" ? { reason } : undefined;
+      const r = await api("POST", "/api/v1/admin/charges/" + c.charge_id + "/" + action, body);
+      gone.add(c.charge_id);
+      queue.delete(c.charge_id);
+      const vars = { username: c.username, amount: num(c.amount), points: num(r.points || 0) };
+      result(action === "approve" ? t("result_approved", vars) : t("result_rejected", vars), false);
+    } catch (e) {
+      if (sessionProblem(e)) return;
+      if (e instanceof ApiError && e.code === "charge_decided") {
+        gone.add(c.charge_id);
+        queue.delete(c.charge_id);
+        result(t("result_decided_elsewhere"), true);
+      } else {
+        result(describe(e), true);
+      }
+    } finally {
+      for (const b of li.querySelectorAll("button")) b.disabled = false;
+    }
+    renderQueue();
   }
 
   // ---- start -------------------------------------------------------------------------------
