@@ -12,6 +12,8 @@
 //!   reason; two consoles: what one decides (or the student cancels) leaves the other within
 //!   1 s; a network drop (a proxy cutting every connection while a request is decided and
 //!   another made) and the stream resumes with `Last-Event-ID`, the queue right.
+//! * Student look-up by username prefix (points, pending charge) and a direct grant that asks
+//!   first in a dialog naming the student and the amount (cancel grants nothing).
 //! * Nothing wider than a 360 px phone (login and board, both languages); the headers.
 //! * Screenshots at 390 and 1366 px in both languages (written to `COMATCHING_SCREENSHOTS_DIR`
 //!   when set: that is how `docs/screenshots/console-*.png` are made).
@@ -781,4 +783,91 @@ async fn after_a_network_drop_the_stream_resumes_and_the_queue_is_right() {
         );
     }
     s.close_allowing_errors().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_up_a_student_by_prefix_and_grant_after_a_confirm() {
+    let w = world("console-lookup", 0).await;
+    let park = w.api.signup("park_minji").await;
+    w.api.signup("park_jun").await;
+    w.api.signup("lee_sora").await;
+    park.request_charge(2000, "박민지").await.expect(201);
+    let browser = Browser::start().await;
+    let s = browser.session(SessionOptions::laptop()).await;
+    log_in(&s, &console_url(&w), "operator", &w.operator.user.password).await;
+    wait_view(&s, "board").await;
+
+    // A bad prefix is refused in the page, nothing asked.
+    type_into(&s, "#lookup-q", "Park-").await;
+    s.click("#lookup-button").await;
+    s.wait_for_text(PATIENCE, "#lookup-status", |t| t.starts_with("아이디는"))
+        .await;
+    // By prefix: both park_ accounts, not lee_; points and the pending charge.
+    type_into(&s, "#lookup-q", "park").await;
+    s.click("#lookup-button").await;
+    s.wait_for_js(
+        PATIENCE,
+        "two results",
+        "return document.querySelectorAll('#lookup-results .user').length === 2;",
+        vec![],
+    )
+    .await;
+    let row = "#lookup-results [data-username=\"park_minji\"]";
+    assert_eq!(
+        s.text(&format!("{row} .points")).await.as_deref(),
+        Some("0포인트")
+    );
+    assert_eq!(
+        s.text(&format!("{row} .pending")).await.as_deref(),
+        Some("대기 중 충전 2,000")
+    );
+    assert!(
+        s.text("#lookup-results [data-username=\"lee_sora\"]")
+            .await
+            .is_none()
+    );
+
+    // A grant asks first, naming the student and the amount; cancel grants nothing.
+    type_into(&s, &format!("{row} .amount"), "3000").await;
+    type_into(&s, &format!("{row} .reason"), "현장 구매").await;
+    s.click(&format!("{row} .grant")).await;
+    let text = s
+        .wait_for_text(PATIENCE, "#grant-dialog-text", |t| !t.is_empty())
+        .await;
+    assert_eq!(
+        text,
+        "park_minji에게 3,000포인트를 지급합니다. 사유: 현장 구매"
+    );
+    assert_eq!(s.attr("#grant-dialog", "open").await.as_deref(), Some(""));
+    s.click("#grant-dialog-cancel").await;
+    s.wait_for_js(
+        PATIENCE,
+        "the dialog closed",
+        "return !document.getElementById('grant-dialog').open;",
+        vec![],
+    )
+    .await;
+    assert_eq!(park.points().await, 0, "cancelled: nothing granted");
+    // Confirmed: granted, the result shown, the row refreshed.
+    s.click(&format!("{row} .grant")).await;
+    s.wait_for_js(
+        PATIENCE,
+        "the dialog open",
+        "return document.getElementById('grant-dialog').open;",
+        vec![],
+    )
+    .await;
+    s.click("#grant-dialog-ok").await;
+    let msg = s
+        .wait_for_text(PATIENCE, "#lookup-status", |t| {
+            t.starts_with("지급했습니다")
+        })
+        .await;
+    assert!(msg.contains("park_minji") && msg.contains("3,000"), "{msg}");
+    s.wait_for_text(PATIENCE, &format!("{row} .points"), |t| t == "3,000포인트")
+        .await;
+    assert_eq!(park.points().await, 3000);
+    let history = park.get("/api/v1/me/ledger").await.expect(200);
+    assert_eq!(history["entries"][0]["reason"], "현장 구매");
+    s.close().await;
 }

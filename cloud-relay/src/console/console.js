@@ -71,6 +71,7 @@
     const who = sessionStorage.getItem(USER_KEY);
     $("who").textContent = who ? t("signed_in_as", { username: who }) : "";
     if (lastBoard) renderBoard();
+    $("lookup-q").placeholder = t("lookup_placeholder");
     renderQueue();
     renderStream();
   }
@@ -144,6 +145,7 @@
     $("login-view").hidden = view !== "login";
     $("board-view").hidden = view !== "board";
     $("queue-view").hidden = view !== "board";
+    $("lookup-view").hidden = view !== "board";
     const signedIn = view !== "login";
     $("logout").hidden = !signedIn;
     $("who").hidden = !signedIn;
@@ -163,6 +165,8 @@
     if (boardTimer) clearTimeout(boardTimer);
     boardTimer = null;
     stopStream();
+    $("lookup-results").replaceChildren();
+    lookupStatus("", false);
   }
 
   function toLogin(message) {
@@ -629,12 +633,116 @@
     renderQueue();
   }
 
+
+  // ---- student look-up and direct grants ---------------------------------------------------
+
+  function lookupStatus(text, bad) {
+    const p = $("lookup-status");
+    p.textContent = text;
+    p.hidden = !text;
+    p.classList.toggle("bad", !!bad);
+  }
+
+  async function lookup(keepStatus) {
+    const q = $("lookup-q").value.trim().toLowerCase();
+    if (!/^[a-z0-9_]{1,32}$/.test(q)) {
+      lookupStatus(t("err_lookup_q"), true);
+      return;
+    }
+    let r;
+    try {
+      r = await api("GET", "/api/v1/admin/users?q=" + encodeURIComponent(q));
+    } catch (e) {
+      if (!sessionProblem(e)) lookupStatus(describe(e), true);
+      return;
+    }
+    if (!keepStatus) lookupStatus(r.users.length ? "" : t("lookup_none", { q }), false);
+    $("lookup-results").replaceChildren(...r.users.map(userRow));
+    document.body.dataset.lookups = String(Number(document.body.dataset.lookups || 0) + 1);
+  }
+
+  function userRow(u) {
+    const li = el("li", "user");
+    li.dataset.username = u.username;
+    const pending = u.pending_charge
+      ? t("user_pending", { n: num(u.pending_charge.amount) })
+      : t("user_no_pending");
+    const form = el("form", "grant-form");
+    form.noValidate = true;
+    const amount = el("input", "amount");
+    amount.type = "number";
+    amount.min = "1";
+    amount.max = "1000000";
+    amount.step = "1";
+    amount.placeholder = t("grant_amount");
+    amount.setAttribute("aria-label", t("grant_amount"));
+    const reason = el("input", "reason");
+    reason.maxLength = 200;
+    reason.placeholder = t("grant_reason");
+    reason.setAttribute("aria-label", t("grant_reason"));
+    const go = el("button", "grant", t("grant"));
+    go.type = "submit";
+    form.append(amount, reason, go);
+    form.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      grant(u.username, amount.value, reason.value);
+    });
+    li.append(
+      el("span", "name", u.username),
+      el("span", "points", t("user_points", { n: num(u.points) })),
+      el("span", "pending", pending),
+      el("span", "matches", t("user_matches", { n: num(u.matches) })),
+      form,
+    );
+    return li;
+  }
+
+  /// Asks in a dialog naming the student and the amount; resolves true on "grant".
+  function confirmGrant(username, amount, reason) {
+    const d = $("grant-dialog");
+    $("grant-dialog-text").textContent =
+      t("grant_confirm_text", { username, amount: num(amount), reason });
+    return new Promise((resolve) => {
+      d.addEventListener("close", () => resolve(d.returnValue === "ok"), { once: true });
+      d.returnValue = "";
+      d.showModal();
+    });
+  }
+
+  async function grant(username, amountText, reasonText) {
+    const amount = Number(amountText);
+    const reason = reasonText.trim();
+    if (!Number.isInteger(amount) || amount < 1 || amount > 1000000) {
+      lookupStatus(t("err_grant_amount"), true);
+      return;
+    }
+    if (!reason) {
+      lookupStatus(t("err_grant_reason"), true);
+      return;
+    }
+    if (!(await confirmGrant(username, amount, reason))) return;
+    try {
+      const r = await api("POST", "/api/v1/admin/points", { username, amount, reason });
+      lookupStatus(t("result_granted", { username, amount: num(amount), points: num(r.points) }), false);
+    } catch (e) {
+      if (!sessionProblem(e)) lookupStatus(describe(e), true);
+      return;
+    }
+    await lookup(true);
+  }
+
   // ---- start -------------------------------------------------------------------------------
 
   async function start() {
     $("lang-switch").addEventListener("click", switchLang);
     $("logout").addEventListener("click", logout);
     $("login-form").addEventListener("submit", login);
+    $("grant-dialog-ok").addEventListener("click", () => $("grant-dialog").close("ok"));
+    $("grant-dialog-cancel").addEventListener("click", () => $("grant-dialog").close("cancel"));
+    $("lookup-form").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      lookup();
+    });
     try {
       await loadLang(savedLang());
     } catch (_) {
