@@ -2,16 +2,17 @@
 //! points history and the operators' user look-up. Handlers stay thin: parse and check at the
 //! boundary, one database call (`charges`, `events`), wake the streams after the commit.
 
-use axum::Router;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use comatching_protocol::UserId;
 use rusqlite::{OptionalExtension, params};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Caller;
 use crate::charges::{self, ChargeRules, ChargeStatus, ChargeView, Decided, Decision};
@@ -20,6 +21,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::events::{self, Who};
 use crate::http::{AppState, JsonBody};
 use crate::ledger;
+use crate::openapi::error_set;
 
 /// Default and largest page sizes.
 const PAGE_DEFAULT: usize = 50;
@@ -27,21 +29,28 @@ const PAGE_MAX: usize = 100;
 /// Most users an operator look-up returns.
 const LOOKUP_MAX: usize = 20;
 
-// Interim (merge of the charge workflow into the OpenAPI-first router): these routes are not yet
-// in the OpenAPI document; they move to `routes!` with their annotations next.
-#[allow(clippy::disallowed_methods)]
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/me/charges", post(create_charge).get(my_charges))
-        .route("/api/v1/me/charges/{charge_id}", delete(cancel_charge))
-        .route("/api/v1/me/ledger", get(my_ledger))
-        .route("/api/v1/me/events", get(my_events))
-        .route("/api/v1/admin/charges", get(admin_charges))
-        .route("/api/v1/admin/charges/events", get(admin_events))
-        .route("/api/v1/admin/charges/{charge_id}/approve", post(approve))
-        .route("/api/v1/admin/charges/{charge_id}/reject", post(reject))
-        .route("/api/v1/admin/users", get(admin_users))
+/// The booth's routes with their OpenAPI operations (merged into `http::api_router`).
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_charge, my_charges))
+        .routes(routes!(cancel_charge))
+        .routes(routes!(my_ledger))
+        .routes(routes!(my_events))
+        .routes(routes!(admin_charges))
+        .routes(routes!(admin_events))
+        .routes(routes!(approve))
+        .routes(routes!(reject))
+        .routes(routes!(admin_users))
 }
+
+error_set!(CreateChargeErrors: ValidationFailed, Unauthorized, ChargePending, PayloadTooLarge, RateLimited, Internal);
+error_set!(PageErrors: ValidationFailed, Unauthorized, RateLimited, Internal);
+error_set!(CancelErrors: Unauthorized, NotFound, ChargeDecided, RateLimited, Internal);
+error_set!(StudentStreamErrors: ValidationFailed, Unauthorized, RateLimited, TooManyStreams, Internal);
+error_set!(OperatorStreamErrors: ValidationFailed, Unauthorized, Forbidden, RateLimited, TooManyStreams, Internal);
+error_set!(OperatorPageErrors: ValidationFailed, Unauthorized, Forbidden, RateLimited, Internal);
+error_set!(ApproveErrors: Unauthorized, Forbidden, NotFound, ChargeDecided, RateLimited, Internal);
+error_set!(RejectErrors: ValidationFailed, Unauthorized, Forbidden, NotFound, ChargeDecided, PayloadTooLarge, RateLimited, Internal);
 
 /// A query string parsed into `T`; a bad one is 400 `validation_failed`.
 pub struct Q<T>(pub T);
@@ -74,51 +83,67 @@ impl<S: Send + Sync> FromRequestParts<S> for ChargeId {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChargeInput {
+    /// Points wanted: within `[charges]` min..=max, a multiple of its step.
     pub amount: i64,
+    /// The name on the bank transfer or booth receipt: 1 to 40 printable characters, trimmed.
     pub depositor: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RejectInput {
+    /// Shown to the student.
     pub reason: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
+    /// 1 to 100 (default 50).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AdminChargesQuery {
+    /// Default `pending` (oldest first); the others list newest first.
+    #[param(value_type = Option<ChargeStatus>)]
     pub status: Option<String>,
+    /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
+    /// 1 to 100 (default 50).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct UsersQuery {
+    /// The start of a username: 1 to 32 of a-z, 0-9 and _.
     pub q: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChargePage {
     pub charges: Vec<ChargeView>,
     /// Pass as `cursor` for the next page; `null` on the last one.
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LedgerEntry {
     pub entry_id: i64,
     /// `grant` (points in) or `match` (points spent on a match, net of its refund).
+    #[schema(value_type = String, pattern = "^(grant|match)$")]
     pub kind: &'static str,
     /// Signed: positive for a grant, negative for a match.
     pub amount: i64,
@@ -138,22 +163,24 @@ pub struct LedgerEntry {
     pub refunded: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LedgerPage {
     pub entries: Vec<LedgerEntry>,
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct UserSummary {
+    #[schema(value_type = UserId)]
     pub user_id: String,
     pub username: String,
     pub points: i64,
+    #[schema(required = true)]
     pub pending_charge: Option<ChargeView>,
     pub matches: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct UsersPage {
     pub users: Vec<UserSummary>,
 }
@@ -180,6 +207,11 @@ fn charge_cursor(c: Option<String>) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// File a charge request (at most one pending per student).
+#[utoipa::path(post, path = "/api/v1/me/charges", tag = "charges",
+    security(("bearer" = [])),
+    request_body = ChargeInput,
+    responses((status = 201, description = "Filed, pending", body = ChargeView), CreateChargeErrors))]
 async fn create_charge(
     State(s): State<AppState>,
     caller: Caller,
@@ -200,6 +232,11 @@ async fn create_charge(
     Ok((StatusCode::CREATED, axum::Json(done.value)).into_response())
 }
 
+/// The caller's charge requests, newest first.
+#[utoipa::path(get, path = "/api/v1/me/charges", tag = "charges",
+    security(("bearer" = [])),
+    params(PageQuery),
+    responses((status = 200, description = "A page of requests", body = ChargePage), PageErrors))]
 async fn my_charges(
     State(s): State<AppState>,
     caller: Caller,
@@ -236,6 +273,11 @@ async fn decide(
     Ok(done.value)
 }
 
+/// Cancel one's own pending request (another student's id is 404).
+#[utoipa::path(delete, path = "/api/v1/me/charges/{charge_id}", tag = "charges",
+    security(("bearer" = [])),
+    params(("charge_id" = String, Path, description = "32 hex characters")),
+    responses((status = 200, description = "Cancelled", body = Decided), CancelErrors))]
 async fn cancel_charge(
     State(s): State<AppState>,
     caller: Caller,
@@ -246,6 +288,11 @@ async fn cancel_charge(
     ))
 }
 
+/// Approve a pending request: credits its points once, in the same transaction (operators).
+#[utoipa::path(post, path = "/api/v1/admin/charges/{charge_id}/approve", tag = "admin",
+    security(("bearer" = [])),
+    params(("charge_id" = String, Path, description = "32 hex characters")),
+    responses((status = 200, description = "Approved; `points` is the student's new balance", body = Decided), ApproveErrors))]
 async fn approve(
     State(s): State<AppState>,
     caller: Caller,
@@ -257,6 +304,12 @@ async fn approve(
     Ok(axum::Json(done))
 }
 
+/// Reject a pending request with a reason (operators).
+#[utoipa::path(post, path = "/api/v1/admin/charges/{charge_id}/reject", tag = "admin",
+    security(("bearer" = [])),
+    params(("charge_id" = String, Path, description = "32 hex characters")),
+    request_body = RejectInput,
+    responses((status = 200, description = "Rejected", body = Decided), RejectErrors))]
 async fn reject(
     State(s): State<AppState>,
     caller: Caller,
@@ -270,6 +323,11 @@ async fn reject(
     ))
 }
 
+/// Charge requests by status: pending oldest first, the others newest first (operators).
+#[utoipa::path(get, path = "/api/v1/admin/charges", tag = "admin",
+    security(("bearer" = [])),
+    params(AdminChargesQuery),
+    responses((status = 200, description = "A page of requests", body = ChargePage), OperatorPageErrors))]
 async fn admin_charges(
     State(s): State<AppState>,
     caller: Caller,
@@ -293,6 +351,12 @@ async fn admin_charges(
     }))
 }
 
+/// The caller's live events: their requests decided, their points changed.
+#[utoipa::path(get, path = "/api/v1/me/events", tag = "charges",
+    security(("bearer" = [])),
+    params(("Last-Event-ID" = Option<String>, Header, description = "The last event id received, to resume")),
+    responses((status = 200, description = "Server-Sent Events. First `event: ready`, `data: {\"last_event_id\": n}`; then events with an `id:` (send the last one back as `Last-Event-ID` on reconnect: nothing missed is lost; `event: resync` means reload the lists, older events were pruned); keep-alive comments. Events: `charge.decided` `{charge, points?}`, `charge.cancelled` `{charge}`, `points.changed` `{points}`.", content_type = "text/event-stream", body = String),
+        StudentStreamErrors))]
 async fn my_events(
     State(s): State<AppState>,
     caller: Caller,
@@ -305,6 +369,12 @@ async fn my_events(
         .into_response())
 }
 
+/// Live charge events for operators: new, decided, cancelled.
+#[utoipa::path(get, path = "/api/v1/admin/charges/events", tag = "admin",
+    security(("bearer" = [])),
+    params(("Last-Event-ID" = Option<String>, Header, description = "The last event id received, to resume")),
+    responses((status = 200, description = "Server-Sent Events. First `event: ready`, `data: {\"last_event_id\": n}`; then events with an `id:` (send the last one back as `Last-Event-ID` on reconnect: nothing missed is lost; `event: resync` means reload the lists, older events were pruned); keep-alive comments. Events: `charge.created` `{charge}`, `charge.decided` `{charge}`, `charge.cancelled` `{charge}`.", content_type = "text/event-stream", body = String),
+        OperatorStreamErrors))]
 async fn admin_events(
     State(s): State<AppState>,
     caller: Caller,
@@ -318,6 +388,11 @@ async fn admin_events(
         .into_response())
 }
 
+/// The caller's points history, newest first, with the balance after each entry.
+#[utoipa::path(get, path = "/api/v1/me/ledger", tag = "charges",
+    security(("bearer" = [])),
+    params(PageQuery),
+    responses((status = 200, description = "A page of entries", body = LedgerPage), PageErrors))]
 async fn my_ledger(
     State(s): State<AppState>,
     caller: Caller,
@@ -392,6 +467,11 @@ fn ledger_page(
     })
 }
 
+/// Users by username prefix (at most 20), with points, pending request and match count (operators).
+#[utoipa::path(get, path = "/api/v1/admin/users", tag = "admin",
+    security(("bearer" = [])),
+    params(UsersQuery),
+    responses((status = 200, description = "Matching users", body = UsersPage), OperatorPageErrors))]
 async fn admin_users(
     State(s): State<AppState>,
     caller: Caller,

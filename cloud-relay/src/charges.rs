@@ -99,7 +99,7 @@ pub fn reason(raw: &str) -> Result<String, ApiError> {
     printable("reason", raw, REASON_MAX)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ChargeStatus {
     Pending,
@@ -159,9 +159,11 @@ fn not_found() -> ApiError {
 }
 
 /// A charge request as the API shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct ChargeView {
+    /// 32 hex characters.
     pub charge_id: String,
+    #[schema(value_type = comatching_protocol::UserId)]
     pub user_id: String,
     pub username: String,
     pub amount: i64,
@@ -170,8 +172,14 @@ pub struct ChargeView {
     /// RFC 3339, UTC.
     pub created_at: String,
     pub created_at_unix_ms: i64,
+    /// Null while pending.
+    #[schema(required = true)]
     pub decided_at_unix_ms: Option<i64>,
+    /// The operator who approved or rejected (null while pending and when cancelled).
+    #[schema(required = true)]
     pub operator_id: Option<String>,
+    /// The rejection's reason.
+    #[schema(required = true)]
     pub reason: Option<String>,
 }
 
@@ -277,7 +285,7 @@ pub fn create(
 }
 
 /// The outcome of a decision: the request after it, and the student's points if they changed.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct Decided {
     pub charge: ChargeView,
     #[serde(skip_serializing_if = "Option::is_none")]

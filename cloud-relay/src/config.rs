@@ -38,6 +38,25 @@ pub struct Http {
     /// Origins (`scheme://host[:port]`, exactly as a browser sends them) whose pages may call
     /// the API cross-origin (CORS). Empty: none may.
     pub cors_allowed_origins: Vec<String>,
+    /// Connections served at once; further ones wait in the kernel's listen backlog until one
+    /// closes (src/listener.rs). The NixOS unit sizes LimitNOFILE= from it.
+    pub max_connections: u32,
+    /// A request's header (HTTP/1) — or a new connection's first request, any protocol — must
+    /// arrive within this, else the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// A request body must arrive completely within this, else 408 `request_timeout`.
+    pub body_timeout_ms: u64,
+    /// A connection with no request in progress for this long is closed (HTTP/2; HTTP/1
+    /// keep-alive connections already end after `header_read_timeout_ms` of silence).
+    pub idle_timeout_ms: u64,
+    /// A TLS handshake not finished within this is dropped.
+    pub tls_handshake_timeout_ms: u64,
+    /// HTTP/2: concurrent streams per connection, and the largest header list accepted.
+    pub h2_max_concurrent_streams: u32,
+    pub max_header_list_bytes: u32,
+    /// Reverse proxies (CIDR or single address) whose `X-Forwarded-For`/`Forwarded` headers name
+    /// the client. Empty: the socket peer is the client, whatever the headers say.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for Http {
@@ -48,6 +67,14 @@ impl Default for Http {
             tls_cert: None,
             tls_key: None,
             cors_allowed_origins: Vec::new(),
+            max_connections: 2048,
+            header_read_timeout_ms: 10_000,
+            body_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            tls_handshake_timeout_ms: 10_000,
+            h2_max_concurrent_streams: 100,
+            max_header_list_bytes: 16 * 1024,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -115,18 +142,37 @@ impl Default for Ledger {
     }
 }
 
+/// Rate limits (src/limits.rs): GCRA, so a client may spend a full minute's quota at once and
+/// then one request per (60 s / quota). Exceeded → 429 `rate_limited` with `Retry-After`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimit {
+    /// Ceiling per client address (IPv6: per /64) over every /api/ route. High on purpose:
+    /// thousands of students share a campus NAT address; it only stops floods.
     pub per_ip_per_minute: u32,
+    /// Per authenticated user, every route that needs a session.
     pub per_user_per_minute: u32,
+    /// Per client address on the credential routes (`POST /api/v1/accounts`, `POST
+    /// /api/v1/sessions`), where each request costs an argon2 hash.
+    pub credentials_per_ip_per_minute: u32,
+    /// Login attempts per username, from any address (password guessing).
+    pub login_per_username_per_minute: u32,
+    /// Login attempts per username allowed back to back.
+    pub login_burst: u32,
+    /// Keys each limiter remembers at most; idle keys are dropped every few seconds, and a
+    /// limiter that is still over this starts afresh (logged).
+    pub max_tracked_keys: usize,
 }
 
 impl Default for RateLimit {
     fn default() -> Self {
         RateLimit {
-            per_ip_per_minute: 600,
+            per_ip_per_minute: 6_000,
             per_user_per_minute: 120,
+            credentials_per_ip_per_minute: 120,
+            login_per_username_per_minute: 5,
+            login_burst: 5,
+            max_tracked_keys: 100_000,
         }
     }
 }
@@ -258,6 +304,7 @@ impl Config {
             );
         }
         self.broker.check()?;
+        self.check_edge()?;
         if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
             return bad("http.tls_cert and http.tls_key go together: set both or neither");
         }
@@ -265,6 +312,55 @@ impl Config {
             check_origin(o).map_err(|why| {
                 ConfigError::Invalid(format!("http.cors_allowed_origins: {o:?} {why}"))
             })?;
+        }
+        Ok(())
+    }
+
+    fn check_edge(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let h = &self.http;
+        if h.max_connections == 0 || h.max_connections > 1_000_000 {
+            return bad("http.max_connections must be within 1..=1000000".into());
+        }
+        for (key, ms) in [
+            ("header_read_timeout_ms", h.header_read_timeout_ms),
+            ("body_timeout_ms", h.body_timeout_ms),
+            ("idle_timeout_ms", h.idle_timeout_ms),
+            ("tls_handshake_timeout_ms", h.tls_handshake_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&ms) {
+                return bad(format!("http.{key} must be within 100..=3600000"));
+            }
+        }
+        if h.h2_max_concurrent_streams == 0 {
+            return bad("http.h2_max_concurrent_streams must be at least 1".into());
+        }
+        if h.max_header_list_bytes < 1024 {
+            return bad("http.max_header_list_bytes must be at least 1024".into());
+        }
+        if let Err(e) = crate::limits::parse_proxies(&h.trusted_proxies) {
+            return bad(format!("http.trusted_proxies: {e}"));
+        }
+        let r = &self.rate_limit;
+        for (key, n) in [
+            ("per_ip_per_minute", r.per_ip_per_minute),
+            ("per_user_per_minute", r.per_user_per_minute),
+            (
+                "credentials_per_ip_per_minute",
+                r.credentials_per_ip_per_minute,
+            ),
+            (
+                "login_per_username_per_minute",
+                r.login_per_username_per_minute,
+            ),
+            ("login_burst", r.login_burst),
+        ] {
+            if n == 0 {
+                return bad(format!("rate_limit.{key} must be at least 1"));
+            }
+        }
+        if r.max_tracked_keys < 100 {
+            return bad("rate_limit.max_tracked_keys must be at least 100".into());
         }
         Ok(())
     }
@@ -395,11 +491,44 @@ mod tests {
                 .cors_allowed_origins
                 .is_empty()
         );
+        let env = Config::from_parts(
+            "",
+            vec![(
+                "COMATCHING_RELAY__HTTP__CORS_ALLOWED_ORIGINS".to_owned(),
+                r#"["https://comatching.web.app", "http://localhost:5173"]"#.to_owned(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            env.http.cors_allowed_origins,
+            ["https://comatching.web.app", "http://localhost:5173"]
+        );
     }
 
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         assert!(Config::from_parts("[http]\nlisen = \"x\"\n", Vec::new()).is_err());
         assert!(Config::from_parts("[matching]\nk = 0\n", Vec::new()).is_err());
+        for bad in [
+            "[http]\nmax_connections = 0\n",
+            "[http]\nheader_read_timeout_ms = 0\n",
+            "[http]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+            "[http]\ntrusted_proxies = [\"proxy.example\"]\n",
+            "[rate_limit]\nlogin_burst = 0\n",
+            "[rate_limit]\nmax_tracked_keys = 5\n",
+        ] {
+            let e = Config::from_parts(bad, Vec::new()).unwrap_err().to_string();
+            let key = bad.lines().nth(1).unwrap().split(' ').next().unwrap();
+            assert!(e.contains(key), "{bad:?} → {e}");
+        }
+        let ok = "[http]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n";
+        assert_eq!(
+            Config::from_parts(ok, Vec::new())
+                .unwrap()
+                .http
+                .trusted_proxies
+                .len(),
+            3
+        );
     }
 }

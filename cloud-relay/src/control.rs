@@ -469,6 +469,7 @@ pub struct RelayView {
 pub struct ApplianceView {
     pub appliance_id: String,
     /// The epoch the appliance last reported (null before its first hello).
+    #[schema(required = true)]
     pub epoch: Option<String>,
     pub applied_seq: i64,
     /// Outbox rows the appliance has not applied yet.

@@ -52,8 +52,14 @@ pub struct WithdrawnPartner {
     /// Always true.
     pub withdrawn: bool,
     /// Always null.
-    #[schema(value_type = Option<String>)]
+    #[schema(schema_with = null_schema, required = true)]
     pub contact: Option<String>,
+}
+
+fn null_schema() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Null)
+        .build()
 }
 
 /// Ends `user`'s account and erases its personal data, in the caller's transaction or savepoint.

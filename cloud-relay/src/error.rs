@@ -28,6 +28,7 @@ pub enum ErrorCode {
     ChargeDecided,
     /// The relay serves as many live event streams as it is configured for.
     TooManyStreams,
+    RequestTimeout,
     Internal,
 }
 
@@ -51,6 +52,7 @@ impl ErrorCode {
             ErrorCode::ChargePending => "charge_pending",
             ErrorCode::ChargeDecided => "charge_decided",
             ErrorCode::TooManyStreams => "too_many_streams",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Internal => "internal",
         }
     }
@@ -83,6 +85,9 @@ impl ErrorCode {
                 "the charge request was already approved, rejected or cancelled"
             }
             ErrorCode::TooManyStreams => "the relay serves as many event streams as configured",
+            ErrorCode::RequestTimeout => {
+                "the request body did not arrive within `http.body_timeout_ms`"
+            }
             ErrorCode::Internal => "an internal error (logged; no detail is shown)",
         }
     }
@@ -105,6 +110,7 @@ impl ErrorCode {
             }
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -117,6 +123,8 @@ pub struct ApiError {
     /// Shown to the client, except for `internal`.
     pub message: String,
     pub field: Option<String>,
+    /// Sent as `Retry-After` (whole seconds, rounded up).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -125,6 +133,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
     pub fn field(code: ErrorCode, field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -132,6 +141,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: Some(field.into()),
+            retry_after: None,
         }
     }
     pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -139,6 +149,10 @@ impl ApiError {
     }
     pub fn internal(detail: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, detail)
+    }
+    pub fn with_retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after = Some(after);
+        self
     }
     pub fn unauthorized() -> Self {
         Self::new(ErrorCode::Unauthorized, "a valid session token is required")
@@ -176,6 +190,12 @@ impl IntoResponse for ApiError {
         if self.code == ErrorCode::Internal {
             tracing::error!(detail = %self.message, "internal error");
         }
-        (self.code.status(), axum::Json(self.body())).into_response()
+        let mut resp = (self.code.status(), axum::Json(self.body())).into_response();
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }

@@ -72,6 +72,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
+        .merge(crate::booth::routes())
 }
 
 /// The served router. Layers, outermost first: preflight finishing, `nosniff`, CORS (so every
@@ -80,7 +81,6 @@ pub fn api_router() -> OpenApiRouter<AppState> {
 pub fn router(state: AppState) -> Router {
     let (routes, _doc) = api_router().split_for_parts();
     routes
-        .merge(crate::booth::router())
         .merge(crate::console::router())
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -158,23 +158,24 @@ async fn no_store_on_api(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Counts every response by route and status, and applies the per-IP limit to API routes.
+/// Counts every response by route and status, and applies the address limits (src/limits.rs).
 async fn count_and_limit(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let ip = req
+    let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let resp = match ip {
-        Some(ip) if route.starts_with("/api/") => match s.limits.check_ip(ip) {
-            Ok(()) => next.run(req).await,
-            Err(e) => e.into_response(),
-        },
-        _ => next.run(req).await,
+    let limited = peer.and_then(|peer| {
+        let client = s.limits.client_ip(peer, req.headers());
+        s.limits.check_request(client, req.method(), &route).err()
+    });
+    let resp = match limited {
+        Some(e) => e.into_response(),
+        None => next.run(req).await,
     };
     s.metrics.count_request(&route, resp.status().as_u16());
     resp
@@ -236,9 +237,21 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         {
             return Err(too_large());
         }
-        let bytes: Bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| too_large())?;
+        // One deadline for the whole body: a client trickling bytes cannot stretch it.
+        let deadline = std::time::Duration::from_millis(s.cfg.http.body_timeout_ms);
+        let bytes: Bytes =
+            tokio::time::timeout(deadline, axum::body::to_bytes(req.into_body(), limit))
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        ErrorCode::RequestTimeout,
+                        format!(
+                            "the request body did not arrive within {} ms",
+                            deadline.as_millis()
+                        ),
+                    )
+                })?
+                .map_err(|_| too_large())?;
         Ok(JsonBody(parse_json(&bytes)?))
     }
 }
@@ -400,6 +413,7 @@ async fn login(
     JsonBody(c): JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
     let wrong = || ApiError::new(ErrorCode::Unauthorized, "wrong username or password");
+    s.limits.check_login(&c.username)?;
     let name = c.username.clone();
     let row: Option<(String, String)> = s
         .db
@@ -525,6 +539,7 @@ struct Me {
     /// Points available (grants minus charges and open holds).
     points: i64,
     /// Null until `PUT /api/v1/me/profile`.
+    #[schema(required = true)]
     profile: Option<ProfileView>,
 }
 
@@ -897,7 +912,7 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
     let (holds, lag) =
         s.db.read(|db| Ok((ledger::open_holds(db)?, outbox::lag(db)?)))
             .await?;
-    let text = s.metrics.render(&[
+    let mut text = s.metrics.render(&[
         (
             "comatching_open_holds",
             "Holds reserved and not yet settled.",
@@ -926,6 +941,7 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
             s.rpc.refused_messages() as f64,
         ),
     ]);
+    text.push_str(&s.limits.render_metrics());
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

@@ -20,6 +20,8 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     matches: Mutex<BTreeMap<u16, u64>>,
     latency: Mutex<Histogram>,
+    /// The listener's connection counters (rendered with the rest).
+    pub connections: std::sync::Arc<crate::listener::ConnStats>,
 }
 
 impl Metrics {
@@ -93,6 +95,7 @@ impl Metrics {
         );
         let _ = writeln!(out, "comatching_match_duration_seconds_sum {}", h.sum);
         let _ = writeln!(out, "comatching_match_duration_seconds_count {}", h.total);
+        out.push_str(&self.connections.render());
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }

@@ -41,6 +41,7 @@ pub const BEARER: &str = "bearer";
         (name = "accounts", description = "Accounts, sessions and passwords"),
         (name = "profile", description = "The caller's own data"),
         (name = "matches", description = "Match requests and history"),
+        (name = "charges", description = "Students' charge requests, points history and live events"),
         (name = "admin", description = "Operators only"),
         (name = "service", description = "Health, readiness, metrics and this document"),
     )

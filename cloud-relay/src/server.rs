@@ -2,7 +2,6 @@
 //! supervisor, the match RPC dispatcher, the outbox publisher, the hold sweeper and the HTTP
 //! server. Each is a small struct or function with `run(shutdown)`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::{Notify, Semaphore, watch};
@@ -67,16 +66,16 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         cfg.events.clone(),
         shutdown_rx.clone(),
     ));
+    let limits = Arc::new(RateLimits::new(&cfg.rate_limit, &cfg.http.trusted_proxies));
+    let sweeper_limits_task = tokio::spawn(limits.clone().run_sweeper(shutdown_rx.clone()));
+    let connections = metrics.connections.clone();
     let state = AppState {
         db,
         cfg: Arc::new(cfg.clone()),
         rpc,
         matcher,
         metrics,
-        limits: Arc::new(RateLimits::new(
-            cfg.rate_limit.per_ip_per_minute,
-            cfg.rate_limit.per_user_per_minute,
-        )),
+        limits: limits.clone(),
         outbox_wake,
         hashing: Arc::new(Semaphore::new(HASH_PERMITS)),
         events,
@@ -95,31 +94,28 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         tracing::info!("shutting down");
         let _ = shutdown_tx.send(true);
     });
-    match tls {
-        Some(tls) => {
-            // Browsers that once reached us over HTTPS never fall back to plain HTTP.
-            let app = router(state).layer(axum::middleware::map_response(
-                |mut r: axum::response::Response| async move {
-                    r.headers_mut().insert(
-                        axum::http::header::STRICT_TRANSPORT_SECURITY,
-                        axum::http::HeaderValue::from_static("max-age=31536000"),
-                    );
-                    r
-                },
-            ));
-            crate::tls::serve(listener, tls, app, shutdown_rx.clone()).await;
-        }
-        None => {
-            let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-            let mut stop = shutdown_rx.clone();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.changed().await;
-                })
-                .await
-                .map_err(|e| anyhow_like::err(e.to_string()))?;
-        }
+    let mut app = router(state);
+    if tls.is_some() {
+        // Browsers that once reached us over HTTPS never fall back to plain HTTP.
+        app = app.layer(axum::middleware::map_response(
+            |mut r: axum::response::Response| async move {
+                r.headers_mut().insert(
+                    axum::http::header::STRICT_TRANSPORT_SECURITY,
+                    axum::http::HeaderValue::from_static("max-age=31536000"),
+                );
+                r
+            },
+        ));
     }
+    crate::listener::serve(
+        listener,
+        tls,
+        app,
+        crate::listener::Settings::from_config(&cfg.http),
+        connections,
+        shutdown_rx.clone(),
+    )
+    .await;
     signals.abort();
     let _ = tokio::join!(
         supervisor_task,
@@ -127,7 +123,8 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         sweeper_task,
         control_task,
         trimmer_task,
-        pruner_task
+        pruner_task,
+        sweeper_limits_task
     );
     Ok(())
 }

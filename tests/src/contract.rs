@@ -136,6 +136,25 @@ impl Contract {
         }
     }
 
+    /// Checks `value` against the document's component schema `name` (e.g. an SSE event's
+    /// payload, which the document describes only in words).
+    pub fn check_schema(&self, name: &str, value: &Value) -> Result<(), String> {
+        let schema = self.standalone(&serde_json::json!({
+            "$ref": format!("#/components/schemas/{name}")
+        }));
+        let validator = jsonschema::draft202012::new(&schema)
+            .map_err(|e| format!("schema {name} does not compile: {e}"))?;
+        let errors: Vec<String> = validator
+            .iter_errors(value)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{name}: {}\nvalue: {value}", errors.join("; ")))
+        }
+    }
+
     /// A schema from the document made self-contained: the document's components ride along,
     /// so `#/components/schemas/...` references resolve.
     fn standalone(&self, schema: &Value) -> Value {

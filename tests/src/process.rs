@@ -118,6 +118,29 @@ impl ServiceChild {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// SIGTERM, then waits (up to `within`) for the process to exit by itself; returns its
+    /// exit status, or `None` if it was still running (it is then killed).
+    pub async fn terminate(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+
     /// SIGKILL: no shutdown hooks, no flushing — a crash (or a power cut, for the process).
     pub fn kill_9(&mut self) {
         if let Some(mut child) = self.child.take() {

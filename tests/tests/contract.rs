@@ -19,7 +19,9 @@ use comatching_tests::api::PASSWORD;
 use comatching_tests::broker::workspace_root;
 use comatching_tests::contract::{Contract, METHODS, Recorder, committed_path};
 use comatching_tests::responder::{ok_reply, status_reply};
-use comatching_tests::{MatchOptionsBuilder, ProfileBuilder, Responder, ResponderAction, TestEnv};
+use comatching_tests::{
+    MatchOptionsBuilder, PATIENCE, ProfileBuilder, Resp, Responder, ResponderAction, TestEnv, sse,
+};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -135,6 +137,16 @@ async fn the_committed_document_is_the_served_one() {
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"
     );
+}
+
+/// What a stream's opening answer is, for the recorder (its body never ends).
+fn stream_resp() -> Resp {
+    Resp {
+        status: 200,
+        body: Value::Null,
+        text: String::new(),
+        headers: Default::default(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,6 +366,229 @@ async fn a_real_run_fits_the_document() {
     )
     .await
     .expect(200);
+
+    // The booth: live streams open first, then a charge request, decided and cancelled.
+    let mut student_stream = sse::open(env.api.base_url(), "/api/v1/me/events", &a_token, None)
+        .await
+        .expect("student stream");
+    rec.record("GET", "/api/v1/me/events", &stream_resp());
+    let mut operator_stream = sse::open(
+        env.api.base_url(),
+        "/api/v1/admin/charges/events",
+        &op_token,
+        None,
+    )
+    .await
+    .expect("operator stream");
+    rec.record("GET", "/api/v1/admin/charges/events", &stream_resp());
+    rec.call(
+        get.clone(),
+        "/api/v1/admin/charges/events",
+        Some(&a_token),
+        None,
+        &[],
+    )
+    .await
+    .assert_error(403, "forbidden");
+    rec.call(
+        get.clone(),
+        "/api/v1/me/events",
+        Some(&a_token),
+        None,
+        &[("Last-Event-ID", "x")],
+    )
+    .await
+    .assert_invalid("Last-Event-ID");
+    let charge = |amount: i64| json!({"amount": amount, "depositor": "Cara Kim"});
+    rec.call(
+        post.clone(),
+        "/api/v1/me/charges",
+        Some(&a_token),
+        Some(&charge(1234)),
+        &[],
+    )
+    .await
+    .assert_invalid("amount");
+    let c1 = rec
+        .call(
+            post.clone(),
+            "/api/v1/me/charges",
+            Some(&a_token),
+            Some(&charge(5000)),
+            &[],
+        )
+        .await
+        .expect(201);
+    let c1_id = c1["charge_id"].as_str().unwrap().to_owned();
+    rec.call(
+        post.clone(),
+        "/api/v1/me/charges",
+        Some(&a_token),
+        Some(&charge(5000)),
+        &[],
+    )
+    .await
+    .assert_error(409, "charge_pending");
+    rec.call(get.clone(), "/api/v1/me/charges", Some(&a_token), None, &[])
+        .await
+        .expect(200);
+    rec.call(
+        get.clone(),
+        "/api/v1/me/charges?limit=0",
+        Some(&a_token),
+        None,
+        &[],
+    )
+    .await
+    .assert_invalid("limit");
+    rec.call(
+        get.clone(),
+        "/api/v1/admin/charges?status=pending",
+        Some(&op_token),
+        None,
+        &[],
+    )
+    .await
+    .expect(200);
+    rec.call(
+        get.clone(),
+        "/api/v1/admin/charges?status=bogus",
+        Some(&op_token),
+        None,
+        &[],
+    )
+    .await
+    .assert_invalid("status");
+    rec.call(
+        get.clone(),
+        "/api/v1/admin/charges",
+        Some(&a_token),
+        None,
+        &[],
+    )
+    .await
+    .assert_error(403, "forbidden");
+    let approve = format!("/api/v1/admin/charges/{c1_id}/approve");
+    rec.call(post.clone(), &approve, Some(&a_token), None, &[])
+        .await
+        .assert_error(403, "forbidden");
+    let approved = rec
+        .call(post.clone(), &approve, Some(&op_token), None, &[])
+        .await
+        .expect(200);
+    assert_eq!(approved["points"], 8000);
+    rec.call(post.clone(), &approve, Some(&op_token), None, &[])
+        .await
+        .assert_error(409, "charge_decided");
+    rec.call(
+        post.clone(),
+        "/api/v1/admin/charges/0190f0f0f0f07000800000000000000a/approve",
+        Some(&op_token),
+        None,
+        &[],
+    )
+    .await
+    .assert_error(404, "not_found");
+    let c2 = rec
+        .call(
+            post.clone(),
+            "/api/v1/me/charges",
+            Some(&a_token),
+            Some(&charge(1000)),
+            &[],
+        )
+        .await
+        .expect(201);
+    let cancel = format!("/api/v1/me/charges/{}", c2["charge_id"].as_str().unwrap());
+    rec.call(delete.clone(), &cancel, Some(&a_token), None, &[])
+        .await
+        .expect(200);
+    rec.call(delete.clone(), &cancel, Some(&a_token), None, &[])
+        .await
+        .assert_error(409, "charge_decided");
+    rec.call(
+        delete.clone(),
+        "/api/v1/me/charges/0190f0f0f0f07000800000000000000a",
+        Some(&a_token),
+        None,
+        &[],
+    )
+    .await
+    .assert_error(404, "not_found");
+    let c3 = rec
+        .call(
+            post.clone(),
+            "/api/v1/me/charges",
+            Some(&a_token),
+            Some(&charge(1500)),
+            &[],
+        )
+        .await
+        .expect(201);
+    let reject = format!(
+        "/api/v1/admin/charges/{}/reject",
+        c3["charge_id"].as_str().unwrap()
+    );
+    rec.call(
+        post.clone(),
+        &reject,
+        Some(&op_token),
+        Some(&json!({})),
+        &[],
+    )
+    .await
+    .assert_invalid("reason");
+    rec.call(
+        post.clone(),
+        &reject,
+        Some(&op_token),
+        Some(&json!({"reason": "no such transfer"})),
+        &[],
+    )
+    .await
+    .expect(200);
+    rec.call(get.clone(), "/api/v1/me/ledger", Some(&a_token), None, &[])
+        .await
+        .expect(200);
+    rec.call(
+        get.clone(),
+        "/api/v1/admin/users?q=ca",
+        Some(&op_token),
+        None,
+        &[],
+    )
+    .await
+    .expect(200);
+    rec.call(
+        get.clone(),
+        "/api/v1/admin/users?q=C!",
+        Some(&op_token),
+        None,
+        &[],
+    )
+    .await
+    .assert_invalid("q");
+    rec.call(
+        post.clone(),
+        "/api/v1/admin/points",
+        Some(&op_token),
+        Some(&json!({"username": "cara", "amount": 1, "reason": "by name"})),
+        &[],
+    )
+    .await
+    .expect(201);
+    // The streams saw it, and what they carried fits the document's schemas.
+    let created = operator_stream
+        .expect_kind("charge.created", PATIENCE)
+        .await;
+    contract
+        .check_schema("ChargeView", &created.data["charge"])
+        .unwrap();
+    let decided = student_stream.expect_kind("charge.decided", PATIENCE).await;
+    contract
+        .check_schema("ChargeView", &decided.data["charge"])
+        .unwrap();
+    assert_eq!(decided.data["charge"]["charge_id"], json!(c1_id));
 
     // Matches: a missing key, nobody, a match, a reused key, the history.
     rec.call(
