@@ -81,6 +81,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
 pub fn router(state: AppState) -> Router {
     let (routes, _doc) = api_router().split_for_parts();
     routes
+        .merge(crate::console::router())
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorCode::MethodNotAllowed, "this path has no such method")
@@ -267,6 +268,7 @@ error_set!(PasswordErrors: ValidationFailed, Unauthorized, WrongPassword, Payloa
 error_set!(MatchErrors: ValidationFailed, Unauthorized, InsufficientPoints, NoCandidate,
     IdempotencyInProgress, IdempotencyKeyReused, PayloadTooLarge, RateLimited, MatcherUnavailable, Internal);
 error_set!(AdminErrors: Unauthorized, Forbidden, RateLimited, Internal);
+error_set!(StatsErrors: ValidationFailed, Unauthorized, Forbidden, RateLimited, Internal);
 error_set!(GrantErrors: ValidationFailed, Unauthorized, Forbidden, NotFound, PayloadTooLarge, RateLimited, Internal);
 error_set!(PublicErrors: RateLimited);
 error_set!(ServiceErrors: Internal);
@@ -767,18 +769,56 @@ struct Stats {
     points_spent: i64,
     /// Outbox rows not yet confirmed by the broker.
     outbox_lag: u64,
+    /// With `?since_ms=`: matches made at or after that time (the booth console asks for its
+    /// local midnight: "matches today").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    matches_since: Option<i64>,
+}
+
+/// `?since_ms=` of the stats.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    since_ms: Option<i64>,
 }
 
 /// Counts for the festival's operators.
 #[utoipa::path(get, path = "/api/v1/admin/stats", tag = "admin",
     security(("bearer" = [])),
-    responses((status = 200, description = "Counts", body = Stats), AdminErrors))]
-async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    params(("since_ms" = Option<i64>, Query,
+        description = "also count `matches_since`: matches made at or after this time (ms since 1970, 0 or more)")),
+    responses((status = 200, description = "Counts", body = Stats), StatsErrors))]
+async fn stats(
+    State(s): State<AppState>,
+    caller: Caller,
+    q: Result<axum::extract::Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
     caller.require_operator()?;
+    let since = q
+        .map_err(|_| {
+            ApiError::validation("since_ms", "must be milliseconds since 1970, 0 or more")
+        })?
+        .0
+        .since_ms;
+    if since.is_some_and(|ms| ms < 0) {
+        return Err(ApiError::validation(
+            "since_ms",
+            "must be milliseconds since 1970, 0 or more",
+        ));
+    }
     let body = s
         .db
-        .read(|db| {
+        .read(move |db| {
             let n = |sql: &str| -> Result<i64, ApiError> { Ok(db.query_row(sql, [], |r| r.get(0))?) };
+            let matches_since = since
+                .map(|ms| {
+                    db.query_row(
+                        "SELECT COUNT(*) FROM matches WHERE created_ms >= ?1",
+                        [ms],
+                        |r| r.get::<_, i64>(0),
+                    )
+                })
+                .transpose()?;
             Ok(Stats {
                 users: n("SELECT COUNT(*) FROM accounts WHERE withdrawn_ms IS NULL")?,
                 profiles: n("SELECT COUNT(*) FROM profiles p JOIN accounts a ON a.user_id = p.user_id WHERE a.withdrawn_ms IS NULL")?,
@@ -787,6 +827,7 @@ async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Response, Ap
                 points_granted: n("SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE kind = 'grant'")?,
                 points_spent: n("SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE kind = 'charge'")?,
                 outbox_lag: outbox::lag(db)?,
+                matches_since,
             })
         })
         .await?;

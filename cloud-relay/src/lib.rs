@@ -22,6 +22,7 @@ pub mod booth;
 pub mod broker;
 pub mod charges;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod datadir;
 pub mod db;
