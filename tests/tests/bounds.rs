@@ -4,7 +4,9 @@
 //! gone appliance stays bounded however many changes the relay publishes.
 
 use comatching_protocol::amqp::{declare_queue_replacing, queue_args, sync_queue_args, text};
-use comatching_protocol::topology::{DEAD_EXCHANGE, DEAD_QUEUE, SYNC_EXCHANGE, sync_queue};
+use comatching_protocol::topology::{
+    DEAD_EXCHANGE, DEAD_QUEUE, DEAD_TALLY_QUEUE, SYNC_EXCHANGE, sync_queue,
+};
 use comatching_tests::appliance::{ApplianceConfig, ApplianceProcess};
 use comatching_tests::relay::DeadLettersSection;
 use comatching_tests::world::{World, WorldOptions};
@@ -166,6 +168,17 @@ async fn dead_letters_are_capped_and_counted_by_reason() {
         .await
         .expect("connect");
     let ch = conn.create_channel().await.expect("channel");
+    // The tally queue is capped too: the relay's tally must be consuming before the flood, or
+    // the broker drops the oldest copies before they are counted.
+    let vhost = env.vhost.name().to_owned();
+    wait_until(PATIENCE, "the relay consuming the tally queue", || {
+        let vhost = vhost.clone();
+        async move {
+            find(&queues(&vhost).await, DEAD_TALLY_QUEUE)
+                .is_some_and(|q| q["consumers"].as_u64().unwrap_or(0) >= 1)
+        }
+    })
+    .await;
     // Garbage on the control queue: the relay rejects each, the broker dead-letters it.
     for i in 0..50u32 {
         ch.basic_publish(
