@@ -1,7 +1,9 @@
 //! The relay's connection to RabbitMQ, owned by us rather than by the client's automatic
 //! recovery (which has an open report of never reconnecting after a broker restart).
 //!
-//! `BrokerSupervisor::run` loops: connect (with heartbeat and timeout) → declare the topology →
+//! `BrokerSupervisor::run` loops: pick a node (`broker.url` may list a cluster's nodes; the
+//! [`NodeRotation`] starts after the last one that failed) → connect (with heartbeat and
+//! timeout) → declare the topology →
 //! open a confirm-mode channel for the outbox and one for match RPCs → publish the `Session` to
 //! everyone watching → wait until the connection fails or a user reports it broken → back off
 //! and start again. Users read the current session from `BrokerHandle` and never hold a stale
@@ -11,8 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use comatching_protocol::amqp::{LinkAuth, declare_shared_topology};
-use comatching_protocol::topology::LEGACY_MATCH_QUEUE;
+use comatching_protocol::amqp::{LinkAuth, declare_match_queue, declare_shared_topology};
+use comatching_protocol::failover::NodeRotation;
+use comatching_protocol::topology::LEGACY_MATCH_QUEUES;
 use futures_util::StreamExt;
 use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::tcp::OwnedTLSConfig;
@@ -21,11 +24,13 @@ use lapin::{Channel, Connection};
 use tokio::sync::{Notify, watch};
 
 use crate::config;
-use comatching_protocol::config::amqp_url_with_heartbeat;
+use comatching_protocol::config::{amqp_url_with_heartbeat, broker_node};
 
 /// One live connection and the channels the relay uses on it.
 pub struct Session {
     pub id: u64,
+    /// The node this session is on, `host:port` (no credentials): `/readyz`, logs.
+    pub node: String,
     pub connection: Connection,
     /// Confirm mode; used only by the outbox publisher (so confirms arrive in seq order).
     pub outbox: Channel,
@@ -46,6 +51,18 @@ impl Session {
         }
         self.broken.notify_one();
     }
+
+    /// Declares the match queue again on this session: it is non-durable, so on a cluster it
+    /// disappears with the node that held it while this session's own node lives on.
+    pub async fn redeclare_match_queue(&self) -> lapin::Result<()> {
+        let ch = self.connection.create_channel().await?;
+        let r = declare_match_queue(&ch).await;
+        let _ = ch.close(200, "match queue declared".into()).await;
+        if r.is_ok() {
+            tracing::info!(session = self.id, node = %self.node, "match queue declared again");
+        }
+        r
+    }
 }
 
 #[derive(Clone)]
@@ -61,6 +78,10 @@ impl BrokerHandle {
     }
     pub fn connected(&self) -> bool {
         self.rx.borrow().is_some()
+    }
+    /// The node of the current session (`host:port`), if any.
+    pub fn node(&self) -> Option<String> {
+        self.rx.borrow().as_ref().map(|s| s.node.clone())
     }
     /// Waits until a session is up (or forever while the broker is away).
     pub async fn wait(&self) -> Arc<Session> {
@@ -97,13 +118,24 @@ pub fn supervisor(
     Ok((BrokerSupervisor { cfg, tls, tx }, BrokerHandle { rx, auth }))
 }
 
-/// Declares the shared topology, then deletes the match queue of earlier releases once no
-/// consumer is left on it (an appliance still running an old release keeps it alive; the next
-/// connect looks again). Its requests, if any, are long past their deadlines.
-async fn declare_topology(connection: &Connection) -> lapin::Result<()> {
+/// Declares the shared topology, then deletes the match queues of earlier releases once no
+/// consumer is left on them (an appliance still running an old release keeps one alive; the
+/// next connect looks again). Their requests, if any, are long past their deadlines.
+async fn declare_topology(
+    connection: &Connection,
+    quorum_group_size: Option<u16>,
+) -> lapin::Result<()> {
     let setup = connection.create_channel().await?;
-    declare_shared_topology(&setup).await?;
+    declare_shared_topology(connection, &setup, quorum_group_size).await?;
     let _ = setup.close(200, "topology declared".into()).await;
+    for legacy in LEGACY_MATCH_QUEUES {
+        delete_legacy_queue(connection, legacy).await?;
+    }
+    Ok(())
+}
+
+/// Deletes `queue` unless it is missing (or out of our permissions) or still consumed.
+async fn delete_legacy_queue(connection: &Connection, queue: &str) -> lapin::Result<()> {
     // Quorum queues refuse `if-unused` deletes (with a connection error), so look first. A
     // missing queue, or no permission to see it, fails this channel only.
     let legacy = connection.create_channel().await?;
@@ -112,25 +144,25 @@ async fn declare_topology(connection: &Connection) -> lapin::Result<()> {
         ..Default::default()
     };
     let Ok(q) = legacy
-        .queue_declare(LEGACY_MATCH_QUEUE.into(), passive, FieldTable::default())
+        .queue_declare(queue.into(), passive, FieldTable::default())
         .await
     else {
         return Ok(());
     };
     if q.consumer_count() > 0 {
         tracing::info!(
-            queue = LEGACY_MATCH_QUEUE,
+            queue,
             consumers = q.consumer_count(),
             "old match queue kept while an old appliance consumes it"
         );
     } else {
         match legacy
-            .queue_delete(LEGACY_MATCH_QUEUE.into(), QueueDeleteOptions::default())
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
             .await
         {
-            Ok(_) => tracing::info!(queue = LEGACY_MATCH_QUEUE, "old match queue deleted"),
+            Ok(_) => tracing::info!(queue, "old match queue deleted"),
             Err(e) => {
-                tracing::warn!(queue = LEGACY_MATCH_QUEUE, error = %e, "could not delete the old match queue")
+                tracing::warn!(queue, error = %e, "could not delete the old match queue")
             }
         }
     }
@@ -138,9 +170,15 @@ async fn declare_topology(connection: &Connection) -> lapin::Result<()> {
     Ok(())
 }
 
-async fn connect(url: &str, tls: &OwnedTLSConfig, id: u64) -> lapin::Result<Session> {
+async fn connect(
+    url: &str,
+    node: String,
+    tls: &OwnedTLSConfig,
+    quorum_group_size: Option<u16>,
+    id: u64,
+) -> lapin::Result<Session> {
     let connection = comatching_protocol::amqp::connect(url, tls).await?;
-    declare_topology(&connection).await?;
+    declare_topology(&connection, quorum_group_size).await?;
     let outbox = connection.create_channel().await?;
     outbox
         .confirm_select(ConfirmSelectOptions::default())
@@ -153,6 +191,7 @@ async fn connect(url: &str, tls: &OwnedTLSConfig, id: u64) -> lapin::Result<Sess
         .await?;
     Ok(Session {
         id,
+        node,
         connection,
         outbox,
         rpc,
@@ -164,7 +203,17 @@ async fn connect(url: &str, tls: &OwnedTLSConfig, id: u64) -> lapin::Result<Sess
 
 impl BrokerSupervisor {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let url = amqp_url_with_heartbeat(&self.cfg.url, self.cfg.heartbeat_s);
+        let urls: Vec<(String, String)> = self
+            .cfg
+            .url
+            .as_slice()
+            .iter()
+            .map(|u| {
+                let node = broker_node(u).unwrap_or_else(|| "?".into());
+                (amqp_url_with_heartbeat(u, self.cfg.heartbeat_s), node)
+            })
+            .collect();
+        let mut rotation = NodeRotation::new(urls.len());
         let mut backoff = Duration::from_millis(100);
         let max_backoff = Duration::from_millis(self.cfg.max_backoff_ms.max(100));
         let mut id = 0u64;
@@ -173,12 +222,18 @@ impl BrokerSupervisor {
                 break;
             }
             id += 1;
-            let attempt =
-                tokio::time::timeout(Duration::from_secs(10), connect(&url, &self.tls, id)).await;
+            let at = rotation.current();
+            let (url, node) = &urls[at];
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(10),
+                connect(url, node.clone(), &self.tls, self.cfg.quorum_group_size, id),
+            )
+            .await;
             let session = match attempt {
                 Ok(Ok(s)) => Arc::new(s),
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connect failed");
+                    rotation.failed(at);
+                    tracing::warn!(node = %node, error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connect failed");
                     if sleep_or_shutdown(backoff, &mut shutdown).await {
                         break;
                     }
@@ -186,7 +241,8 @@ impl BrokerSupervisor {
                     continue;
                 }
                 Err(_) => {
-                    tracing::warn!("broker connect timed out");
+                    rotation.failed(at);
+                    tracing::warn!(node = %node, "broker connect timed out");
                     if sleep_or_shutdown(backoff, &mut shutdown).await {
                         break;
                     }
@@ -194,7 +250,8 @@ impl BrokerSupervisor {
                     continue;
                 }
             };
-            tracing::info!(session = id, "broker connected");
+            rotation.connected(at);
+            tracing::info!(session = id, node = %node, "broker connected");
             backoff = Duration::from_millis(100);
             let mut events = session.connection.events_listener();
             let _ = self.tx.send(Some(session.clone()));
@@ -229,7 +286,9 @@ impl BrokerSupervisor {
             if *shutdown.borrow() {
                 break;
             }
-            tracing::info!("broker session ended; reconnecting");
+            // The session's node is the one that failed: the next attempt starts after it.
+            rotation.failed(at);
+            tracing::info!(node = %node, "broker session ended; reconnecting");
         }
         let _ = self.tx.send(None);
     }

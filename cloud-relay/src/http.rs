@@ -507,6 +507,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
             .await
             .is_ok();
     let broker = s.rpc.connected();
+    let node = if broker { s.rpc.broker_node() } else { None };
     let status = if db_ok && broker {
         StatusCode::OK
     } else {
@@ -514,7 +515,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
     };
     (
         status,
-        axum::Json(json!({ "database": db_ok, "broker": broker })),
+        axum::Json(json!({ "database": db_ok, "broker": broker, "broker_node": node })),
     )
         .into_response()
 }

@@ -8,13 +8,15 @@
 #
 #   comatching.sync             fanout exchange, durable            relay → every appliance
 #   comatching.sync.<id>        quorum queue per appliance, bound   single active consumer
-#   comatching.match.requests   classic queue, TTL cap              relay → any appliance (RPC)
+#   comatching.match.transient  classic queue, non-durable, TTL cap relay → any appliance (RPC)
 #   comatching.control          quorum queue                        appliance hellos → relay
 #   comatching.dead             fanout exchange + durable queue     dead letters of all the above
 #
-# `comatching.match` (a quorum queue) was the match queue of earlier releases; a queue's type
-# cannot change in place, so the relay deletes it once no consumer is left (it may configure it
-# for that, nothing else).
+# `comatching.match` (a quorum queue) and `comatching.match.requests` (durable classic) were the
+# match queues of earlier releases; a queue's type or durability cannot change in place, so the
+# relay deletes them once no consumer is left (it may configure them for that, nothing else).
+# The match queue is non-durable so that on a cluster it goes with its node and is declared
+# again on a live one (ARCHITECTURE.md, "Broker failover").
 #
 # Users: `relay`, and `appliance-<id>` per appliance, each with the narrowest permissions the
 # code's own declarations allow (see `permissions` below). No `guest`: the definitions cannot
@@ -36,8 +38,9 @@ let
   syncExchange = "comatching.sync";
   deadExchange = "comatching.dead";
   deadQueue = "comatching.dead";
-  matchQueue = "comatching.match.requests";
+  matchQueue = "comatching.match.transient";
   legacyMatchQueue = "comatching.match";
+  durableMatchQueue = "comatching.match.requests";
   controlQueue = "comatching.control";
   # The longest deadline the relay accepts (matching.deadline_ms ≤ 120 s).
   matchQueueTtlMs = 120000;
@@ -71,13 +74,14 @@ let
   # routing key.
   relayPermissions = {
     # declares both exchanges, the dead-letter queue, the match and control queues; looks up
-    # and deletes the match queue of earlier releases
+    # and deletes the match queues of earlier releases
     configure = exactly [
       syncExchange
       deadExchange
       matchQueue
       controlQueue
       legacyMatchQueue
+      durableMatchQueue
     ];
     # publishes events to comatching.sync, everything else through the default exchange; binds
     # comatching.dead (queue) to comatching.dead (exchange)
@@ -180,6 +184,8 @@ let
         auto_delete = false;
       };
 
+      transientQueue = name: arguments: queue name arguments // { durable = false; };
+
       controlArgs = {
         "x-queue-type" = "quorum";
         "x-delivery-limit" = checkLimit "deliveryLimit" deliveryLimit;
@@ -212,7 +218,7 @@ let
       ];
       queues = [
         (queue deadQueue { })
-        (queue matchQueue matchArgs)
+        (transientQueue matchQueue matchArgs)
         (queue controlQueue controlArgs)
       ]
       ++ map (
@@ -345,6 +351,7 @@ in
       deadQueue
       matchQueue
       legacyMatchQueue
+      durableMatchQueue
       controlQueue
       matchQueueTtlMs
       ;

@@ -103,16 +103,22 @@ import ./harness.nix [
     actual = map (q: q.name) defs.queues;
     expected = [
       "comatching.dead"
-      "comatching.match.requests"
+      "comatching.match.transient"
       "comatching.control"
       "comatching.sync.edge-1"
       "comatching.sync.box-2"
     ];
   }
   {
-    name = "all-queues-durable";
-    actual = builtins.all (q: q.durable && !q.auto_delete && q.vhost == "/") defs.queues;
-    expected = true;
+    name = "all-queues-durable-but-the-match-queue";
+    actual = map (q: q.durable && !q.auto_delete && q.vhost == "/") defs.queues;
+    expected = [
+      true
+      false
+      true
+      true
+      true
+    ];
   }
   {
     name = "dead-letter-queue-is-classic";
@@ -121,7 +127,7 @@ import ./harness.nix [
   }
   {
     name = "match-queue-arguments";
-    actual = (queue "comatching.match.requests").arguments;
+    actual = (queue "comatching.match.transient").arguments;
     expected = {
       "x-queue-type" = "classic";
       "x-message-ttl" = 120000;
@@ -192,14 +198,16 @@ import ./harness.nix [
     actual = map (allows relay.configure) [
       "comatching.sync"
       "comatching.dead"
-      "comatching.match.requests"
+      "comatching.match.transient"
       "comatching.control"
       "comatching.match"
+      "comatching.match.requests"
       "comatching.sync.edge-1"
       "comatchingXsync"
       "amq.default"
     ];
     expected = [
+      true
       true
       true
       true
@@ -216,7 +224,7 @@ import ./harness.nix [
       "comatching.sync"
       "amq.default"
       "comatching.dead"
-      "comatching.match.requests"
+      "comatching.match.transient"
       "amq.direct"
     ];
     expected = [
@@ -233,7 +241,7 @@ import ./harness.nix [
       "comatching.control"
       "amq.rabbitmq.reply-to"
       "comatching.dead"
-      "comatching.match.requests"
+      "comatching.match.transient"
       "comatching.sync.edge-1"
     ];
     expected = [
@@ -250,7 +258,7 @@ import ./harness.nix [
       "comatching.sync.edge-1"
       "comatching.sync.box-2"
       "comatching.sync.edge-10"
-      "comatching.match.requests"
+      "comatching.match.transient"
       "comatching.match"
     ];
     expected = [
@@ -283,7 +291,7 @@ import ./harness.nix [
   {
     name = "appliance-reads";
     actual = map (allows edge.read) [
-      "comatching.match.requests"
+      "comatching.match.transient"
       "comatching.sync.edge-1"
       "comatching.sync"
       "comatching.sync.box-2"
@@ -474,6 +482,7 @@ import ./harness.nix [
       "SYNC_EXCHANGE"
       "MATCH_QUEUE"
       "LEGACY_MATCH_QUEUE"
+      "DURABLE_MATCH_QUEUE"
       "DEAD_EXCHANGE"
       "DEAD_QUEUE"
       "CONTROL_QUEUE"
@@ -484,6 +493,7 @@ import ./harness.nix [
       syncExchange
       matchQueue
       legacyMatchQueue
+      durableMatchQueue
       deadExchange
       deadQueue
       controlQueue

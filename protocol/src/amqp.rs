@@ -154,11 +154,95 @@ pub fn text(v: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(v))
 }
 
+/// The arguments of a quorum queue: `x-queue-type = quorum`, `extra`, and the initial group
+/// size when `broker.quorum_group_size` sets one.
+pub fn quorum_args(extra: &[(&str, AMQPValue)], group_size: Option<u16>) -> FieldTable {
+    let mut t = queue_args(extra);
+    t.insert(ShortString::from("x-queue-type"), text("quorum"));
+    if let Some(n) = group_size {
+        t.insert(
+            ShortString::from("x-quorum-initial-group-size"),
+            AMQPValue::LongLongInt(i64::from(n)),
+        );
+    }
+    t
+}
+
+/// Declares the match queue: classic, non-durable (so that on a cluster it is removed with its
+/// node and declared again on a live one, see `topology`), its TTL cap, dead-lettering. Both
+/// services call it on every connect (inside [`declare_shared_topology`]) and again when they
+/// find it gone while connected (the relay on an unroutable request, an appliance when the
+/// broker cancels its consumer).
+pub async fn declare_match_queue(ch: &Channel) -> lapin::Result<()> {
+    ch.queue_declare(
+        MATCH_QUEUE.into(),
+        QueueDeclareOptions::default(),
+        queue_args(&[
+            ("x-queue-type", text("classic")),
+            ("x-message-ttl", AMQPValue::LongLongInt(MATCH_QUEUE_TTL_MS)),
+            ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
+        ]),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Is this the broker's `NOT_FOUND` (a channel error): on a cluster, "home node … of durable
+/// queue … is down or inaccessible".
+pub fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(p)
+            if matches!(p.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND))
+    )
+}
+
+/// Declares and binds the dead-letter queue on a channel of its own. It is a durable classic
+/// queue, so on a cluster it lives on one node; while that node is down the broker answers
+/// `NOT_FOUND` and dead letters are dropped (the queue is for inspection only, nobody consumes
+/// it). That must not keep a service off the broker: it is logged and skipped, and the next
+/// connect declares it again.
+pub async fn declare_dead_letter_queue(conn: &Connection) -> lapin::Result<()> {
+    let ch = conn.create_channel().await?;
+    let durable_q = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let r = async {
+        ch.queue_declare(DEAD_QUEUE.into(), durable_q, FieldTable::default())
+            .await?;
+        ch.queue_bind(
+            DEAD_QUEUE.into(),
+            DEAD_EXCHANGE.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    }
+    .await;
+    match r {
+        Ok(()) => {
+            let _ = ch.close(200, "dead-letter queue declared".into()).await;
+            Ok(())
+        }
+        Err(e) if is_not_found(&e) => {
+            tracing::warn!(queue = DEAD_QUEUE, error = %e, "dead-letter queue unavailable (its node is down): skipped until the next connect");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Declares what both services use, identically from either side (idempotent, so it runs on
 /// every connect and a wiped broker gets its topology back unattended): the sync and dead-letter
 /// exchanges, the dead-letter queue, the control queue and the match queue. An appliance then
-/// declares its own sync queue.
-pub async fn declare_shared_topology(ch: &Channel) -> lapin::Result<()> {
+/// declares its own sync queue. `quorum_group_size` is `broker.quorum_group_size`.
+pub async fn declare_shared_topology(
+    conn: &Connection,
+    ch: &Channel,
+    quorum_group_size: Option<u16>,
+) -> lapin::Result<()> {
     let durable_x = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -176,43 +260,27 @@ pub async fn declare_shared_topology(ch: &Channel) -> lapin::Result<()> {
         )
         .await?;
     }
-    ch.queue_declare(DEAD_QUEUE.into(), durable_q, FieldTable::default())
-        .await?;
-    ch.queue_bind(
-        DEAD_QUEUE.into(),
-        DEAD_EXCHANGE.into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    declare_dead_letter_queue(conn).await?;
     ch.queue_declare(
         CONTROL_QUEUE.into(),
         durable_q,
-        queue_args(&[
-            ("x-queue-type", text("quorum")),
-            (
-                "x-delivery-limit",
-                AMQPValue::LongLongInt(CONTROL_DELIVERY_LIMIT),
-            ),
-            ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
-        ]),
+        quorum_args(
+            &[
+                (
+                    "x-delivery-limit",
+                    AMQPValue::LongLongInt(CONTROL_DELIVERY_LIMIT),
+                ),
+                ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
+            ],
+            quorum_group_size,
+        ),
     )
     .await?;
-    ch.queue_declare(
-        MATCH_QUEUE.into(),
-        durable_q,
-        queue_args(&[
-            ("x-queue-type", text("classic")),
-            ("x-message-ttl", AMQPValue::LongLongInt(MATCH_QUEUE_TTL_MS)),
-            ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
-        ]),
-    )
-    .await?;
-    Ok(())
+    declare_match_queue(ch).await
 }
 
-/// One connection attempt to `url` (which carries the heartbeat) with `tls`.
+/// One connection attempt to `url` (which carries the heartbeat) with `tls`. With a list of
+/// URLs the caller picks which ([`crate::failover::NodeRotation`]).
 pub async fn connect(url: &str, tls: &OwnedTLSConfig) -> lapin::Result<Connection> {
     Connection::connect_with_config(
         url,
@@ -234,7 +302,7 @@ mod tests {
         let junk = dir.join("junk.pem");
         std::fs::write(&junk, "hello").unwrap();
         let settings = |ca: std::path::PathBuf| BrokerSettings {
-            url: "amqps://h:5671/%2f".into(),
+            url: crate::config::BrokerUrls::new(["amqps://h:5671/%2f"]),
             tls_ca: Some(ca),
             ..BrokerSettings::default()
         };

@@ -730,10 +730,11 @@ async fn the_match_queue_dead_letters_what_expires_or_is_rejected() {
     drop(responder);
 
     let queues = list_queues(&env.vhost);
-    let matchq = find_queue(&queues, "comatching.match.requests")
+    let matchq = find_queue(&queues, comatching_protocol::topology::MATCH_QUEUE)
         .unwrap_or_else(|| panic!("match queue not declared: {queues}"));
     assert_eq!(matchq["type"], "classic", "{matchq}");
-    assert_eq!(matchq["durable"], true, "{matchq}");
+    // Non-durable: on a cluster it goes with its node and is declared again on a live one.
+    assert_eq!(matchq["durable"], false, "{matchq}");
     // rabbitmqctl prints arguments as [name, type, value] triples.
     let arg = |name: &str| {
         matchq["arguments"]
@@ -761,7 +762,7 @@ async fn the_match_queue_dead_letters_what_expires_or_is_rejected() {
     for body in [&b"requeued forever"[..], &b"rejected"[..]] {
         ch.basic_publish(
             "".into(),
-            "comatching.match.requests".into(),
+            comatching_protocol::topology::MATCH_QUEUE.into(),
             BasicPublishOptions::default(),
             body,
             BasicProperties::default().with_expiration("300".into()),
@@ -771,7 +772,7 @@ async fn the_match_queue_dead_letters_what_expires_or_is_rejected() {
     }
     let mut consumer = ch
         .basic_consume(
-            "comatching.match.requests".into(),
+            comatching_protocol::topology::MATCH_QUEUE.into(),
             "poison-handler".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -898,6 +899,17 @@ async fn the_relay_retires_the_old_match_queue() {
     )
     .await
     .expect("declare the old queue");
+    // The durable classic match queue of the release before, unused: deleted at once.
+    ch.queue_declare(
+        "comatching.match.requests".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare the durable classic queue");
     let old_consumer = ch
         .basic_consume(
             "comatching.match".into(),
@@ -914,6 +926,10 @@ async fn the_relay_retires_the_old_match_queue() {
     relay.wait_ready().await;
     let kept = find_queue(&list_queues(&vhost), "comatching.match");
     assert!(kept.is_some(), "an old queue still consumed is kept");
+    assert!(
+        find_queue(&list_queues(&vhost), "comatching.match.requests").is_none(),
+        "an old queue nobody consumes is deleted"
+    );
 
     drop(old_consumer);
     old.close(200, "old appliance gone".into())
@@ -939,7 +955,13 @@ async fn the_relay_retires_the_old_match_queue() {
     )
     .await;
     relay.wait_ready().await;
-    assert!(find_queue(&list_queues(&vhost), "comatching.match.requests").is_some());
+    assert!(
+        find_queue(
+            &list_queues(&vhost),
+            comatching_protocol::topology::MATCH_QUEUE
+        )
+        .is_some()
+    );
 }
 
 /// The relay crashes while a match is in flight: after the restart the hold is voided by the
@@ -997,4 +1019,57 @@ async fn a_crash_mid_match_leaves_no_hold_and_no_charge() {
     assert_eq!(op.stats().await["points_spent"], 0);
     drop(relay);
     drop(vhost);
+}
+
+/// `broker.quorum_group_size` set on a broker whose quorum queues were declared without it
+/// (an earlier release, or the Nix definitions): the services still come up (the argument only
+/// places a new queue; RabbitMQ does not hold a redeclare to it) and the queues keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_group_size_set_later_needs_no_migration() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    use lapin::{Connection, ConnectionProperties};
+
+    comatching_tests::broker::ensure_shared_node();
+    let vhost = comatching_tests::Vhost::create("quorum-group-size");
+    let old = Connection::connect(&vhost.amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = old.create_channel().await.expect("channel");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(comatching_protocol::topology::CONTROL_DELIVERY_LIMIT),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from("comatching.dead")),
+    );
+    ch.queue_declare(
+        comatching_protocol::topology::CONTROL_QUEUE.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare the control queue as before");
+    old.close(200, "done".into()).await.expect("close");
+
+    let mut config = comatching_tests::RelayConfig::new(vhost.amqp_url());
+    config.broker.security.quorum_group_size = Some(3);
+    let mut relay = comatching_tests::RelayProcess::start(config).await;
+    relay.wait_ready().await;
+    let mut cfg = comatching_tests::appliance::ApplianceConfig::new("box-1", vhost.amqp_url());
+    cfg.broker.security.quorum_group_size = Some(3);
+    let mut a = comatching_tests::appliance::ApplianceProcess::start(cfg).await;
+    a.wait_status(comatching_tests::PATIENCE, "the appliance ready", |s| {
+        s["ready"] == serde_json::Value::Bool(true)
+    })
+    .await;
 }

@@ -1,7 +1,8 @@
 //! The appliance's link to the relay, over the broker only: it dials out, so NAT does not matter.
 //!
-//! One loop owns the connection (no reliance on the client's automatic recovery): connect with
-//! a heartbeat → declare the topology → consume this appliance's sync queue → say hello → apply
+//! One loop owns the connection (no reliance on the client's automatic recovery): pick a node
+//! (`broker.url` may list a cluster's nodes; the [`NodeRotation`] starts after the last one that
+//! failed) → connect with a heartbeat → declare the topology → consume this appliance's sync queue → say hello → apply
 //! sync batches (durable commit first, then ack) → take match requests only while caught up →
 //! on any failure, back off and start again. Malformed messages are rejected without requeue, so
 //! the broker dead-letters them and the queue keeps flowing. A batch the store cannot commit is
@@ -32,8 +33,11 @@ use super::config::Config;
 use super::replica::{Replica, Stuck};
 use super::retry::RetryGate;
 use crate::sync::SyncPlan;
-use comatching_protocol::amqp::{LinkAuth, declare_shared_topology, queue_args, text};
-use comatching_protocol::config::amqp_url_with_heartbeat;
+use comatching_protocol::amqp::{
+    LinkAuth, declare_match_queue, declare_shared_topology, quorum_args, text,
+};
+use comatching_protocol::config::{amqp_url_with_heartbeat, broker_node};
+use comatching_protocol::failover::NodeRotation;
 use comatching_protocol::topology::{
     self, CONTROL_QUEUE, DEAD_EXCHANGE, MATCH_QUEUE, SYNC_EXCHANGE,
 };
@@ -65,8 +69,8 @@ pub fn sync_queue(cfg: &Config) -> String {
 
 /// The shared topology (declared exactly as the relay does), then this appliance's own sync
 /// queue, bound to the sync exchange.
-async fn declare_topology(ch: &Channel, cfg: &Config) -> lapin::Result<()> {
-    declare_shared_topology(ch).await?;
+async fn declare_topology(conn: &Connection, ch: &Channel, cfg: &Config) -> lapin::Result<()> {
+    declare_shared_topology(conn, ch, cfg.broker.quorum_group_size).await?;
     let own = sync_queue(cfg);
     ch.queue_declare(
         own.as_str().into(),
@@ -74,15 +78,17 @@ async fn declare_topology(ch: &Channel, cfg: &Config) -> lapin::Result<()> {
             durable: true,
             ..Default::default()
         },
-        queue_args(&[
-            ("x-queue-type", text("quorum")),
-            ("x-single-active-consumer", AMQPValue::Boolean(true)),
-            (
-                "x-delivery-limit",
-                AMQPValue::LongLongInt(cfg.sync.delivery_limit),
-            ),
-            ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
-        ]),
+        quorum_args(
+            &[
+                ("x-single-active-consumer", AMQPValue::Boolean(true)),
+                (
+                    "x-delivery-limit",
+                    AMQPValue::LongLongInt(cfg.sync.delivery_limit),
+                ),
+                ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
+            ],
+            cfg.broker.quorum_group_size,
+        ),
     )
     .await?;
     ch.queue_bind(
@@ -137,7 +143,21 @@ struct SessionState {
 
 impl Link {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let url = amqp_url_with_heartbeat(&self.cfg.broker.url, self.cfg.broker.heartbeat_s);
+        let urls: Vec<(String, String)> = self
+            .cfg
+            .broker
+            .url
+            .as_slice()
+            .iter()
+            .map(|u| {
+                let node = broker_node(u).unwrap_or_else(|| "?".into());
+                (
+                    amqp_url_with_heartbeat(u, self.cfg.broker.heartbeat_s),
+                    node,
+                )
+            })
+            .collect();
+        let mut rotation = NodeRotation::new(urls.len());
         let tls = self.tls.clone();
         let mut backoff = Duration::from_millis(100);
         let max_backoff = Duration::from_millis(self.cfg.broker.max_backoff_ms.max(100));
@@ -146,25 +166,32 @@ impl Link {
                 return;
             }
             let started = Instant::now();
+            let at = rotation.current();
+            let (url, node) = &urls[at];
             let result = match tokio::time::timeout(
                 Duration::from_secs(10),
-                comatching_protocol::amqp::connect(&url, &tls),
+                comatching_protocol::amqp::connect(url, &tls),
             )
             .await
             {
                 Ok(Ok(conn)) => {
-                    let r = self.session(&conn, &mut shutdown).await;
+                    rotation.connected(at);
+                    let r = self.session(&conn, node, &mut shutdown).await;
                     let _ =
                         tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into()))
                             .await;
                     r
                 }
-                Ok(Err(e)) => Err(format!("connect: {e}")),
-                Err(_) => Err("connect timed out".to_owned()),
+                Ok(Err(e)) => Err(format!("connect to {node}: {e}")),
+                Err(_) => Err(format!("connect to {node} timed out")),
             };
+            // Whether the attempt failed or a session on the node ended, the next attempt
+            // starts after this node.
+            rotation.failed(at);
             {
                 let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
                 l.broker_connected = false;
+                l.broker_node = None;
                 l.hello_acked = false;
                 l.connected_at = None;
                 if let Err(e) = &result {
@@ -175,7 +202,7 @@ impl Link {
                 return;
             }
             if let Err(e) = result {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker link down");
+                tracing::warn!(node = %node, error = %e, retry_in_ms = backoff.as_millis() as u64, "broker link down");
             }
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = Duration::from_millis(100);
@@ -191,6 +218,7 @@ impl Link {
     async fn session(
         &self,
         conn: &Connection,
+        node: &str,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), String> {
         let e = |what: &'static str| move |err: lapin::Error| format!("{what}: {err}");
@@ -198,7 +226,7 @@ impl Link {
         // never answer a declare (a quorum queue without a leader after a crash).
         let setup = async {
             let setup = conn.create_channel().await.map_err(e("channel"))?;
-            declare_topology(&setup, &self.cfg)
+            declare_topology(conn, &setup, &self.cfg)
                 .await
                 .map_err(e("declare topology"))?;
             let _ = setup.close(200, "declared".into()).await;
@@ -238,10 +266,11 @@ impl Link {
         {
             let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
             l.broker_connected = true;
+            l.broker_node = Some(node.to_owned());
             l.hello_acked = false;
             l.connected_at = Some(Instant::now());
         }
-        tracing::info!(queue, "broker link up");
+        tracing::info!(queue, node, "broker link up");
         let mut st = SessionState {
             staging: None,
             want_hello: true,
@@ -270,7 +299,20 @@ impl Link {
                     .await?;
                 }
                 d = next_opt(&mut match_consumer) => {
-                    let d = d.ok_or("match consumer ended")?.map_err(e("match delivery"))?;
+                    let Some(d) = d else {
+                        // The broker cancelled the consumer: on a cluster, the (non-durable)
+                        // match queue went with its node while ours lives on. Declare it here
+                        // and consume it again at the next tick; if the channel is what died,
+                        // the declare fails and the session is replaced.
+                        match_consumer = None;
+                        tracing::warn!(node, "match consumer cancelled by the broker: declaring the match queue again");
+                        bounded("declaring the match queue", async {
+                            declare_match_queue(&match_ch).await.map_err(e("declare match queue"))
+                        })
+                        .await?;
+                        continue;
+                    };
+                    let d = d.map_err(e("match delivery"))?;
                     let permit = bounded("a free match worker", async {
                         workers.clone().acquire_owned().await.map_err(|_| "workers closed".to_owned())
                     })
