@@ -223,10 +223,21 @@ impl PrivateBroker {
     }
 }
 
+impl PrivateBroker {
+    fn running(&self) -> bool {
+        self.beam_pid()
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    }
+}
+
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
-        let pid = self.path("pid");
-        let _ = self.ctl(&["stop", pid.to_str().unwrap_or("")]);
+        // A node already stopped (a cluster row's victim) is not asked again: the CLI would
+        // wait for a node that never answers.
+        if self.running() {
+            let pid = self.path("pid");
+            let _ = self.ctl(&["stop", pid.to_str().unwrap_or("")]);
+        }
         self.kill_9();
     }
 }
