@@ -156,7 +156,8 @@ pub struct BrokerSettings {
     /// `x-quorum-initial-group-size` of the quorum queues a service declares (the control queue,
     /// an appliance's sync queue): on how many cluster nodes each gets a replica. Unset: the
     /// broker's default. On a cluster of ≥ 3 nodes set 3 (a majority survives one node lost).
-    /// Only a queue's first declaration places it; changing this later needs no migration.
+    /// RabbitMQ 3.10 refuses a redeclare with another value (PRECONDITION_FAILED), so it must
+    /// equal what the existing queues were declared with: set it on a new cluster only.
     pub quorum_group_size: Option<u16>,
 }
 
