@@ -54,10 +54,15 @@ export ERL_EPMD_ADDRESS=127.0.0.1
 SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
 CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
 CONF
+# The small-box limits are the same items as nix/lib/rabbitmq.nix's smallBoxConfigItems (the
+# relay's 1 GiB box; nix/tests/rabbitmq.nix checks they agree). A running node reads them at its
+# next start only.
 write_if_changed /etc/rabbitmq/rabbitmq.conf <<'CONF'
 # Written by scripts/broker.sh.
 listeners.tcp.default = 127.0.0.1:5672
 loopback_users.guest = true
+raft.wal_max_size_bytes = 67108864
+vm_memory_high_watermark.absolute = 314572800
 CONF
 
 if rabbitmqctl -q -n "$NODENAME" status >/dev/null 2>&1; then

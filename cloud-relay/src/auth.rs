@@ -1,6 +1,7 @@
 //! Accounts' credentials and sessions: argon2id password hashes, opaque session tokens stored
-//! only as SHA-256 hashes, and the extractor that turns a request's bearer token (or
-//! `__Host-session` cookie) into an authenticated `Caller`.
+//! only as SHA-256 hashes, and the extractor that turns a request's bearer token into an
+//! authenticated `Caller`. Bearer only: no cookie is read (ARCHITECTURE.md, "Sessions: bearer
+//! tokens, no cookies"), so there is no ambient credential for a cross-site request to ride on.
 //!
 //! Password hashing is deliberately slow and memory-hungry; on a 1 GiB box only a few may run at
 //! once (`HASH_PERMITS`), and they run on blocking threads.
@@ -121,23 +122,13 @@ impl Caller {
 }
 
 fn token_from(parts: &Parts) -> Option<String> {
-    if let Some(h) = parts.headers.get(axum::http::header::AUTHORIZATION) {
-        let v = h.to_str().ok()?;
-        let t = v.strip_prefix("Bearer ")?.trim();
-        return (!t.is_empty() && t.len() <= 128).then(|| t.to_owned());
-    }
-    for h in parts.headers.get_all(axum::http::header::COOKIE) {
-        let Ok(v) = h.to_str() else { continue };
-        for kv in v.split(';') {
-            if let Some(t) = kv.trim().strip_prefix("__Host-session=")
-                && !t.is_empty()
-                && t.len() <= 128
-            {
-                return Some(t.to_owned());
-            }
-        }
-    }
-    None
+    let v = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let t = v.strip_prefix("Bearer ")?.trim();
+    (!t.is_empty() && t.len() <= 128).then(|| t.to_owned())
 }
 
 impl FromRequestParts<AppState> for Caller {

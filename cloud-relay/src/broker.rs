@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use comatching_protocol::amqp::{LinkAuth, declare_match_queue, declare_shared_topology};
+use comatching_protocol::amqp::{
+    DeadLetterLimits, LinkAuth, declare_dead_letter_queues, declare_match_queue,
+    declare_shared_topology,
+};
 use comatching_protocol::failover::NodeRotation;
 use comatching_protocol::topology::LEGACY_MATCH_QUEUES;
 use futures_util::StreamExt;
@@ -103,6 +106,7 @@ impl BrokerHandle {
 
 pub struct BrokerSupervisor {
     cfg: config::Broker,
+    dead_letters: DeadLetterLimits,
     tls: OwnedTLSConfig,
     tx: watch::Sender<Option<Arc<Session>>>,
 }
@@ -111,23 +115,36 @@ pub struct BrokerSupervisor {
 /// `[broker]` cannot be read: better to stop at start than to fail every reconnect.
 pub fn supervisor(
     cfg: config::Broker,
+    dead_letters: DeadLetterLimits,
 ) -> Result<(BrokerSupervisor, BrokerHandle), comatching_protocol::config::ConfigError> {
     let tls = comatching_protocol::amqp::tls_config(&cfg)?;
     let auth = Arc::new(LinkAuth::from_settings(&cfg)?);
     let (tx, rx) = watch::channel(None);
-    Ok((BrokerSupervisor { cfg, tls, tx }, BrokerHandle { rx, auth }))
+    Ok((
+        BrokerSupervisor {
+            cfg,
+            dead_letters,
+            tls,
+            tx,
+        },
+        BrokerHandle { rx, auth },
+    ))
 }
 
-/// Declares the shared topology, then deletes the match queues of earlier releases once no
-/// consumer is left on them (an appliance still running an old release keeps one alive; the
-/// next connect looks again). Their requests, if any, are long past their deadlines.
+/// Declares the shared topology and the dead-letter queues with the configured limits
+/// (replacing unbounded ones of earlier releases; one whose cluster node is down is skipped),
+/// then deletes the match queues of earlier releases once no consumer is left on them (an
+/// appliance still running an old release keeps one alive; the next connect looks again).
+/// Their requests, if any, are long past their deadlines.
 async fn declare_topology(
     connection: &Connection,
     quorum_group_size: Option<u16>,
+    dead_letters: &DeadLetterLimits,
 ) -> lapin::Result<()> {
     let setup = connection.create_channel().await?;
-    declare_shared_topology(connection, &setup, quorum_group_size).await?;
+    declare_shared_topology(&setup, quorum_group_size).await?;
     let _ = setup.close(200, "topology declared".into()).await;
+    declare_dead_letter_queues(connection, dead_letters).await?;
     for legacy in LEGACY_MATCH_QUEUES {
         delete_legacy_queue(connection, legacy).await?;
     }
@@ -175,10 +192,11 @@ async fn connect(
     node: String,
     tls: &OwnedTLSConfig,
     quorum_group_size: Option<u16>,
+    dead_letters: &DeadLetterLimits,
     id: u64,
 ) -> lapin::Result<Session> {
     let connection = comatching_protocol::amqp::connect(url, tls).await?;
-    declare_topology(&connection, quorum_group_size).await?;
+    declare_topology(&connection, quorum_group_size, dead_letters).await?;
     let outbox = connection.create_channel().await?;
     outbox
         .confirm_select(ConfirmSelectOptions::default())
@@ -226,7 +244,14 @@ impl BrokerSupervisor {
             let (url, node) = &urls[at];
             let attempt = tokio::time::timeout(
                 Duration::from_secs(10),
-                connect(url, node.clone(), &self.tls, self.cfg.quorum_group_size, id),
+                connect(
+                    url,
+                    node.clone(),
+                    &self.tls,
+                    self.cfg.quorum_group_size,
+                    &self.dead_letters,
+                    id,
+                ),
             )
             .await;
             let session = match attempt {

@@ -21,7 +21,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation};
 use rusqlite::{Connection, OptionalExtension, params};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::broker::{BrokerHandle, Session};
@@ -34,8 +34,6 @@ use comatching_protocol::topology::CONTROL_QUEUE;
 /// Outbox rows kept below the slowest appliance's position, so a briefly lagging or new
 /// appliance can catch up by replay instead of a snapshot.
 pub const RETENTION_ROWS: u64 = 50_000;
-/// An appliance not heard from for this long no longer holds the outbox back.
-pub const STALE_APPLIANCE_MS: i64 = 24 * 3600 * 1000;
 /// An appliance is reported ready when its last hello is this fresh and it was caught up.
 pub const READY_FRESH_MS: i64 = 60_000;
 
@@ -445,6 +443,43 @@ async fn publish_all(
 }
 
 /// `GET /api/v1/admin/appliances`.
+/// `GET /api/v1/admin/appliances`: the relay's position and each appliance's.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ApplianceList {
+    /// The relay's last outbox sequence number.
+    pub relay_seq: u64,
+    pub relay: RelayView,
+    pub appliances: Vec<ApplianceView>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct RelayView {
+    /// The database lineage, 16 hex characters.
+    pub epoch: String,
+    pub seq: u64,
+    /// Users in the matchable pool.
+    pub count: u64,
+    /// The pool's order-independent digest, 16 hex characters.
+    pub digest: String,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ApplianceView {
+    pub appliance_id: String,
+    /// The epoch the appliance last reported (null before its first hello).
+    #[schema(required = true)]
+    pub epoch: Option<String>,
+    pub applied_seq: i64,
+    /// Outbox rows the appliance has not applied yet.
+    pub lag: u64,
+    pub count: i64,
+    pub digest: String,
+    pub last_seen_unix_ms: i64,
+    /// Same epoch as the relay and seen recently.
+    pub ready: bool,
+    pub last_action: String,
+}
+
 pub fn appliances_json(c: &Connection) -> Result<Value, ApiError> {
     let last_seq = meta_u64(c, "last_seq")?;
     let now = now_ms();
@@ -452,58 +487,51 @@ pub fn appliances_json(c: &Connection) -> Result<Value, ApiError> {
         "SELECT appliance_id, epoch, applied_seq, count, digest, epoch_matches, last_seen_ms, last_action \
          FROM appliances ORDER BY appliance_id",
     )?;
-    let rows = stmt
+    let appliances = stmt
         .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, Option<String>>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, bool>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, String>(7)?,
-            ))
+            let applied: i64 = r.get(2)?;
+            let epoch: Option<String> = r.get(1)?;
+            let seen: i64 = r.get(6)?;
+            let epoch_ok: bool = r.get(5)?;
+            Ok(ApplianceView {
+                appliance_id: r.get(0)?,
+                epoch: epoch
+                    .and_then(|e| e.parse::<u64>().ok())
+                    .map(|e| Epoch(e).to_string()),
+                applied_seq: applied,
+                lag: last_seq.saturating_sub(applied as u64),
+                count: r.get(3)?,
+                digest: r.get(4)?,
+                last_seen_unix_ms: seen,
+                ready: epoch_ok && now - seen <= READY_FRESH_MS,
+                last_action: r.get(7)?,
+            })
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    let list: Vec<Value> = rows
-        .into_iter()
-        .map(|(id, epoch, applied, count, digest, epoch_ok, seen, action)| {
-            let lag = last_seq.saturating_sub(applied as u64);
-            json!({
-                "appliance_id": id,
-                "epoch": epoch.and_then(|e| e.parse::<u64>().ok()).map(|e| Epoch(e).to_string()),
-                "applied_seq": applied,
-                "lag": lag,
-                "count": count,
-                "digest": digest,
-                "last_seen_unix_ms": seen,
-                "ready": epoch_ok && now - seen <= READY_FRESH_MS,
-                "last_action": action,
-            })
-        })
-        .collect();
     let relay = relay_position(c)?;
-    Ok(json!({
-        "relay_seq": last_seq,
-        "relay": {
-            "epoch": relay.epoch.to_string(),
-            "seq": relay.last_seq,
-            "count": relay.count,
-            "digest": relay.digest.to_string(),
+    let list = ApplianceList {
+        relay_seq: last_seq,
+        relay: RelayView {
+            epoch: relay.epoch.to_string(),
+            seq: relay.last_seq,
+            count: relay.count,
+            digest: relay.digest.to_string(),
         },
-        "appliances": list,
-    }))
+        appliances,
+    };
+    serde_json::to_value(list).map_err(|e| ApiError::internal(format!("appliances: {e}")))
 }
 
 /// Deletes outbox rows nobody can need: already published, below every recently seen
-/// appliance's position, and older than the retention window. Returns rows deleted.
-pub fn trim(c: &Connection) -> Result<usize, ApiError> {
+/// appliance's position, and older than the retention window. An appliance not heard from for
+/// `stale_ms` (the sync queues' expiry: its queue is gone, it would need a snapshot anyway) no
+/// longer holds the outbox back. Returns rows deleted.
+pub fn trim(c: &Connection, stale_ms: i64) -> Result<usize, ApiError> {
     let published = meta_u64(c, "published_upto")?;
     let slowest: Option<i64> = c
         .query_row(
             "SELECT MIN(applied_seq) FROM appliances WHERE epoch_matches = 1 AND last_seen_ms > ?1",
-            [now_ms() - STALE_APPLIANCE_MS],
+            [now_ms() - stale_ms],
             |r| r.get(0),
         )
         .optional()?

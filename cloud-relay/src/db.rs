@@ -160,6 +160,46 @@ CREATE TABLE appliances (
 ALTER TABLE accounts ADD COLUMN erased_ms INTEGER;
 ALTER TABLE profiles ADD COLUMN erased_ms INTEGER;
 "#,
+    r#"
+-- The booth's charge requests (issue 10). A student asks for points (amount + the name on the
+-- transfer or receipt); an operator approves (one ledger grant, same transaction) or rejects;
+-- the student may cancel while it is pending. A decision is a conditional update from
+-- 'pending', so it happens once.
+CREATE TABLE charges (
+    charge_id   TEXT PRIMARY KEY,
+    user_id     TEXT NOT NULL REFERENCES accounts(user_id),
+    amount      INTEGER NOT NULL CHECK (amount > 0),
+    depositor   TEXT NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'rejected', 'cancelled')),
+    created_ms  INTEGER NOT NULL,
+    decided_ms  INTEGER,
+    operator_id TEXT REFERENCES accounts(user_id),
+    reason      TEXT
+) STRICT;
+-- At most one pending request per student, enforced by the database itself.
+CREATE UNIQUE INDEX charges_one_pending ON charges(user_id) WHERE status = 'pending';
+CREATE INDEX charges_user ON charges(user_id, charge_id);
+CREATE INDEX charges_status ON charges(status, charge_id);
+
+-- Who granted, and for which charge request (each request credits at most once).
+ALTER TABLE ledger_entries ADD COLUMN operator_id TEXT;
+ALTER TABLE ledger_entries ADD COLUMN charge_id TEXT;
+CREATE UNIQUE INDEX ledger_charge ON ledger_entries(charge_id) WHERE charge_id IS NOT NULL;
+
+-- The live events' log (SSE): streams replay from here after `Last-Event-ID`. AUTOINCREMENT
+-- so that an id is never reused after pruning. `user_id` is the student the event is about
+-- (erasure deletes them); `audience` says who may see it.
+CREATE TABLE events (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    audience   TEXT NOT NULL CHECK (audience IN ('operators', 'user')),
+    user_id    TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    payload    TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+) STRICT;
+CREATE INDEX events_user ON events(user_id, audience, id);
+CREATE INDEX events_audience ON events(audience, id);
+"#,
 ];
 
 /// The schema version this build writes (`PRAGMA user_version` after every migration ran).

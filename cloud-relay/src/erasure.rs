@@ -36,7 +36,30 @@ pub const ERASED_USERNAME_PREFIX: &str = "~";
 
 /// How a matched partner whose personal data was erased appears in match answers and history.
 pub fn withdrawn_partner(user_hex: &str) -> Value {
-    json!({ "user_id": user_hex, "withdrawn": true, "contact": null })
+    serde_json::to_value(WithdrawnPartner {
+        user_id: user_hex.to_owned(),
+        withdrawn: true,
+        contact: None,
+    })
+    .unwrap_or(Value::Null)
+}
+
+/// A partner whose personal data was erased: only their id remains.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct WithdrawnPartner {
+    #[schema(value_type = comatching_protocol::UserId)]
+    pub user_id: String,
+    /// Always true.
+    pub withdrawn: bool,
+    /// Always null.
+    #[schema(schema_with = null_schema, required = true)]
+    pub contact: Option<String>,
+}
+
+fn null_schema() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Null)
+        .build()
 }
 
 /// Ends `user`'s account and erases its personal data, in the caller's transaction or savepoint.
@@ -146,6 +169,10 @@ pub fn erase(c: &Connection, user: UserId, now: i64) -> Result<bool, ApiError> {
         "UPDATE outbox SET op = 'delete', features = NULL WHERE user_id = ?1 AND op = 'upsert'",
         [&id],
     )?;
+    // The booth: a pending charge request is cancelled, the depositor name blanked on all of
+    // them (amounts and decisions stay, like the ledger), and the live events about the user go.
+    crate::charges::erase(c, user, now)?;
+    crate::events::erase(c, user)?;
     // Answers that showed this user as the partner: the partner is now withdrawn.
     let shown: Vec<(String, String)> = {
         let mut st = c.prepare_cached(

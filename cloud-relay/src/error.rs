@@ -20,6 +20,15 @@ pub enum ErrorCode {
     MatcherUnavailable,
     RateLimited,
     PayloadTooLarge,
+    WrongPassword,
+    MethodNotAllowed,
+    /// The student already has a pending charge request.
+    ChargePending,
+    /// The charge request was already approved, rejected or cancelled.
+    ChargeDecided,
+    /// The relay serves as many live event streams as it is configured for.
+    TooManyStreams,
+    RequestTimeout,
     Internal,
 }
 
@@ -38,7 +47,48 @@ impl ErrorCode {
             ErrorCode::MatcherUnavailable => "matcher_unavailable",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::WrongPassword => "wrong_password",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::ChargePending => "charge_pending",
+            ErrorCode::ChargeDecided => "charge_decided",
+            ErrorCode::TooManyStreams => "too_many_streams",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// What the code means, for the OpenAPI document's response descriptions.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            ErrorCode::ValidationFailed => {
+                "the body, a header or a parameter is invalid (`field` names it)"
+            }
+            ErrorCode::Unauthorized => "no valid session token (or wrong credentials at login)",
+            ErrorCode::Forbidden => "the route is for operators",
+            ErrorCode::NotFound => "no such resource",
+            ErrorCode::UsernameTaken => "the username is taken",
+            ErrorCode::IdempotencyInProgress => {
+                "a request with this Idempotency-Key is still running"
+            }
+            ErrorCode::IdempotencyKeyReused => {
+                "this Idempotency-Key was used with a different body"
+            }
+            ErrorCode::InsufficientPoints => "not enough points for this request",
+            ErrorCode::NoCandidate => "nobody matches right now (not charged)",
+            ErrorCode::MatcherUnavailable => "no appliance answered in time (not charged)",
+            ErrorCode::RateLimited => "too many requests from this address or account",
+            ErrorCode::PayloadTooLarge => "the body is larger than `http.max_body_bytes`",
+            ErrorCode::WrongPassword => "the current password is wrong",
+            ErrorCode::MethodNotAllowed => "the path exists but not with this method",
+            ErrorCode::ChargePending => "the student already has a pending charge request",
+            ErrorCode::ChargeDecided => {
+                "the charge request was already approved, rejected or cancelled"
+            }
+            ErrorCode::TooManyStreams => "the relay serves as many event streams as configured",
+            ErrorCode::RequestTimeout => {
+                "the request body did not arrive within `http.body_timeout_ms`"
+            }
+            ErrorCode::Internal => "an internal error (logged; no detail is shown)",
         }
     }
 
@@ -46,14 +96,21 @@ impl ErrorCode {
         match self {
             ErrorCode::ValidationFailed => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden | ErrorCode::WrongPassword => StatusCode::FORBIDDEN,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::NotFound | ErrorCode::NoCandidate => StatusCode::NOT_FOUND,
-            ErrorCode::UsernameTaken | ErrorCode::IdempotencyInProgress => StatusCode::CONFLICT,
+            ErrorCode::UsernameTaken
+            | ErrorCode::IdempotencyInProgress
+            | ErrorCode::ChargePending
+            | ErrorCode::ChargeDecided => StatusCode::CONFLICT,
             ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::InsufficientPoints => StatusCode::PAYMENT_REQUIRED,
-            ErrorCode::MatcherUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::MatcherUnavailable | ErrorCode::TooManyStreams => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -66,6 +123,8 @@ pub struct ApiError {
     /// Shown to the client, except for `internal`.
     pub message: String,
     pub field: Option<String>,
+    /// Sent as `Retry-After` (whole seconds, rounded up).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -74,6 +133,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
     pub fn field(code: ErrorCode, field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -81,6 +141,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: Some(field.into()),
+            retry_after: None,
         }
     }
     pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -88,6 +149,10 @@ impl ApiError {
     }
     pub fn internal(detail: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, detail)
+    }
+    pub fn with_retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after = Some(after);
+        self
     }
     pub fn unauthorized() -> Self {
         Self::new(ErrorCode::Unauthorized, "a valid session token is required")
@@ -125,6 +190,23 @@ impl IntoResponse for ApiError {
         if self.code == ErrorCode::Internal {
             tracing::error!(detail = %self.message, "internal error");
         }
-        (self.code.status(), axum::Json(self.body())).into_response()
+        let mut resp = (self.code.status(), axum::Json(self.body())).into_response();
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        if matches!(
+            self.code,
+            ErrorCode::PayloadTooLarge | ErrorCode::RequestTimeout
+        ) {
+            // The rest of the body is never read, so the connection cannot carry another
+            // request: say so, or a client reuses it and its next request dies with it.
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        resp
     }
 }

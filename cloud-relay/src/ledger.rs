@@ -53,6 +53,15 @@ impl HoldState {
     }
 }
 
+/// Who a grant came from, recorded on its entry.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GrantSource<'a> {
+    /// The operator who granted it (`None`: tests, tools).
+    pub operator: Option<UserId>,
+    /// The charge request it pays out (at most one grant per request: a unique index).
+    pub charge_id: Option<&'a str>,
+}
+
 /// Grants points (operator action). Returns `(entry_id, new balance)`.
 pub fn grant(
     conn: &Connection,
@@ -60,11 +69,30 @@ pub fn grant(
     amount: u64,
     reason: &str,
 ) -> Result<(i64, i64), ApiError> {
+    grant_from(conn, user, amount, reason, GrantSource::default())
+}
+
+/// `grant`, recording the operator and the charge request behind it.
+pub fn grant_from(
+    conn: &Connection,
+    user: UserId,
+    amount: u64,
+    reason: &str,
+    source: GrantSource<'_>,
+) -> Result<(i64, i64), ApiError> {
     let amount = i64::try_from(amount).map_err(|_| ApiError::validation("amount", "too large"))?;
     let now = now_ms();
     conn.exec_cached(
-        "INSERT INTO ledger_entries(user_id, kind, amount, reason, created_ms) VALUES (?1, 'grant', ?2, ?3, ?4)",
-        params![user.to_hex(), amount, reason, now],
+        "INSERT INTO ledger_entries(user_id, kind, amount, reason, created_ms, operator_id, charge_id) \
+         VALUES (?1, 'grant', ?2, ?3, ?4, ?5, ?6)",
+        params![
+            user.to_hex(),
+            amount,
+            reason,
+            now,
+            source.operator.map(|o| o.to_hex()),
+            source.charge_id
+        ],
     )?;
     let entry_id = conn.last_insert_rowid();
     conn.exec_cached(

@@ -1,4 +1,4 @@
-//! `comatching-relay` — the cloud relay's command line: `serve`, `migrate`, `admin`.
+//! `comatching-relay` — the cloud relay's command line: `serve`, `migrate`, `admin`, `openapi`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +49,9 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Prints the API's OpenAPI 3.1 document (as served at /api/v1/openapi.json); no
+    /// configuration needed. `docs/openapi.json` is its output.
+    Openapi,
     /// The private CA: certificates for HTTPS and for AMQP over TLS.
     Pki {
         #[command(subcommand)]
@@ -107,6 +110,31 @@ enum AdminCommand {
         #[arg(long, value_name = "DATE", value_parser = comatching_relay::erasure::parse_before)]
         before: i64,
     },
+    /// An appliance that is gone for good (re-imaged with a new id, a test box): deletes its
+    /// sync queue on the broker and its tracking row, so the broker stops collecting every
+    /// change for it and the outbox retention stops waiting for it. Stop the appliance first
+    /// (refused, exit 4, while it consumes its queue). Prints one JSON line; exit 2 for an
+    /// invalid id, 3 when there was nothing to retire.
+    RetireAppliance { id: String },
+    /// The festival's money: approved charge requests per operator per day, grants by reason,
+    /// points spent on matches, refunds, open holds, and their reconciliation with the ledger.
+    /// Safe while the relay serves. Exit 4 when the totals do not reconcile.
+    Report {
+        /// From this date (YYYY-MM-DD, UTC, or an RFC 3339 time), inclusive.
+        #[arg(long, value_name = "DATE", value_parser = comatching_relay::erasure::parse_before)]
+        from: Option<i64>,
+        /// Up to this date: a bare date includes that whole day.
+        #[arg(long, value_name = "DATE", value_parser = comatching_relay::report::parse_to)]
+        to: Option<i64>,
+        #[arg(long, value_enum)]
+        format: ReportFormat,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportFormat {
+    Csv,
+    Json,
 }
 
 /// At most two malloc arenas (glibc). glibc gives each thread that contends for the heap an
@@ -143,6 +171,10 @@ fn main() -> ExitCode {
     if let Command::Pki { command } = cli.command {
         return pki(command);
     }
+    if let Command::Openapi = cli.command {
+        print!("{}", comatching_relay::openapi::document_json());
+        return ExitCode::SUCCESS;
+    }
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -168,12 +200,20 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Pki { .. } => unreachable!("handled before the configuration is loaded"),
+        Command::Pki { .. } | Command::Openapi => {
+            unreachable!("handled before the configuration is loaded")
+        }
         Command::Backup { to, keep } => backup(&cfg, &to, keep),
         Command::Restore { file } => restore(&cfg, &file),
         Command::Admin {
             command: AdminCommand::Purge { before },
         } => purge(&cfg, before),
+        Command::Admin {
+            command: AdminCommand::RetireAppliance { id },
+        } => retire_appliance(&cfg, &id),
+        Command::Admin {
+            command: AdminCommand::Report { from, to, format },
+        } => report(&cfg, from, to, format),
         Command::Migrate => match Db::open(&cfg.storage.db_path()) {
             Ok(_) => {
                 println!("database ready at {}", cfg.storage.db_path().display());
@@ -318,6 +358,77 @@ fn restore(cfg: &Config, file: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `admin retire-appliance ID`: queue first (refused while the appliance consumes it), then the
+/// tracking row; exit 2 invalid id, 3 nothing to retire, 4 still connected, 1 other failures.
+fn retire_appliance(cfg: &Config, raw: &str) -> ExitCode {
+    use comatching_relay::dead_letters::{self, RetireError, Retired};
+    let id = match dead_letters::parse_id(raw) {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("comatching-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("comatching-relay: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (queue_deleted, messages_dropped) =
+        match rt.block_on(dead_letters::delete_sync_queue(&cfg.broker, &id)) {
+            Ok(r) => r,
+            Err(e @ RetireError::Connected { .. }) => {
+                eprintln!("comatching-relay: retire refused: {e}");
+                return ExitCode::from(4);
+            }
+            Err(e) => {
+                eprintln!("comatching-relay: retire failed: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let db = match Db::open(&cfg.storage.db_path()) {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("comatching-relay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let appliance = id.as_str().to_owned();
+    let rows = match db.run_sync(move |c| {
+        Ok(c.execute(
+            "DELETE FROM appliances WHERE appliance_id = ?1",
+            [&appliance],
+        )?)
+    }) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("comatching-relay: retire failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = Retired {
+        appliance_id: id.as_str().to_owned(),
+        queue: comatching_protocol::topology::sync_queue(id.as_str()),
+        queue_deleted,
+        messages_dropped,
+        tracking_row_deleted: rows > 0,
+    };
+    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    if !queue_deleted && rows == 0 {
+        eprintln!(
+            "comatching-relay: nothing to retire: no queue {} and no tracking row",
+            report.queue
+        );
+        return ExitCode::from(3);
+    }
+    ExitCode::SUCCESS
+}
+
 /// `admin purge --before DATE`: refuses while a relay serves (exit 3); one JSON line.
 fn purge(cfg: &Config, before_ms: i64) -> ExitCode {
     let _lock = match comatching_relay::datadir::lock(&cfg.storage.data_dir) {
@@ -353,6 +464,53 @@ fn purge(cfg: &Config, before_ms: i64) -> ExitCode {
         }
         Err(e) => {
             eprintln!("comatching-relay: purge failed, nothing was changed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `admin report`: reads one consistent snapshot (read-only, beside a serving relay); exit 4
+/// when the money does not reconcile, 1 on any other failure.
+fn report(cfg: &Config, from: Option<i64>, to: Option<i64>, format: ReportFormat) -> ExitCode {
+    use rusqlite::{Connection, OpenFlags};
+    let path = cfg.storage.db_path();
+    let run = || -> Result<comatching_relay::report::Report, String> {
+        let mut c = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        c.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        let version: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| e.to_string())?;
+        if version != comatching_relay::db::SCHEMA_VERSION {
+            return Err(format!(
+                "the database is at schema {version}, this build reads {}: run `comatching-relay migrate`",
+                comatching_relay::db::SCHEMA_VERSION
+            ));
+        }
+        let tx = c.transaction().map_err(|e| e.to_string())?;
+        comatching_relay::report::build(&tx, from, to).map_err(|e| e.to_string())
+    };
+    match run() {
+        Ok(r) => {
+            match format {
+                ReportFormat::Json => {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default())
+                }
+                ReportFormat::Csv => print!("{}", comatching_relay::report::to_csv(&r)),
+            }
+            if r.reconciliation.reconciled {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "comatching-relay: the report does not reconcile: {:?}",
+                    r.reconciliation
+                );
+                ExitCode::from(4)
+            }
+        }
+        Err(e) => {
+            eprintln!("comatching-relay: report failed: {e}");
             ExitCode::FAILURE
         }
     }

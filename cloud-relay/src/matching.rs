@@ -543,14 +543,15 @@ fn finish(
                         let (view, _) = profiles::load(&tx, partner)?
                             .ok_or_else(|| ApiError::internal("partner vanished"))?;
                         let points = ledger::available(&tx, user)?;
-                        let body = json!({
-                            "match_id": match_id,
-                            "partner": view.partner_json(),
-                            "cost": r.cost,
-                            "refunded": refund,
-                            "relaxed": relaxed,
-                            "points": points,
-                        });
+                        let body = serde_json::to_value(MatchCreated {
+                            match_id,
+                            partner: view.partner_json(),
+                            cost: r.cost,
+                            refunded: refund,
+                            relaxed,
+                            points,
+                        })
+                        .map_err(|e| ApiError::internal(format!("match body: {e}")))?;
                         StoredResponse { status: 201, body }
                     }
                 }
@@ -610,14 +611,60 @@ pub fn list(c: &Connection, user: UserId) -> Result<Value, ApiError> {
             .parse()
             .map_err(|_| ApiError::internal("stored user id"))?;
         let view = profiles::partner_json(c, partner)?;
-        out.push(json!({
-            "match_id": match_id,
-            "partner": view,
-            "cost": cost,
-            "refunded": refunded,
-            "relaxed": serde_json::from_str::<Value>(&relaxed).unwrap_or(json!([])),
-            "created_at_unix_ms": created,
-        }));
+        out.push(MatchEntry {
+            match_id,
+            partner: view,
+            cost,
+            refunded,
+            relaxed: serde_json::from_str::<Value>(&relaxed).unwrap_or(json!([])),
+            created_at_unix_ms: created,
+        });
     }
-    Ok(json!({ "matches": out }))
+    serde_json::to_value(MatchList { matches: out })
+        .map_err(|e| ApiError::internal(format!("match list: {e}")))
+}
+
+/// `POST /api/v1/matches`' 201 body (stored and replayed byte for byte for the same key).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct MatchCreated {
+    /// 32 hex characters.
+    pub match_id: String,
+    #[schema(schema_with = crate::profiles::partner_schema)]
+    pub partner: Value,
+    /// Points reserved for the request.
+    pub cost: u64,
+    /// Points given back (the important option had to be relaxed).
+    pub refunded: u64,
+    /// Soft preferences the matcher had to relax.
+    pub relaxed: Vec<Criterion>,
+    /// The requester's balance afterwards.
+    pub points: i64,
+}
+
+/// `GET /api/v1/matches`: the caller's matches, newest first.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct MatchList {
+    pub matches: Vec<MatchEntry>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct MatchEntry {
+    pub match_id: String,
+    /// Null only if the partner's account has no profile any more and was not erased.
+    #[schema(schema_with = nullable_partner_schema)]
+    pub partner: Value,
+    pub cost: i64,
+    pub refunded: i64,
+    #[schema(value_type = Vec<Criterion>)]
+    pub relaxed: Value,
+    pub created_at_unix_ms: i64,
+}
+
+fn nullable_partner_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Ref, Type};
+    OneOfBuilder::new()
+        .item(Ref::from_schema_name("PartnerView"))
+        .item(Ref::from_schema_name("WithdrawnPartner"))
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .into()
 }

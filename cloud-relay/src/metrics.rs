@@ -20,6 +20,16 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     matches: Mutex<BTreeMap<u16, u64>>,
     latency: Mutex<Histogram>,
+    /// The listener's connection counters (rendered with the rest).
+    pub connections: std::sync::Arc<crate::listener::ConnStats>,
+    dead_letters: Mutex<BTreeMap<(String, String), u64>>,
+}
+
+/// A label value as the text format wants it: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
@@ -48,6 +58,16 @@ impl Metrics {
         }
         h.total += 1;
         h.sum += s;
+    }
+
+    /// One dead letter seen on `comatching.dead.tally`.
+    pub fn count_dead_letter(&self, reason: &str, queue: &str) {
+        *self
+            .dead_letters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((reason.to_owned(), queue.to_owned()))
+            .or_default() += 1;
     }
 
     /// Renders everything; `gauges` are (name, help, value) read by the caller.
@@ -93,6 +113,24 @@ impl Metrics {
         );
         let _ = writeln!(out, "comatching_match_duration_seconds_sum {}", h.sum);
         let _ = writeln!(out, "comatching_match_duration_seconds_count {}", h.total);
+        out.push_str(&self.connections.render());
+        out.push_str(
+            "# HELP comatching_dead_letters_total Dead-lettered messages by reason and by the queue they left.\n",
+        );
+        out.push_str("# TYPE comatching_dead_letters_total counter\n");
+        for ((reason, queue), n) in self
+            .dead_letters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "comatching_dead_letters_total{{reason=\"{}\",queue=\"{}\"}} {n}",
+                label(reason),
+                label(queue)
+            );
+        }
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
@@ -117,5 +155,15 @@ mod tests {
         assert!(text.contains("comatching_match_duration_seconds_bucket{le=\"0.05\"} 1"));
         assert!(text.contains("comatching_match_duration_seconds_bucket{le=\"0.025\"} 0"));
         assert!(text.contains("comatching_open_holds 2"));
+        m.count_dead_letter("expired", "comatching.match.requests");
+        m.count_dead_letter("expired", "comatching.match.requests");
+        m.count_dead_letter("rejected", "q\"x");
+        let text = m.render(&[]);
+        assert!(text.contains(
+            "comatching_dead_letters_total{reason=\"expired\",queue=\"comatching.match.requests\"} 2"
+        ));
+        assert!(
+            text.contains("comatching_dead_letters_total{reason=\"rejected\",queue=\"q\\\"x\"} 1")
+        );
     }
 }

@@ -13,12 +13,13 @@ use comatching_protocol::{
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::db::now_ms;
 use crate::error::ApiError;
 use crate::outbox::{self, OutboxOp};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ContactKind {
     Kakao,
@@ -41,18 +42,20 @@ impl ContactKind {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Contact {
     pub kind: ContactKind,
+    /// 1 to 64 characters after trimming, no control characters.
     pub handle: String,
 }
 
 /// `PUT /api/v1/me/profile`'s body. Domain fields validate while deserialising; display fields
 /// are checked by `validate`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileInput {
+    /// 1 to 20 characters after trimming, no control characters.
     pub nickname: String,
     pub gender: Gender,
     pub age: Age,
@@ -60,11 +63,14 @@ pub struct ProfileInput {
     pub hobbies: HobbySet,
     pub contact_frequency: ContactFrequency,
     pub major: Major,
+    /// At most 100 characters after trimming.
     #[serde(default)]
     pub song: String,
+    /// At most 200 characters after trimming.
     #[serde(default)]
     pub comment: String,
     pub contact: Contact,
+    /// Stay out of others' results while still being able to request matches.
     #[serde(default)]
     pub dont_pick_me: bool,
 }
@@ -126,9 +132,11 @@ impl ProfileInput {
 
 /// How the API shows a profile (to its owner, or to a matched partner without `version` and
 /// `dont_pick_me`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ProfileView {
+    #[schema(value_type = UserId)]
     pub user_id: String,
+    /// Bumped by every change; the replica's version of this profile.
     pub version: i64,
     pub nickname: String,
     pub gender: Gender,
@@ -146,20 +154,49 @@ pub struct ProfileView {
 impl ProfileView {
     /// What a requester learns of their partner.
     pub fn partner_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "user_id": self.user_id,
-            "nickname": self.nickname,
-            "gender": self.gender,
-            "age": self.age,
-            "mbti": self.mbti,
-            "hobbies": self.hobbies,
-            "contact_frequency": self.contact_frequency,
-            "major": self.major,
-            "song": self.song,
-            "comment": self.comment,
-            "contact": self.contact,
+        serde_json::to_value(PartnerView {
+            user_id: self.user_id.clone(),
+            nickname: self.nickname.clone(),
+            gender: self.gender,
+            age: self.age,
+            mbti: self.mbti,
+            hobbies: self.hobbies.clone(),
+            contact_frequency: self.contact_frequency,
+            major: self.major.clone(),
+            song: self.song.clone(),
+            comment: self.comment.clone(),
+            contact: self.contact.clone(),
         })
+        .unwrap_or(serde_json::Value::Null)
     }
+}
+
+/// A matched partner as the requester sees them: the profile without `version` and
+/// `dont_pick_me`.
+#[derive(Serialize, ToSchema)]
+pub struct PartnerView {
+    #[schema(value_type = UserId)]
+    pub user_id: String,
+    pub nickname: String,
+    pub gender: Gender,
+    pub age: Age,
+    pub mbti: Mbti,
+    pub hobbies: Vec<Hobby>,
+    pub contact_frequency: ContactFrequency,
+    pub major: String,
+    pub song: String,
+    pub comment: String,
+    pub contact: Contact,
+}
+
+/// The partner of a match: their profile, or, once their personal data was erased, that they
+/// withdrew.
+pub fn partner_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{OneOfBuilder, Ref};
+    OneOfBuilder::new()
+        .item(Ref::from_schema_name("PartnerView"))
+        .item(Ref::from_schema_name("WithdrawnPartner"))
+        .into()
 }
 
 /// A stored profile's row, as the matcher's hard filters need it.

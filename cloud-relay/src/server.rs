@@ -2,7 +2,6 @@
 //! supervisor, the match RPC dispatcher, the outbox publisher, the hold sweeper and the HTTP
 //! server. Each is a small struct or function with `run(shutdown)`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::{Notify, Semaphore, watch};
@@ -12,6 +11,7 @@ use crate::broker;
 use crate::config::Config;
 use crate::control::{ControlConsumer, trim};
 use crate::db::Db;
+use crate::dead_letters::DeadLetterTally;
 use crate::http::{AppState, router};
 use crate::limits::RateLimits;
 use crate::matching::Matcher;
@@ -35,7 +35,7 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         anyhow_like::err(format!("opening {}: {e}", cfg.storage.db_path().display()))
     })?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (supervisor, broker) = broker::supervisor(cfg.broker.clone())
+    let (supervisor, broker) = broker::supervisor(cfg.broker.clone(), cfg.dead_letter_limits())
         .map_err(|e| anyhow_like::err(format!("broker: {e}")))?;
     let supervisor_task = tokio::spawn(supervisor.run(shutdown_rx.clone()));
     let rpc = MatchRpc::start(broker.clone());
@@ -60,19 +60,37 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         broker: broker.clone(),
     };
     let control_task = tokio::spawn(control.run(shutdown_rx.clone()));
-    let trimmer_task = tokio::spawn(run_trimmer(db.clone(), shutdown_rx.clone()));
+    let trimmer_task = tokio::spawn(run_trimmer(
+        db.clone(),
+        cfg.sync_queue_expires_ms(),
+        shutdown_rx.clone(),
+    ));
+    let tally_task = tokio::spawn(
+        DeadLetterTally {
+            cfg: cfg.broker.clone(),
+            metrics: metrics.clone(),
+        }
+        .run(shutdown_rx.clone()),
+    );
+    let events = Arc::new(crate::events::Hub::new(&cfg.events, shutdown_rx.clone()));
+    let pruner_task = tokio::spawn(crate::events::run_pruner(
+        db.clone(),
+        cfg.events.clone(),
+        shutdown_rx.clone(),
+    ));
+    let limits = Arc::new(RateLimits::new(&cfg.rate_limit, &cfg.http.trusted_proxies));
+    let sweeper_limits_task = tokio::spawn(limits.clone().run_sweeper(shutdown_rx.clone()));
+    let connections = metrics.connections.clone();
     let state = AppState {
         db,
         cfg: Arc::new(cfg.clone()),
         rpc,
         matcher,
         metrics,
-        limits: Arc::new(RateLimits::new(
-            cfg.rate_limit.per_ip_per_minute,
-            cfg.rate_limit.per_user_per_minute,
-        )),
+        limits: limits.clone(),
         outbox_wake,
         hashing: Arc::new(Semaphore::new(HASH_PERMITS)),
+        events,
     };
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
@@ -88,46 +106,47 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
         tracing::info!("shutting down");
         let _ = shutdown_tx.send(true);
     });
-    match tls {
-        Some(tls) => {
-            // Browsers that once reached us over HTTPS never fall back to plain HTTP.
-            let app = router(state).layer(axum::middleware::map_response(
-                |mut r: axum::response::Response| async move {
-                    r.headers_mut().insert(
-                        axum::http::header::STRICT_TRANSPORT_SECURITY,
-                        axum::http::HeaderValue::from_static("max-age=31536000"),
-                    );
-                    r
-                },
-            ));
-            crate::tls::serve(listener, tls, app, shutdown_rx.clone()).await;
-        }
-        None => {
-            let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-            let mut stop = shutdown_rx.clone();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.changed().await;
-                })
-                .await
-                .map_err(|e| anyhow_like::err(e.to_string()))?;
-        }
+    let mut app = router(state);
+    if tls.is_some() {
+        // Browsers that once reached us over HTTPS never fall back to plain HTTP.
+        app = app.layer(axum::middleware::map_response(
+            |mut r: axum::response::Response| async move {
+                r.headers_mut().insert(
+                    axum::http::header::STRICT_TRANSPORT_SECURITY,
+                    axum::http::HeaderValue::from_static("max-age=31536000"),
+                );
+                r
+            },
+        ));
     }
+    crate::listener::serve(
+        listener,
+        tls,
+        app,
+        crate::listener::Settings::from_config(&cfg.http),
+        connections,
+        shutdown_rx.clone(),
+    )
+    .await;
     signals.abort();
     let _ = tokio::join!(
         supervisor_task,
         publisher_task,
         sweeper_task,
         control_task,
-        trimmer_task
+        trimmer_task,
+        pruner_task,
+        sweeper_limits_task,
+        tally_task
     );
     Ok(())
 }
 
-/// Trims the outbox once a minute (see `control::trim`).
-async fn run_trimmer(db: Db, mut shutdown: watch::Receiver<bool>) {
+/// Trims the outbox once a minute (see `control::trim`); appliances not heard from for
+/// `stale_ms` (the sync queues' expiry) no longer hold it back.
+async fn run_trimmer(db: Db, stale_ms: i64, mut shutdown: watch::Receiver<bool>) {
     loop {
-        match db.run(|c| trim(c)).await {
+        match db.run(move |c| trim(c, stale_ms)).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "outbox trimmed"),
             Err(e) => tracing::warn!(error = %e, "outbox trim failed"),

@@ -1,32 +1,16 @@
 //! HTTPS for the public API (DESIGN.md §7): the relay terminates TLS itself with tokio-rustls
 //! (the `ring` provider, TLS 1.2 and 1.3, ALPN h2 and http/1.1) and serves each connection with
-//! hyper's auto (HTTP/1 or HTTP/2) builder. axum has no TLS of its own, so this is the accept
-//! loop `axum::serve` would otherwise be.
+//! hyper's auto (HTTP/1 or HTTP/2) builder in the accept loop of `listener.rs` (axum has no TLS
+//! of its own); this module builds the rustls configuration.
 //!
 //! Certificates are PEM files (from `comatching-relay pki issue --kind server`, or a public CA's
 //! chain); they are read once at start and any problem stops the relay with the file's name.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::Router;
-use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
-
-/// A handshake that has not finished by then is dropped (a slow-loris on the TLS layer).
-const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
-/// In-flight requests get this long to finish at shutdown.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -76,70 +60,12 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     Ok(Arc::new(cfg))
 }
 
-/// Serves `app` over TLS on `listener` until `shutdown` flips, then lets in-flight requests
-/// finish (up to [`DRAIN_DEADLINE`]). Each request sees the peer address as
-/// `ConnectInfo<SocketAddr>`, as with `axum::serve`.
-pub async fn serve(
-    listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    app: Router,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let acceptor = TlsAcceptor::from(config);
-    let graceful = GracefulShutdown::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors, say: wait a little instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let svc = TowerToHyperService::new(
-                app.layer(axum::Extension(ConnectInfo::<SocketAddr>(peer))),
-            );
-            let builder = Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the drain deadline; closing them");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pki::{self, Kind, LeafSpec};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::TlsAcceptor;
 
     fn leaf(dir: &Path, name: &str, kind: Kind) -> (std::path::PathBuf, std::path::PathBuf) {
         pki::issue_into_dir(

@@ -11,6 +11,12 @@
 #   comatching.match.transient  classic queue, non-durable, TTL cap relay → any appliance (RPC)
 #   comatching.control          quorum queue                        appliance hellos → relay
 #   comatching.dead             fanout exchange + durable queue     dead letters of all the above
+#                               (bounded: x-max-length drop-head + x-message-ttl)
+#   comatching.dead.tally       classic queue bound to comatching.dead, bounded likewise; the
+#                               relay consumes it to count dead letters on /metrics
+#
+# Sync queues expire (`x-expires`) when unused for `syncQueueExpiresH` hours (the binaries'
+# `sync.queue_expires_h`), so an appliance that never returns stops collecting every change.
 #
 # `comatching.match` (a quorum queue) and `comatching.match.requests` (durable classic) were the
 # match queues of earlier releases; a queue's type or durability cannot change in place, so the
@@ -38,6 +44,23 @@ let
   syncExchange = "comatching.sync";
   deadExchange = "comatching.dead";
   deadQueue = "comatching.dead";
+  deadTallyQueue = "comatching.dead.tally";
+  # protocol/src/topology.rs: DEAD_LETTERS_MAX_LENGTH, DEAD_LETTERS_TTL_H, SYNC_QUEUE_EXPIRES_H.
+  defaultDeadLetterMaxLength = 10000;
+  defaultDeadLetterTtlH = 24;
+  defaultSyncQueueExpiresH = 72;
+  hourMs = 3600000;
+
+  # rabbitmq.conf items for a broker that shares a 1 GiB box with the relay (the same items
+  # scripts/broker.sh writes; nix/tests/rabbitmq.nix checks they agree). RabbitMQ's defaults
+  # are sized for big servers: the quorum-queue WAL is kept in memory up to 512 MiB before it
+  # rolls over, and the memory watermark is 40 % of the machine's RAM. Here the WAL rolls over
+  # at 64 MiB and publishers are blocked (the relay's outbox waits, matches answer 503 in
+  # time) once the node uses 300 MiB. See docs/bench/broker.md.
+  smallBoxConfigItems = {
+    "raft.wal_max_size_bytes" = "67108864";
+    "vm_memory_high_watermark.absolute" = "314572800";
+  };
   matchQueue = "comatching.match.transient";
   legacyMatchQueue = "comatching.match";
   durableMatchQueue = "comatching.match.requests";
@@ -73,27 +96,27 @@ let
   # replies to direct reply-to) needs write on `amq.default`, which RabbitMQ cannot narrow by
   # routing key.
   relayPermissions = {
-    # declares both exchanges, the dead-letter queue, the match and control queues; looks up
-    # and deletes the match queues of earlier releases
-    configure = exactly [
-      syncExchange
-      deadExchange
-      matchQueue
-      controlQueue
-      legacyMatchQueue
-      durableMatchQueue
-    ];
+    # declares both exchanges, the dead-letter queues, the match and control queues; looks up
+    # and deletes the match queues of earlier releases; deletes a retired appliance's sync queue
+    # (`comatching-relay admin retire-appliance`)
+    configure =
+      "^(comatching\\.sync|comatching\\.dead|comatching\\.dead\\.tally|comatching\\.match\\.transient"
+      + "|comatching\\.control|comatching\\.match|comatching\\.match\\.requests"
+      + "|comatching\\.sync\\.[a-z0-9][a-z0-9-]{0,63})$";
     # publishes events to comatching.sync, everything else through the default exchange; binds
-    # comatching.dead (queue) to comatching.dead (exchange)
+    # both dead-letter queues to comatching.dead (exchange)
     write = exactly [
       "amq.default"
       syncExchange
       deadQueue
+      deadTallyQueue
     ];
-    # consumes comatching.control and its RPC replies; the dead-letter binding reads the exchange
+    # consumes comatching.control, its RPC replies and the dead-letter tally; the dead-letter
+    # bindings read the exchange
     read = exactly [
       controlQueue
       deadExchange
+      deadTallyQueue
       "amq.rabbitmq.reply-to"
     ];
   };
@@ -140,6 +163,9 @@ let
       relayUser ? "relay",
       deliveryLimit ? 5,
       syncDeliveryLimit ? 5,
+      syncQueueExpiresH ? defaultSyncQueueExpiresH,
+      deadLetterMaxLength ? defaultDeadLetterMaxLength,
+      deadLetterTtlH ? defaultDeadLetterTtlH,
       passwordHashes ? { },
     }:
     let
@@ -199,6 +225,14 @@ let
         "x-dead-letter-exchange" = deadExchange;
       };
 
+      # Bounded: the newest dead letters are kept, for a while; they dead-letter nowhere.
+      deadArgs = {
+        "x-queue-type" = "classic";
+        "x-max-length" = checkLimit "deadLetterMaxLength" deadLetterMaxLength;
+        "x-overflow" = "drop-head";
+        "x-message-ttl" = hourMs * checkLimit "deadLetterTtlH" deadLetterTtlH;
+      };
+
       binding = source: destination: {
         inherit source vhost destination;
         destination_type = "queue";
@@ -217,7 +251,8 @@ let
         (exchange deadExchange)
       ];
       queues = [
-        (queue deadQueue { })
+        (queue deadQueue deadArgs)
+        (queue deadTallyQueue deadArgs)
         (transientQueue matchQueue matchArgs)
         (queue controlQueue controlArgs)
       ]
@@ -228,9 +263,14 @@ let
           "x-single-active-consumer" = true;
           "x-delivery-limit" = checkLimit "syncDeliveryLimit" syncDeliveryLimit;
           "x-dead-letter-exchange" = deadExchange;
+          "x-expires" = hourMs * checkLimit "syncQueueExpiresH" syncQueueExpiresH;
         }
       ) ids;
-      bindings = [ (binding deadExchange deadQueue) ] ++ map (id: binding syncExchange (syncQueue id)) ids;
+      bindings = [
+        (binding deadExchange deadQueue)
+        (binding deadExchange deadTallyQueue)
+      ]
+      ++ map (id: binding syncExchange (syncQueue id)) ids;
       parameters = [ ];
       global_parameters = [ ];
       policies = [ ];
@@ -329,6 +369,7 @@ in
   inherit
     definitions
     split
+    smallBoxConfigItems
     listeners
     syncQueue
     applianceUser
@@ -349,11 +390,15 @@ in
       syncExchange
       deadExchange
       deadQueue
+      deadTallyQueue
       matchQueue
       legacyMatchQueue
       durableMatchQueue
       controlQueue
       matchQueueTtlMs
+      defaultDeadLetterMaxLength
+      defaultDeadLetterTtlH
+      defaultSyncQueueExpiresH
       ;
   };
 }

@@ -15,6 +15,8 @@ rec {
     "points"
     "rate_limit"
     "auth"
+    "sync"
+    "dead_letters"
   ];
 
   # comatching-appliance: appliance/src/node/config.rs

@@ -90,6 +90,9 @@ let
       vhost
       deliveryLimit
       syncDeliveryLimit
+      syncQueueExpiresH
+      deadLetterMaxLength
+      deadLetterTtlH
       ;
   };
   topologyFile = pkgs.writeText "comatching-broker-topology.json" (builtins.toJSON split.topology);
@@ -249,7 +252,8 @@ in
     settings = mkOption {
       description = ''
         The relay's configuration, rendered to TOML (sections [http], [storage], [broker],
-        [matching], [ledger], [points], [rate_limit], [auth]; see cloud-relay/src/config.rs). Keys left
+        [matching], [ledger], [points], [rate_limit], [auth], [sync], [dead_letters]; see
+        cloud-relay/src/config.rs). Keys left
         unset take the binary's defaults. No secrets: this ends up in the Nix store.
       '';
       default = { };
@@ -293,6 +297,28 @@ in
               default = "/var/lib/${stateDir}";
               readOnly = true;
               description = "The SQLite database lives here (the unit's StateDirectory).";
+            };
+          };
+          sync = section {
+            queue_expires_h = mkOption {
+              type = types.ints.positive;
+              default = brk.syncQueueExpiresH;
+              defaultText = literalExpression "broker.syncQueueExpiresH";
+              description = "Hours after which an appliance not heard from no longer holds the outbox back (its sync queue has expired on the broker by then).";
+            };
+          };
+          dead_letters = section {
+            max_length = mkOption {
+              type = types.ints.positive;
+              default = brk.deadLetterMaxLength;
+              defaultText = literalExpression "broker.deadLetterMaxLength";
+              description = "Most dead letters kept in comatching.dead (and the tally queue).";
+            };
+            message_ttl_h = mkOption {
+              type = types.ints.positive;
+              default = brk.deadLetterTtlH;
+              defaultText = literalExpression "broker.deadLetterTtlH";
+              description = "Hours a dead letter is kept.";
             };
           };
           broker = section {
@@ -615,6 +641,24 @@ in
         description = "x-delivery-limit of the per-appliance sync queues (the appliances' [sync] delivery_limit).";
       };
 
+      syncQueueExpiresH = mkOption {
+        type = types.ints.positive;
+        default = 72;
+        description = "x-expires of the per-appliance sync queues, in hours: the appliances' and the relay's [sync] queue_expires_h (the relay's is set from this).";
+      };
+
+      deadLetterMaxLength = mkOption {
+        type = types.ints.positive;
+        default = 10000;
+        description = "Most dead letters kept in comatching.dead and comatching.dead.tally (the relay's [dead_letters] max_length is set from this).";
+      };
+
+      deadLetterTtlH = mkOption {
+        type = types.ints.positive;
+        default = 24;
+        description = "Hours a dead letter is kept (the relay's [dead_letters] message_ttl_h is set from this).";
+      };
+
       passwordFiles = mkOption {
         type = types.attrsOf types.str;
         default = { };
@@ -752,6 +796,9 @@ in
           "definitions.local.path" = "${topologyFile}";
           "definitions.skip_if_unchanged" = "true";
         }
+        # Sized for the relay's 1 GiB box (quorum WAL, absolute memory watermark); the same
+        # items as scripts/broker.sh. nix/lib/rabbitmq.nix says why.
+        // clib.rabbitmq.smallBoxConfigItems
         # Plain listeners on loopback and the tailnet address; or, with tls.enable, TLS ones
         # with `listeners.tcp = none` (or plain on loopback only). nix/lib/rabbitmq.nix.
         // brokerListeners.configItems;

@@ -34,6 +34,11 @@ let
       m = builtins.match ".*const ${name}: [&a-z0-9]+ = \"?([^\";]*)\"?;.*" src;
     in
     if m == null then "<${name} not found>" else builtins.head m;
+  brokerScript = source "scripts/broker.sh";
+  hasConfLine =
+    key: value:
+    builtins.match ".*\n${builtins.replaceStrings [ "." ] [ "\\." ] key} = ${value}\n.*" brokerScript
+    != null;
   syncDefaultLimit =
     let
       m = builtins.match ".*delivery_limit: ([0-9]+),.*" applianceConfig;
@@ -103,6 +108,7 @@ import ./harness.nix [
     actual = map (q: q.name) defs.queues;
     expected = [
       "comatching.dead"
+      "comatching.dead.tally"
       "comatching.match.transient"
       "comatching.control"
       "comatching.sync.edge-1"
@@ -114,6 +120,7 @@ import ./harness.nix [
     actual = map (q: q.durable && !q.auto_delete && q.vhost == "/") defs.queues;
     expected = [
       true
+      true
       false
       true
       true
@@ -121,9 +128,81 @@ import ./harness.nix [
     ];
   }
   {
-    name = "dead-letter-queue-is-classic";
-    actual = (queue "comatching.dead").arguments;
-    expected = { };
+    name = "dead-letter-queues-are-bounded";
+    actual = map (n: (queue n).arguments) [
+      "comatching.dead"
+      "comatching.dead.tally"
+    ];
+    expected =
+      let
+        bounded = {
+          "x-queue-type" = "classic";
+          "x-max-length" = 10000;
+          "x-overflow" = "drop-head";
+          "x-message-ttl" = 86400000;
+        };
+      in
+      [
+        bounded
+        bounded
+      ];
+  }
+  {
+    name = "bounds-configurable";
+    actual =
+      let
+        d = rmq.definitions {
+          appliances = [ "a" ];
+          syncQueueExpiresH = 2;
+          deadLetterMaxLength = 7;
+          deadLetterTtlH = 1;
+        };
+        q = n: (builtins.head (builtins.filter (x: x.name == n) d.queues)).arguments;
+      in
+      [
+        (q "comatching.sync.a")."x-expires"
+        (q "comatching.dead")."x-max-length"
+        (q "comatching.dead")."x-message-ttl"
+      ];
+    expected = [
+      7200000
+      7
+      3600000
+    ];
+  }
+  {
+    name = "rejects-bad-bounds";
+    actual = map fails [
+      (rmq.definitions {
+        appliances = [ "a" ];
+        syncQueueExpiresH = 0;
+      })
+      (rmq.definitions {
+        appliances = [ "a" ];
+        deadLetterMaxLength = -1;
+      })
+    ];
+    expected = [
+      true
+      true
+    ];
+  }
+  {
+    # scripts/broker.sh (the test and development node) and the NixOS broker use the same
+    # small-box limits.
+    name = "drift:small-box-config-items-in-broker-sh";
+    actual = builtins.filter (k: !(hasConfLine k rmq.smallBoxConfigItems.${k})) (
+      builtins.attrNames rmq.smallBoxConfigItems
+    );
+    expected = [ ];
+  }
+  {
+    name = "small-box-config-items";
+    actual = rmq.smallBoxConfigItems;
+    expected = {
+      "raft.wal_max_size_bytes" = "67108864";
+      "vm_memory_high_watermark.absolute" = "314572800";
+    };
   }
   {
     name = "match-queue-arguments";
@@ -151,6 +230,7 @@ import ./harness.nix [
       "x-single-active-consumer" = true;
       "x-delivery-limit" = 5;
       "x-dead-letter-exchange" = "comatching.dead";
+      "x-expires" = 259200000;
     };
   }
   {
@@ -167,6 +247,7 @@ import ./harness.nix [
     expected = [
       null
       null
+      null
       7
       9
     ];
@@ -176,6 +257,7 @@ import ./harness.nix [
     actual = map (b: "${b.source}->${b.destination}") defs.bindings;
     expected = [
       "comatching.dead->comatching.dead"
+      "comatching.dead->comatching.dead.tally"
       "comatching.sync->comatching.sync.edge-1"
       "comatching.sync->comatching.sync.box-2"
     ];
@@ -194,7 +276,8 @@ import ./harness.nix [
     expected = true;
   }
   {
-    name = "relay-may-declare-the-shared-topology-only";
+    # … and delete a retired appliance's sync queue (admin retire-appliance).
+    name = "relay-may-declare-the-shared-topology-and-retire-sync-queues";
     actual = map (allows relay.configure) [
       "comatching.sync"
       "comatching.dead"
@@ -202,9 +285,12 @@ import ./harness.nix [
       "comatching.control"
       "comatching.match"
       "comatching.match.requests"
+      "comatching.dead.tally"
       "comatching.sync.edge-1"
       "comatchingXsync"
       "amq.default"
+      "comatching.sync.Bad"
+      "comatching.sync.a.b"
     ];
     expected = [
       true
@@ -213,6 +299,9 @@ import ./harness.nix [
       true
       true
       true
+      true
+      true
+      false
       false
       false
       false
@@ -241,10 +330,12 @@ import ./harness.nix [
       "comatching.control"
       "amq.rabbitmq.reply-to"
       "comatching.dead"
+      "comatching.dead.tally"
       "comatching.match.transient"
       "comatching.sync.edge-1"
     ];
     expected = [
+      true
       true
       true
       true
@@ -485,9 +576,13 @@ import ./harness.nix [
       "DURABLE_MATCH_QUEUE"
       "DEAD_EXCHANGE"
       "DEAD_QUEUE"
+      "DEAD_TALLY_QUEUE"
       "CONTROL_QUEUE"
       "CONTROL_DELIVERY_LIMIT"
       "MATCH_QUEUE_TTL_MS"
+      "DEAD_LETTERS_MAX_LENGTH"
+      "DEAD_LETTERS_TTL_H"
+      "SYNC_QUEUE_EXPIRES_H"
     ];
     expected = with rmq.names; [
       syncExchange
@@ -496,9 +591,13 @@ import ./harness.nix [
       durableMatchQueue
       deadExchange
       deadQueue
+      deadTallyQueue
       controlQueue
       "5"
       (toString matchQueueTtlMs)
+      (toString defaultDeadLetterMaxLength)
+      (toString defaultDeadLetterTtlH)
+      (toString defaultSyncQueueExpiresH)
     ];
   }
   {

@@ -260,6 +260,9 @@ import ./harness.nix [
       "ssl_options.keyfile" = "/run/credentials/rabbitmq.service/comatching-broker.key";
       "ssl_options.verify" = "verify_peer";
       "ssl_options.fail_if_no_peer_cert" = "true";
+      # The small-box limits (nix/lib/rabbitmq.nix), on every broker node.
+      "raft.wal_max_size_bytes" = "67108864";
+      "vm_memory_high_watermark.absolute" = "314572800";
     };
   }
   {

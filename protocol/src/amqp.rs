@@ -5,7 +5,10 @@
 //! declaration of the shared topology ([`declare_shared_topology`]), so the two services cannot
 //! drift apart (RabbitMQ refuses a redeclare with other arguments).
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, ByteArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, ExchangeKind};
@@ -14,8 +17,9 @@ use lapin::{Connection, ConnectionProperties};
 use crate::config::{BrokerSettings, ConfigError};
 use crate::mac::{LinkKey, MAC_HEADER, MacError};
 use crate::topology::{
-    CONTROL_DELIVERY_LIMIT, CONTROL_QUEUE, DEAD_EXCHANGE, DEAD_QUEUE, MATCH_QUEUE,
-    MATCH_QUEUE_TTL_MS, SYNC_EXCHANGE,
+    CONTROL_DELIVERY_LIMIT, CONTROL_QUEUE, DEAD_EXCHANGE, DEAD_LETTERS_MAX_LENGTH,
+    DEAD_LETTERS_TTL_H, DEAD_QUEUE, DEAD_TALLY_QUEUE, MATCH_QUEUE, MATCH_QUEUE_TTL_MS,
+    SYNC_EXCHANGE,
 };
 
 /// Reads the link key named by `broker.link_key_file`, if any.
@@ -187,59 +191,15 @@ pub async fn declare_match_queue(ch: &Channel) -> lapin::Result<()> {
     Ok(())
 }
 
-/// Is this the broker's `NOT_FOUND` (a channel error): on a cluster, "home node … of durable
-/// queue … is down or inaccessible".
-pub fn is_not_found(e: &lapin::Error) -> bool {
-    matches!(
-        e.kind(),
-        lapin::ErrorKind::ProtocolError(p)
-            if matches!(p.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND))
-    )
-}
-
-/// Declares and binds the dead-letter queue on a channel of its own. It is a durable classic
-/// queue, so on a cluster it lives on one node; while that node is down the broker answers
-/// `NOT_FOUND` and dead letters are dropped (the queue is for inspection only, nobody consumes
-/// it). That must not keep a service off the broker: it is logged and skipped, and the next
-/// connect declares it again.
-pub async fn declare_dead_letter_queue(conn: &Connection) -> lapin::Result<()> {
-    let ch = conn.create_channel().await?;
-    let durable_q = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let r = async {
-        ch.queue_declare(DEAD_QUEUE.into(), durable_q, FieldTable::default())
-            .await?;
-        ch.queue_bind(
-            DEAD_QUEUE.into(),
-            DEAD_EXCHANGE.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-    }
-    .await;
-    match r {
-        Ok(()) => {
-            let _ = ch.close(200, "dead-letter queue declared".into()).await;
-            Ok(())
-        }
-        Err(e) if is_not_found(&e) => {
-            tracing::warn!(queue = DEAD_QUEUE, error = %e, "dead-letter queue unavailable (its node is down): skipped until the next connect");
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
-}
-
 /// Declares what both services use, identically from either side (idempotent, so it runs on
 /// every connect and a wiped broker gets its topology back unattended): the sync and dead-letter
-/// exchanges, the dead-letter queue, the control queue and the match queue. An appliance then
-/// declares its own sync queue. `quorum_group_size` is `broker.quorum_group_size`.
+/// exchanges, the control queue and the match queue. The dead-letter queues are not here: their
+/// limits are the relay's configuration, so the relay declares them
+/// ([`declare_dead_letter_queues`]) and an appliance only creates the inspection queue when it is
+/// missing ([`ensure_dead_queue`]); both on channels of their own, skipping a `NOT_FOUND` (a
+/// cluster node that is their home is down). An appliance then declares its own sync queue.
+/// `quorum_group_size` is `broker.quorum_group_size`.
 pub async fn declare_shared_topology(
-    conn: &Connection,
     ch: &Channel,
     quorum_group_size: Option<u16>,
 ) -> lapin::Result<()> {
@@ -260,7 +220,6 @@ pub async fn declare_shared_topology(
         )
         .await?;
     }
-    declare_dead_letter_queue(conn).await?;
     ch.queue_declare(
         CONTROL_QUEUE.into(),
         durable_q,
@@ -277,6 +236,230 @@ pub async fn declare_shared_topology(
     )
     .await?;
     declare_match_queue(ch).await
+}
+
+/// How many dead letters the broker keeps, and for how long (the relay's `[dead_letters]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeadLetterLimits {
+    /// Most messages in each dead-letter queue; the oldest is dropped first beyond it.
+    pub max_length: i64,
+    /// Longest a dead letter is kept.
+    pub message_ttl_ms: i64,
+}
+
+impl Default for DeadLetterLimits {
+    fn default() -> Self {
+        DeadLetterLimits {
+            max_length: DEAD_LETTERS_MAX_LENGTH,
+            message_ttl_ms: DEAD_LETTERS_TTL_H * 3_600_000,
+        }
+    }
+}
+
+/// The arguments of [`DEAD_QUEUE`] and [`DEAD_TALLY_QUEUE`]: classic, bounded by length (oldest
+/// dropped first, so the newest dead letters are the ones kept for inspection) and by age. They
+/// dead-letter nowhere, so a dropped dead letter is gone.
+pub fn dead_queue_args(limits: &DeadLetterLimits) -> FieldTable {
+    queue_args(&[
+        ("x-queue-type", text("classic")),
+        ("x-max-length", AMQPValue::LongLongInt(limits.max_length)),
+        ("x-overflow", text("drop-head")),
+        (
+            "x-message-ttl",
+            AMQPValue::LongLongInt(limits.message_ttl_ms),
+        ),
+    ])
+}
+
+/// The arguments of an appliance's own sync queue: quorum, one consumer at a time, dead-letters
+/// a message after `delivery_limit` deliveries, and deleted by the broker after `expires_ms`
+/// without a consumer (an appliance that never comes back stops collecting every change);
+/// `group_size` is `broker.quorum_group_size` ([`quorum_args`]).
+pub fn sync_queue_args(
+    delivery_limit: i64,
+    expires_ms: i64,
+    group_size: Option<u16>,
+) -> FieldTable {
+    quorum_args(
+        &[
+            ("x-single-active-consumer", AMQPValue::Boolean(true)),
+            ("x-delivery-limit", AMQPValue::LongLongInt(delivery_limit)),
+            ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
+            ("x-expires", AMQPValue::LongLongInt(expires_ms)),
+        ],
+        group_size,
+    )
+}
+
+/// Whether `e` is the broker's PRECONDITION_FAILED (406): a redeclare with other arguments, or
+/// a delete the queue's type refuses.
+pub fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}
+
+/// Whether `e` is the broker's NOT_FOUND (404); on a cluster also "home node … of durable
+/// queue … is down or inaccessible".
+pub fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
+
+/// What [`declare_queue_replacing`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Declared {
+    /// The queue existed with these arguments, or did not exist and now does.
+    AsIs,
+    /// It existed with other arguments (an earlier release's): it was deleted, with the
+    /// messages it held, and declared again.
+    Replaced,
+}
+
+/// Declares a durable queue with `args`; when the broker refuses because the queue exists with
+/// other arguments (they changed between releases), deletes it and declares it again. The
+/// refusal closes the channel, so each step has a channel of its own. Only for queues whose
+/// messages may be lost: a sync queue (the appliance catches up by replay or snapshot) or a
+/// dead-letter queue.
+pub async fn declare_queue_replacing(
+    conn: &Connection,
+    name: &str,
+    args: FieldTable,
+) -> lapin::Result<Declared> {
+    let opts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let ch = conn.create_channel().await?;
+    match ch.queue_declare(name.into(), opts, args.clone()).await {
+        Ok(_) => {
+            let _ = ch.close(200, "declared".into()).await;
+            Ok(Declared::AsIs)
+        }
+        Err(e) if is_precondition_failed(&e) => {
+            let ch = conn.create_channel().await?;
+            ch.queue_delete(name.into(), QueueDeleteOptions::default())
+                .await?;
+            ch.queue_declare(name.into(), opts, args).await?;
+            let _ = ch.close(200, "replaced".into()).await;
+            Ok(Declared::Replaced)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Logs a dead-letter queue that could not be declared or bound because the broker answered
+/// `NOT_FOUND`: it is a durable classic queue, so on a cluster it lives on one node, and while
+/// that node is down nobody can declare it. Dead letters routed to it meanwhile are dropped
+/// (they are for inspection and counting only); the next connect declares it again.
+fn skip_unavailable_dead_queue(queue: &str, e: &lapin::Error) {
+    tracing::warn!(
+        queue,
+        error = %e,
+        "dead-letter queue unavailable (its node is down): skipped until the next connect"
+    );
+}
+
+/// The relay's dead-letter queues, with its limits (replacing older, unbounded ones), each
+/// bound to [`DEAD_EXCHANGE`], each on channels of its own: one whose home node is down
+/// (`NOT_FOUND`) is logged and skipped, so it cannot keep the relay off the broker.
+pub async fn declare_dead_letter_queues(
+    conn: &Connection,
+    limits: &DeadLetterLimits,
+) -> lapin::Result<()> {
+    for queue in [DEAD_QUEUE, DEAD_TALLY_QUEUE] {
+        match declare_queue_replacing(conn, queue, dead_queue_args(limits)).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {
+                skip_unavailable_dead_queue(queue, &e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let ch = conn.create_channel().await?;
+        match ch
+            .queue_bind(
+                queue.into(),
+                DEAD_EXCHANGE.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(()) => {
+                let _ = ch.close(200, "bound".into()).await;
+            }
+            Err(e) if is_not_found(&e) => skip_unavailable_dead_queue(queue, &e),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// An appliance's side: [`DEAD_QUEUE`] is created with the default limits only when it does
+/// not exist (skipped, logged, when its home node is down: `NOT_FOUND`), and left alone otherwise (its arguments are the relay's to choose; declaring
+/// them from both sides would make two configurations fight over it).
+pub async fn ensure_dead_queue(conn: &Connection) -> lapin::Result<()> {
+    let ch = conn.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    match ch
+        .queue_declare(DEAD_QUEUE.into(), passive, FieldTable::default())
+        .await
+    {
+        Ok(_) => {
+            let _ = ch.close(200, "exists".into()).await;
+            Ok(())
+        }
+        Err(e) if is_not_found(&e) => {
+            let ch = conn.create_channel().await?;
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            // Another service may have created it meanwhile, with other limits: fine.
+            match ch
+                .queue_declare(
+                    DEAD_QUEUE.into(),
+                    durable,
+                    dead_queue_args(&DeadLetterLimits::default()),
+                )
+                .await
+            {
+                Ok(_) => match ch
+                    .queue_bind(
+                        DEAD_QUEUE.into(),
+                        DEAD_EXCHANGE.into(),
+                        "".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                {
+                    Ok(()) => {
+                        let _ = ch.close(200, "created".into()).await;
+                        Ok(())
+                    }
+                    Err(e) if is_not_found(&e) => {
+                        skip_unavailable_dead_queue(DEAD_QUEUE, &e);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+                Err(e) if is_precondition_failed(&e) => Ok(()),
+                // The passive declare's NOT_FOUND also means "its home node is down" on a
+                // cluster; then this declare is refused the same way.
+                Err(e) if is_not_found(&e) => {
+                    skip_unavailable_dead_queue(DEAD_QUEUE, &e);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// One connection attempt to `url` (which carries the heartbeat) with `tls`. With a list of

@@ -240,6 +240,17 @@ impl Default for BrokerSettings {
     }
 }
 
+/// A duration configured in hours (fractions allowed, so a test can ask for seconds) as whole
+/// milliseconds, the unit of RabbitMQ's queue arguments: at least one second, at most a year.
+pub fn hours_to_ms(key: &str, hours: f64) -> Result<i64, ConfigError> {
+    if !hours.is_finite() || !(1.0 / 3600.0..=8760.0).contains(&hours) {
+        return Err(ConfigError::Invalid(format!(
+            "{key} must be between 0.000278 (one second) and 8760 hours"
+        )));
+    }
+    Ok((hours * 3_600_000.0).round() as i64)
+}
+
 /// `overlay`, then deserialised into the binary's config type.
 pub fn parse<T, I>(file: &str, prefix: &str, vars: I) -> Result<T, ConfigError>
 where
@@ -295,6 +306,16 @@ pub fn mask_url_password(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hours_become_milliseconds_within_bounds() {
+        assert_eq!(hours_to_ms("k", 72.0).unwrap(), 259_200_000);
+        assert_eq!(hours_to_ms("k", 0.001).unwrap(), 3_600);
+        for bad in [0.0, -1.0, 0.0001, 9000.0, f64::NAN, f64::INFINITY] {
+            let e = hours_to_ms("sync.queue_expires_h", bad).unwrap_err();
+            assert!(e.to_string().contains("sync.queue_expires_h"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn broker_tls_settings_must_be_coherent() {

@@ -16,6 +16,8 @@ pub mod failover;
 pub mod ids;
 pub mod mac;
 pub mod options;
+#[cfg(feature = "utoipa")]
+mod schema;
 pub mod topology;
 pub mod wire;
 

@@ -9,6 +9,7 @@ use crate::domain::{ContactFrequency, Hobby, Mbti, parse_mbti_letters};
 use crate::error::ValidationError;
 
 /// The candidate's age relative to the requester's.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AgePreference {
@@ -145,6 +146,7 @@ impl<'de> Deserialize<'de> for ContactPreference {
 }
 
 /// A soft preference by name; used for the important option and for reporting what was relaxed.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum Criterion {
@@ -155,6 +157,7 @@ pub enum Criterion {
 }
 
 /// The option the requester marked important, if any.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Important {

@@ -8,7 +8,8 @@
 //! | `comatching.sync.<id>` | quorum queue, single active consumer | one appliance's events |
 //! | `comatching.match.transient` | classic queue, non-durable, transient messages | relay → any appliance (RPC) |
 //! | `comatching.control` | quorum queue | appliance hellos → relay |
-//! | `comatching.dead` | fanout exchange + classic queue | dead letters of all the above |
+//! | `comatching.dead` | fanout exchange + classic queue (bounded) | dead letters of all the above |
+//! | `comatching.dead.tally` | classic queue (bounded), bound to `comatching.dead` | the relay counts dead letters |
 //!
 //! Match requests ride a classic queue, not a quorum one: a request is worthless after its
 //! deadline (seconds), and a lost one is voided by the relay's timeout anyway, so a replicated,
@@ -25,8 +26,17 @@
 pub const SYNC_EXCHANGE: &str = "comatching.sync";
 /// Where every queue dead-letters.
 pub const DEAD_EXCHANGE: &str = "comatching.dead";
-/// Bound to [`DEAD_EXCHANGE`]; kept for inspection, consumed by nobody.
+/// Bound to [`DEAD_EXCHANGE`]; kept for inspection, consumed by nobody, bounded by length
+/// (oldest dropped first) and message age.
 pub const DEAD_QUEUE: &str = "comatching.dead";
+/// Bound to [`DEAD_EXCHANGE`] too; the relay consumes it to count dead letters by reason.
+pub const DEAD_TALLY_QUEUE: &str = "comatching.dead.tally";
+/// Default most dead letters kept in [`DEAD_QUEUE`] (and [`DEAD_TALLY_QUEUE`]).
+pub const DEAD_LETTERS_MAX_LENGTH: i64 = 10000;
+/// Default longest a dead letter is kept, in hours.
+pub const DEAD_LETTERS_TTL_H: i64 = 24;
+/// Default time an appliance's sync queue survives without a consumer, in hours.
+pub const SYNC_QUEUE_EXPIRES_H: i64 = 72;
 /// Appliance hellos to the relay.
 pub const CONTROL_QUEUE: &str = "comatching.control";
 /// Match requests, relay to whichever appliance takes them (non-durable; see above).

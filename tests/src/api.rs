@@ -25,6 +25,7 @@ pub struct Resp {
     pub status: u16,
     pub body: Value,
     pub text: String,
+    pub headers: reqwest::header::HeaderMap,
 }
 
 impl Resp {
@@ -37,6 +38,11 @@ impl Resp {
             self.status, self.text
         );
         self.body
+    }
+
+    /// A response header as text (None if absent or not text).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     pub fn error_code(&self) -> Option<&str> {
@@ -194,9 +200,15 @@ impl Api {
     async fn finish(req: reqwest::RequestBuilder) -> Resp {
         let resp = req.send().await.expect("HTTP request to the relay");
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let text = resp.text().await.unwrap_or_default();
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Resp { status, body, text }
+        Resp {
+            status,
+            body,
+            text,
+            headers,
+        }
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
@@ -334,6 +346,39 @@ impl User {
             .await
     }
 
+    /// `POST /api/v1/me/charges {amount, depositor}`.
+    pub async fn request_charge(&self, amount: i64, depositor: &str) -> Resp {
+        let body = json!({"amount": amount, "depositor": depositor});
+        self.api
+            .request(
+                Method::POST,
+                "/api/v1/me/charges",
+                Some(&self.token),
+                Some(&body),
+                &[],
+            )
+            .await
+    }
+
+    /// Files a charge request (201 expected); returns its `charge_id`.
+    pub async fn request_charge_ok(&self, amount: i64) -> String {
+        let body = self.request_charge(amount, "홍길동").await.expect(201);
+        body["charge_id"].as_str().expect("charge_id").to_owned()
+    }
+
+    /// `DELETE /api/v1/me/charges/{id}`.
+    pub async fn cancel_charge(&self, charge_id: &str) -> Resp {
+        self.api
+            .request(
+                Method::DELETE,
+                &format!("/api/v1/me/charges/{charge_id}"),
+                Some(&self.token),
+                None,
+                &[],
+            )
+            .await
+    }
+
     /// `GET /api/v1/matches`, 200 expected; the list, newest first.
     pub async fn matches(&self) -> Vec<Value> {
         let body = self.get("/api/v1/matches").await.expect(200);
@@ -383,6 +428,34 @@ impl Operator {
             .await
             .expect(201);
         body["points"].as_i64().expect("points in grant response")
+    }
+
+    /// `POST /api/v1/admin/charges/{id}/approve`.
+    pub async fn approve(&self, charge_id: &str) -> Resp {
+        self.user
+            .api
+            .request(
+                Method::POST,
+                &format!("/api/v1/admin/charges/{charge_id}/approve"),
+                Some(&self.user.token),
+                None,
+                &[],
+            )
+            .await
+    }
+
+    /// `POST /api/v1/admin/charges/{id}/reject {reason}`.
+    pub async fn reject(&self, charge_id: &str, reason: &str) -> Resp {
+        self.user
+            .api
+            .request(
+                Method::POST,
+                &format!("/api/v1/admin/charges/{charge_id}/reject"),
+                Some(&self.user.token),
+                Some(&json!({ "reason": reason })),
+                &[],
+            )
+            .await
     }
 
     /// `GET /api/v1/admin/stats`, 200 expected.

@@ -56,6 +56,9 @@ pub struct SyncSection {
     pub batch_max: usize,
     /// The longest pause between replays while an event cannot be committed (F13).
     pub retry_max_ms: u64,
+    /// `sync.queue_expires_h`; the appliance's default (72 h) when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_expires_h: Option<f64>,
 }
 #[derive(Clone, Debug, Serialize)]
 pub struct MatchingSection {
@@ -88,6 +91,7 @@ impl ApplianceConfig {
                 hello_interval_ms: 1_000,
                 batch_max: 1_000,
                 retry_max_ms: 2_000,
+                queue_expires_h: None,
             },
             matching: MatchingSection {
                 engine: "buckets".into(),
@@ -286,6 +290,11 @@ impl ApplianceProcess {
 
     pub fn kill_9(&mut self) {
         self.service.kill_9();
+    }
+
+    /// A clean stop (SIGTERM, waits for the exit).
+    pub fn stop(&mut self) {
+        self.service.stop();
     }
 
     /// Starts again on the same id, port and data dir.

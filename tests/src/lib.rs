@@ -8,6 +8,7 @@
 //! * [`relay::RelayProcess`] — the real `comatching-relay` binary in its own temp dir, on its own
 //!   port, with its own database; its logs are printed when a test fails;
 //! * [`api::Api`] — a typed HTTP client for the relay's public contract;
+//! * [`contract::Contract`] — the OpenAPI document as an oracle for answers (JSON Schema);
 //! * [`responder::Responder`] — a scripted stand-in for the appliance on the match queue;
 //! * [`sync_tap::SyncTap`] — a queue bound to the sync exchange that records what the relay
 //!   publishes;
@@ -22,6 +23,7 @@ pub mod appliance;
 pub mod broker;
 pub mod browser;
 pub mod checker;
+pub mod contract;
 pub mod env;
 pub mod mixed_load;
 pub mod population;
@@ -31,6 +33,7 @@ pub mod profiles;
 pub mod proxy;
 pub mod relay;
 pub mod responder;
+pub mod sse;
 pub mod sync_tap;
 pub mod world;
 

@@ -26,6 +26,45 @@ impl PrivateBroker {
         Self::start_with(label, None)
     }
 
+    /// A node whose `rabbitmq.conf` also has `extra` (e.g. the small-box limits of
+    /// scripts/broker.sh, for a measurement).
+    pub fn start_with_conf(label: &str, extra: &str) -> PrivateBroker {
+        let b = Self::start_with(label, None);
+        let conf = b.path("rabbitmq.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("read rabbitmq.conf");
+        text.push_str(extra);
+        text.push('\n');
+        std::fs::write(&conf, text).expect("write rabbitmq.conf");
+        b.ctl_ok(&["stop", b.path("pid").to_str().expect("utf-8 path")]);
+        b.start_node();
+        b
+    }
+
+    /// Sets the memory high watermark at run time: `absolute BYTES`, or a fraction of RAM. A
+    /// watermark below what the node uses raises the memory alarm: every publisher blocks.
+    pub fn set_memory_watermark(&self, args: &[&str]) {
+        let mut all = vec!["set_vm_memory_high_watermark"];
+        all.extend_from_slice(args);
+        self.ctl_ok(&all);
+    }
+
+    /// The Erlang VM's pid, for sampling its memory.
+    pub fn beam_pid(&self) -> Option<u32> {
+        self.beam_pid_i32().map(|p| p as u32)
+    }
+
+    /// Resident memory of the node's Erlang VM (VmRSS) in MiB, and its peak (VmHWM).
+    pub fn rss_mb(&self) -> Option<(f64, f64)> {
+        let pid = self.beam_pid_i32()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| -> Option<f64> {
+            let line = status.lines().find(|l| l.starts_with(name))?;
+            let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib / 1024.0)
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
     /// A node that speaks AMQP over TLS only, with the server certificate `<pki>/broker.pem`
     /// from the CA in `<pki>/ca.pem`, and refuses clients without a certificate from that CA.
     pub fn start_tls(label: &str, pki: &Path) -> PrivateBroker {
@@ -167,7 +206,8 @@ impl PrivateBroker {
         self.ctl_ok(&["await_startup", "--timeout", "60"]);
     }
 
-    fn beam_pid(&self) -> Option<i32> {
+    /// The Erlang VM's pid (from the node's pid file).
+    pub fn beam_pid_i32(&self) -> Option<i32> {
         std::fs::read_to_string(self.path("pid"))
             .ok()?
             .trim()
@@ -177,7 +217,7 @@ impl PrivateBroker {
 
     /// SIGKILL of the Erlang VM: a broker crash.
     pub fn kill_9(&self) {
-        if let Some(pid) = self.beam_pid() {
+        if let Some(pid) = self.beam_pid_i32() {
             // SAFETY: plain kill(2) on a pid this test started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             let deadline = std::time::Instant::now() + Duration::from_secs(20);

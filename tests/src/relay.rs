@@ -29,10 +29,40 @@ pub struct RelayConfig {
     pub matching: MatchingSection,
     pub ledger: LedgerSection,
     pub points: PointsSection,
+    /// Not written at all with [`RateLimitSection::relay_defaults`]: the relay's own defaults.
+    #[serde(skip_serializing_if = "RateLimitSection::is_relay_defaults")]
     pub rate_limit: RateLimitSection,
     /// Password hashing cost; `None` keeps the relay's (production) default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSection>,
+    /// `[sync]`; `None` keeps the relay's defaults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncSection>,
+    /// `[dead_letters]`; `None` keeps the relay's defaults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letters: Option<DeadLettersSection>,
+    /// Live streams; `None` keeps the relay's defaults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventsSection>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SyncSection {
+    pub queue_expires_h: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DeadLettersSection {
+    pub max_length: i64,
+    pub message_ttl_h: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EventsSection {
+    pub keep_alive_s: u64,
+    pub max_streams: usize,
+    pub retention_hours: u64,
+    pub retention_rows: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -52,6 +82,22 @@ pub struct HttpSection {
     /// Not the relay's: the CA the test's clients trust when the relay serves HTTPS.
     #[serde(skip)]
     pub trust_ca: Option<PathBuf>,
+    /// Origins allowed to call the API cross-origin (CORS); empty = the relay's default (none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cors_allowed_origins: Vec<String>,
+    /// The edge's limits (issue 13); `None` keeps the relay's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_read_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_handshake_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -89,6 +135,43 @@ pub struct PointsSection {
 pub struct RateLimitSection {
     pub per_ip_per_minute: u32,
     pub per_user_per_minute: u32,
+    pub credentials_per_ip_per_minute: u32,
+    pub login_per_username_per_minute: u32,
+    pub login_burst: u32,
+    /// Set by [`RateLimitSection::relay_defaults`]: write no `[rate_limit]` section at all.
+    #[serde(skip)]
+    pub relay_defaults: bool,
+}
+
+impl RateLimitSection {
+    /// Limits no test meets unless it lowers one.
+    pub fn generous() -> RateLimitSection {
+        RateLimitSection {
+            per_ip_per_minute: 1_000_000,
+            per_user_per_minute: 1_000_000,
+            credentials_per_ip_per_minute: 1_000_000,
+            login_per_username_per_minute: 1_000_000,
+            login_burst: 1_000_000,
+            relay_defaults: false,
+        }
+    }
+
+    /// The relay's production defaults (the section is left out of the file). The figures
+    /// are only a description; the relay decides.
+    pub fn relay_defaults() -> RateLimitSection {
+        RateLimitSection {
+            per_ip_per_minute: 6_000,
+            per_user_per_minute: 120,
+            credentials_per_ip_per_minute: 120,
+            login_per_username_per_minute: 5,
+            login_burst: 5,
+            relay_defaults: true,
+        }
+    }
+
+    fn is_relay_defaults(&self) -> bool {
+        self.relay_defaults
+    }
 }
 
 impl RelayConfig {
@@ -102,6 +185,13 @@ impl RelayConfig {
                 tls_cert: None,
                 tls_key: None,
                 trust_ca: None,
+                cors_allowed_origins: Vec::new(),
+                max_connections: None,
+                header_read_timeout_ms: None,
+                body_timeout_ms: None,
+                idle_timeout_ms: None,
+                tls_handshake_timeout_ms: None,
+                trusted_proxies: Vec::new(),
             },
             storage: StorageSection {
                 data_dir: PathBuf::new(),
@@ -123,11 +213,11 @@ impl RelayConfig {
                 exclude_same_major: 200,
                 important: 300,
             },
-            rate_limit: RateLimitSection {
-                per_ip_per_minute: 1_000_000,
-                per_user_per_minute: 1_000_000,
-            },
+            rate_limit: RateLimitSection::generous(),
             auth: None,
+            sync: None,
+            dead_letters: None,
+            events: None,
         }
     }
 }
@@ -294,6 +384,11 @@ impl RelayProcess {
     /// The running process's pid (for RSS measurements and SIGSTOP).
     pub fn pid(&self) -> Option<u32> {
         self.service.pid()
+    }
+
+    /// SIGTERM (a clean stop, as systemd does); the exit status if it exited within `within`.
+    pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.service.terminate(within).await
     }
 
     /// SIGKILL: no shutdown hooks, no flushing — a crash.

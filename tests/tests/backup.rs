@@ -27,6 +27,17 @@ fn open_ro(path: &Path) -> Connection {
     .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
+/// Every charge request: (status, amount, operator).
+fn charges(c: &Connection) -> BTreeMap<String, (String, i64, Option<String>)> {
+    let mut st = c
+        .prepare("SELECT charge_id, status, amount, operator_id FROM charges")
+        .expect("charges");
+    st.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?))))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
 fn balances(c: &Connection) -> BTreeMap<String, i64> {
     let mut st = c
         .prepare("SELECT user_id, balance FROM accounts")
@@ -56,7 +67,8 @@ async fn restore_drill() {
     })
     .await;
     let users = w.register(40, 8, 14).await;
-    w.grant_all(&users, 5_000, 8).await;
+    // Points the booth's way: charge requests approved by the operator (issue 10).
+    w.charge_all_via_booth(&users, 5_000, 8).await;
     w.wait_converged(PATIENCE).await;
     let users = Arc::new(users);
     let backups = tempfile::tempdir().expect("backup dir");
@@ -77,10 +89,18 @@ async fn restore_drill() {
     );
 
     let file = Path::new(report["path"].as_str().expect("path")).to_path_buf();
-    let (backup_balances, backup_requests) = {
+    let (backup_balances, backup_requests, backup_charges) = {
         let c = open_ro(&file);
-        (balances(&c), requests(&c))
+        (balances(&c), requests(&c), charges(&c))
     };
+    assert_eq!(
+        backup_charges
+            .values()
+            .filter(|c| c.0 == "approved")
+            .count(),
+        users.len(),
+        "every drill student's charge request is in the backup, approved"
+    );
     for key in [
         "bytes",
         "seconds",
@@ -141,6 +161,11 @@ async fn restore_drill() {
         )
     };
     assert_eq!(after, backup_balances, "balances differ from the backup's");
+    assert_eq!(
+        charges(&open_ro(&db)),
+        backup_charges,
+        "charge requests differ from the backup's"
+    );
     assert_ne!(Some(epoch.as_str()), report["epoch"].as_str());
     assert!(
         said.contains(&epoch),

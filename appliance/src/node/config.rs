@@ -90,6 +90,11 @@ pub struct Sync {
     /// While a sync event cannot be committed, the pause between replays doubles from one
     /// second up to this (see `node::retry`).
     pub retry_max_ms: u64,
+    /// The broker deletes this appliance's sync queue after it has had no consumer for this
+    /// long (hours; `x-expires`), so a box that never returns stops collecting every change.
+    /// One that does return later redeclares it and catches up by replay or snapshot. Keep it
+    /// equal to the relay's `sync.queue_expires_h`.
+    pub queue_expires_h: f64,
 }
 
 impl Default for Sync {
@@ -100,6 +105,7 @@ impl Default for Sync {
             hello_interval_ms: 10_000,
             delivery_limit: 5,
             retry_max_ms: 30_000,
+            queue_expires_h: comatching_protocol::topology::SYNC_QUEUE_EXPIRES_H as f64,
         }
     }
 }
@@ -150,7 +156,14 @@ impl Config {
                 "sync.delivery_limit and sync.retry_max_ms must be positive".into(),
             ));
         }
+        comatching_protocol::config::hours_to_ms("sync.queue_expires_h", cfg.sync.queue_expires_h)?;
         Ok(cfg)
+    }
+
+    /// `sync.queue_expires_h` in milliseconds (checked at load).
+    pub fn sync_queue_expires_ms(&self) -> i64 {
+        comatching_protocol::config::hours_to_ms("sync.queue_expires_h", self.sync.queue_expires_h)
+            .unwrap_or(comatching_protocol::topology::SYNC_QUEUE_EXPIRES_H * 3_600_000)
     }
 
     pub fn store_dir(&self) -> PathBuf {
@@ -193,6 +206,8 @@ mod tests {
         assert_eq!(old.matching.engine.resolved(), EngineKind::Buckets);
         assert!(old.matching.engine.deprecation().is_some());
         assert!(Config::from_parts("[matching]\nengine = \"graph\"\n", Vec::new()).is_err());
+        assert_eq!(c.sync_queue_expires_ms(), 72 * 3_600_000);
+        assert!(Config::from_parts("[sync]\nqueue_expires_h = 0\n", Vec::new()).is_err());
         for bad in ["delivery_limit = 0", "retry_max_ms = 0"] {
             let e = Config::from_parts(&format!("[sync]\n{bad}\n"), Vec::new()).unwrap_err();
             assert!(e.to_string().contains("must be positive"), "{bad}: {e}");

@@ -23,9 +23,9 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    QueueBindOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 use tokio::sync::{Semaphore, watch};
 
@@ -34,13 +34,12 @@ use super::replica::{Replica, Stuck};
 use super::retry::RetryGate;
 use crate::sync::SyncPlan;
 use comatching_protocol::amqp::{
-    LinkAuth, declare_match_queue, declare_shared_topology, quorum_args, text,
+    Declared, LinkAuth, declare_match_queue, declare_queue_replacing, declare_shared_topology,
+    ensure_dead_queue, sync_queue_args,
 };
 use comatching_protocol::config::{amqp_url_with_heartbeat, broker_node};
 use comatching_protocol::failover::NodeRotation;
-use comatching_protocol::topology::{
-    self, CONTROL_QUEUE, DEAD_EXCHANGE, MATCH_QUEUE, SYNC_EXCHANGE,
-};
+use comatching_protocol::topology::{self, CONTROL_QUEUE, MATCH_QUEUE, SYNC_EXCHANGE};
 
 /// Longest the broker may take to set up a session, or to confirm a hello.
 const SETUP_DEADLINE: Duration = Duration::from_secs(15);
@@ -67,30 +66,28 @@ pub fn sync_queue(cfg: &Config) -> String {
     topology::sync_queue(cfg.appliance.id.as_str())
 }
 
-/// The shared topology (declared exactly as the relay does), then this appliance's own sync
-/// queue, bound to the sync exchange.
-async fn declare_topology(conn: &Connection, ch: &Channel, cfg: &Config) -> lapin::Result<()> {
-    declare_shared_topology(conn, ch, cfg.broker.quorum_group_size).await?;
+/// The shared topology (declared exactly as the relay does), the dead-letter queue when it is
+/// missing (skipped when its home node is down), then this appliance's own sync queue, bound to
+/// the sync exchange. A sync queue left by an earlier release with other arguments is replaced
+/// (its events are replayed on hello).
+async fn declare_topology(conn: &Connection, cfg: &Config) -> lapin::Result<()> {
+    let ch = conn.create_channel().await?;
+    declare_shared_topology(&ch, cfg.broker.quorum_group_size).await?;
+    let _ = ch.close(200, "declared".into()).await;
+    ensure_dead_queue(conn).await?;
     let own = sync_queue(cfg);
-    ch.queue_declare(
-        own.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        quorum_args(
-            &[
-                ("x-single-active-consumer", AMQPValue::Boolean(true)),
-                (
-                    "x-delivery-limit",
-                    AMQPValue::LongLongInt(cfg.sync.delivery_limit),
-                ),
-                ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
-            ],
-            cfg.broker.quorum_group_size,
-        ),
-    )
-    .await?;
+    let args = sync_queue_args(
+        cfg.sync.delivery_limit,
+        cfg.sync_queue_expires_ms(),
+        cfg.broker.quorum_group_size,
+    );
+    if declare_queue_replacing(conn, &own, args).await? == Declared::Replaced {
+        tracing::warn!(
+            queue = own,
+            "sync queue had other arguments (an earlier release's); replaced it, catching up by hello"
+        );
+    }
+    let ch = conn.create_channel().await?;
     ch.queue_bind(
         own.as_str().into(),
         SYNC_EXCHANGE.into(),
@@ -99,6 +96,7 @@ async fn declare_topology(conn: &Connection, ch: &Channel, cfg: &Config) -> lapi
         FieldTable::default(),
     )
     .await?;
+    let _ = ch.close(200, "bound".into()).await;
     Ok(())
 }
 
@@ -225,11 +223,9 @@ impl Link {
         // Every step of the set-up has a deadline: a broker can accept a connection and then
         // never answer a declare (a quorum queue without a leader after a crash).
         let setup = async {
-            let setup = conn.create_channel().await.map_err(e("channel"))?;
-            declare_topology(conn, &setup, &self.cfg)
+            declare_topology(conn, &self.cfg)
                 .await
                 .map_err(e("declare topology"))?;
-            let _ = setup.close(200, "declared".into()).await;
             let sync_ch = conn.create_channel().await.map_err(e("channel"))?;
             let prefetch = (self.cfg.sync.batch_max * 2).min(u16::MAX as usize) as u16;
             sync_ch

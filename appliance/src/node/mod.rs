@@ -42,14 +42,17 @@ use replica::Replica;
 
 pub async fn run(cfg: Config) -> Result<(), String> {
     let cfg = Arc::new(cfg);
-    let dir = cfg.store_dir();
-    let (backend, kind) = (cfg.storage.backend, cfg.matching.engine);
-    let replica = tokio::task::spawn_blocking(move || Replica::open(backend, &dir, kind))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("opening the replica: {e}"))?;
-    let replica = Arc::new(replica);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let signals = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        notify::stopping();
+        let _ = shutdown_tx.send(true);
+    });
+    let Some(replica) = open_replica(&cfg, shutdown_rx.clone()).await? else {
+        return Ok(());
+    };
+    let replica = Arc::new(replica);
 
     let tls =
         comatching_protocol::amqp::tls_config(&cfg.broker).map_err(|e| format!("broker: {e}"))?;
@@ -104,12 +107,6 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     let server = axum::serve(listener, status::router(state)).with_graceful_shutdown(async move {
         let _ = stop.changed().await;
     });
-    let signals = tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        notify::stopping();
-        let _ = shutdown_tx.send(true);
-    });
     server.await.map_err(|e| e.to_string())?;
     signals.abort();
     let _ = tokio::join!(link_task, probe_task);
@@ -117,6 +114,75 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         t.abort();
     }
     Ok(())
+}
+
+/// First pause between store open attempts; doubles up to [`OPEN_BACKOFF_MAX`].
+const OPEN_BACKOFF_MIN: Duration = Duration::from_millis(500);
+const OPEN_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Opens the replica (healing a damaged one, `Replica::open_healing`). While it cannot be
+/// opened at all (a read-only or full disk), the status port answers with the error
+/// (`store.state = "unavailable"`) and the open is retried with a backoff: the process never
+/// exits into a crash loop. `None` when shutdown came first.
+async fn open_replica(
+    cfg: &Arc<Config>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Option<Replica>, String> {
+    let mut backoff = OPEN_BACKOFF_MIN;
+    let error = Arc::new(std::sync::Mutex::new(String::new()));
+    let started = std::time::Instant::now();
+    let mut interim: Option<(tokio::task::JoinHandle<()>, watch::Sender<bool>)> = None;
+    let stop_interim = |interim: Option<(tokio::task::JoinHandle<()>, watch::Sender<bool>)>| async {
+        if let Some((task, stop)) = interim {
+            let _ = stop.send(true);
+            let _ = task.await;
+        }
+    };
+    loop {
+        let (dir, backend, kind) = (cfg.store_dir(), cfg.storage.backend, cfg.matching.engine);
+        let opened =
+            tokio::task::spawn_blocking(move || Replica::open_healing(backend, &dir, kind))
+                .await
+                .map_err(|e| e.to_string())?;
+        match opened {
+            Ok(r) => {
+                stop_interim(interim).await;
+                return Ok(Some(r));
+            }
+            Err(e) => {
+                tracing::error!(code = e.code(), error = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "cannot open the replica store; retrying");
+                *error.lock().unwrap_or_else(|p| p.into_inner()) = format!("{}: {e}", e.code());
+            }
+        }
+        if interim.is_none() {
+            let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+                .await
+                .map_err(|e| format!("binding {}: {e}", cfg.http.listen))?;
+            let (stop_tx, mut stop_rx) = watch::channel(false);
+            let app = status::unavailable_router(status::UnavailableState {
+                cfg: cfg.clone(),
+                error: error.clone(),
+                started,
+            });
+            let task = tokio::spawn(async move {
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop_rx.changed().await;
+                    })
+                    .await;
+            });
+            interim = Some((task, stop_tx));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => {
+                stop_interim(interim).await;
+                return Ok(None);
+            }
+        }
+        backoff = (backoff * 2).min(OPEN_BACKOFF_MAX);
+    }
 }
 
 /// Probes the tailscale CLI every 10 s on a blocking thread (it can hang; the probe has its own

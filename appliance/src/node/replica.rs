@@ -86,7 +86,20 @@ pub struct Isolated {
     pub failed: Option<(usize, StoreError)>,
 }
 
+/// The replica was found damaged at start, moved aside, and a fresh one opened (`/status`
+/// `store.healed`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Healed {
+    pub at_unix_ms: u64,
+    /// Where the damaged store directory went.
+    pub moved_to: String,
+    /// What was wrong with it (the open error).
+    pub error: String,
+}
+
 pub struct Replica {
+    /// Set when this process healed a damaged replica at start.
+    pub healed: Option<Healed>,
     store: Mutex<Box<dyn ReplicaStore>>,
     /// The store's meta row as of its last commit, refreshed under the store lock after every
     /// change; readers (each match request, the link's readiness tick, /status) take it from
@@ -120,6 +133,7 @@ impl Replica {
         );
         let meta = store.meta()?;
         Ok(Replica {
+            healed: None,
             store: Mutex::new(store),
             meta: RwLock::new(meta),
             engine: RwLock::new(engine),
@@ -131,6 +145,46 @@ impl Replica {
             }),
             started: Instant::now(),
         })
+    }
+
+    /// [`Replica::open`], healing a damaged store (see `store::damage`): bad bytes → the
+    /// directory is moved aside (the newest two damaged copies are kept), a fresh store is
+    /// opened and the link resyncs it from the relay. Errors that are the machine's (permission,
+    /// space, device) are returned as they are, for the caller to retry.
+    pub fn open_healing(
+        backend: StoreBackend,
+        dir: &std::path::Path,
+        kind: EngineKind,
+    ) -> Result<Replica, StoreError> {
+        use crate::store::damage::{Remedy, classify, move_aside};
+        let e = match Replica::open(backend, dir, kind) {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        };
+        if classify(&e) != Remedy::Heal {
+            return Err(e);
+        }
+        let at_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let moved_to = move_aside(dir, at_unix_ms).map_err(|source| StoreError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        tracing::error!(
+            code = e.code(),
+            error = %e,
+            moved_to = %moved_to.display(),
+            "the replica is damaged: moved it aside, starting empty and resyncing from the relay"
+        );
+        let mut fresh = Replica::open(backend, dir, kind)?;
+        fresh.healed = Some(Healed {
+            at_unix_ms,
+            moved_to: moved_to.display().to_string(),
+            error: e.to_string(),
+        });
+        Ok(fresh)
     }
 
     pub fn backend(&self) -> StoreBackend {

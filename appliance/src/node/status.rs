@@ -87,6 +87,17 @@ pub async fn status_json(s: &StatusState) -> Result<Value, String> {
         "tailscale": s.tailscale.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         "uptime_s": s.replica.started.elapsed().as_secs(),
         "last_error": link.last_error,
+        "store": {
+            "state": "open",
+            "error": null,
+            "healed": s.replica.healed.as_ref().map(|h| json!({
+                "at_unix_ms": h.at_unix_ms,
+                "moved_to": h.moved_to,
+                "error": h.error,
+                "rebuilding": !ready,
+            })),
+            "heals": u64::from(s.replica.healed.is_some()),
+        },
     });
     super::facts::augment(&mut doc, &link, s.replica.started, &s.cfg.store_dir());
     Ok(doc)
@@ -247,10 +258,106 @@ async fn metrics(State(s): State<StatusState>) -> Response {
             "Seconds since start.",
             n(&doc["uptime_s"]),
         ),
+        (
+            "comatching_store_open",
+            "1 once the replica store is open; 0 while it cannot be opened (retrying).",
+            1.0,
+        ),
+        (
+            "comatching_replica_heals_total",
+            "Damaged replicas moved aside and rebuilt by this process.",
+            n(&doc["store"]["heals"]),
+        ),
     ];
     let mut out = String::new();
     for (name, help, v) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// While the store cannot be opened (read-only or full disk, say): the status port still
+/// answers, so staff and monitoring see why, and the process keeps retrying instead of exiting
+/// into a crash loop.
+#[derive(Clone)]
+pub struct UnavailableState {
+    pub cfg: Arc<Config>,
+    /// The last open error.
+    pub error: Arc<std::sync::Mutex<String>>,
+    pub started: std::time::Instant,
+}
+
+/// The status document while the store is unavailable.
+pub fn unavailable_json(s: &UnavailableState) -> Value {
+    let error = s.error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut doc = json!({
+        "appliance_id": s.cfg.appliance.id.as_str(),
+        "store_backend": s.cfg.storage.backend.as_str(),
+        "ready": false,
+        "broker_connected": false,
+        "lag": 0,
+        "sync": {},
+        "matches": {},
+        "uptime_s": s.started.elapsed().as_secs(),
+        "last_error": error.clone(),
+        "store": { "state": "unavailable", "error": error, "healed": null, "heals": 0 },
+    });
+    super::facts::augment(
+        &mut doc,
+        &super::replica::LinkStatus::default(),
+        s.started,
+        &s.cfg.store_dir(),
+    );
+    doc
+}
+
+pub fn unavailable_router(state: UnavailableState) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(json!({"status": "store unavailable"})),
+                )
+            }),
+        )
+        .route(
+            "/status",
+            get(
+                |State(s): State<UnavailableState>,
+                 headers: HeaderMap,
+                 Query(lang): Query<LangParam>| async move {
+                    let doc = unavailable_json(&s);
+                    if status_page::wants_html(&headers) {
+                        status_page::page(&doc, &headers, &lang)
+                    } else {
+                        axum::Json(doc).into_response()
+                    }
+                },
+            ),
+        )
+        .route(
+            "/status/view",
+            get(
+                |State(s): State<UnavailableState>,
+                 headers: HeaderMap,
+                 Query(lang): Query<LangParam>| async move {
+                    status_page::view_json(&unavailable_json(&s), &headers, &lang)
+                },
+            ),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    "# HELP comatching_store_open 1 once the replica store is open; 0 while it cannot be opened (retrying).\n\
+                     # TYPE comatching_store_open gauge\ncomatching_store_open 0\n\
+                     # HELP comatching_ready 1 while serving matches.\n# TYPE comatching_ready gauge\ncomatching_ready 0\n",
+                )
+            }),
+        )
+        .merge(super::status_page::asset_routes())
+        .with_state(state)
 }

@@ -43,11 +43,11 @@ pub struct StatusView {
     /// Seconds connected to the broker without the relay's `HelloAck`
     /// (`sync.waiting_for_relay_s`); `None` once it answered or while disconnected.
     pub relay_silent_s: Option<u64>,
-    /// The replica was found damaged, moved aside and is being rebuilt from the relay.
-    /// Not yet wired to a status field (the broker-bounds work adds it): always false from
-    /// [`StatusView::from_doc`] until then.
+    /// The replica was found damaged, moved aside and is being rebuilt from the relay
+    /// (`store.healed.rebuilding`).
     pub replica_damaged: bool,
-    /// The store cannot be opened or created (read-only or full disk). Not yet wired, as above.
+    /// The store cannot be opened or created, e.g. a read-only or full disk
+    /// (`store.state == "unavailable"`).
     pub store_unavailable: bool,
 }
 
@@ -65,8 +65,10 @@ impl StatusView {
             loading_snapshot: !sync["snapshot_in_progress"].is_null(),
             stuck_seq: sync["stuck"]["seq"].as_u64(),
             relay_silent_s: sync["waiting_for_relay_s"].as_u64(),
-            replica_damaged: false,
-            store_unavailable: false,
+            replica_damaged: doc["store"]["healed"]["rebuilding"]
+                .as_bool()
+                .unwrap_or(false),
+            store_unavailable: doc["store"]["state"].as_str() == Some("unavailable"),
         }
     }
 }
@@ -365,9 +367,13 @@ mod tests {
                     "stuck": v.stuck_seq.map(|s| json!({"seq": s})),
                     "waiting_for_relay_s": v.relay_silent_s,
                 },
+                "store": {
+                    "state": if v.store_unavailable { "unavailable" } else { "open" },
+                    "healed": if v.replica_damaged { json!({"rebuilding": true}) } else { Value::Null },
+                },
             });
             let read = StatusView::from_doc(&doc);
-            prop_assert_eq!(read, StatusView { replica_damaged: false, store_unavailable: false, ..v });
+            prop_assert_eq!(read, v);
         }
     }
 }

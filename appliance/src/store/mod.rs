@@ -7,6 +7,7 @@
 //! *what* to write — that is [`crate::sync`] — and it must never panic on bad bytes: a corrupt
 //! row is a [`StoreError::Corrupt`] naming the user.
 
+pub mod damage;
 mod sled_store;
 mod sqlite_store;
 

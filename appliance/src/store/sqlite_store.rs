@@ -58,6 +58,19 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        // A damaged image can open and even answer simple queries; quick_check reads every
+        // page (without checking indexes against tables: that is integrity_check's slow part)
+        // so damage is found here, at start, where it can be healed (store::damage).
+        let check: Vec<String> = conn
+            .prepare("PRAGMA quick_check")
+            .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+            .map_err(err)?;
+        if check != ["ok"] {
+            return Err(StoreError::CorruptMeta {
+                key: "quick_check",
+                what: check.join("; "),
+            });
+        }
         Ok(SqliteStore {
             conn,
             path: path.to_owned(),

@@ -1,6 +1,7 @@
 //! `comatching-demo`: the README's first command runs this (through `scripts/demo.sh`). It
 //! starts a relay and two appliances on the local broker, registers 2,000 synthetic students
-//! through the API, grants points, runs 200 matches, prints a summary and the URLs, and keeps
+//! through the API, gives them points the booth's way (a charge request each, approved by the
+//! operator), runs 200 matches, prints a summary and the URLs, and keeps
 //! everything running until Ctrl-C, which stops everything it started. Every broker message is
 //! authenticated with a link key made for the run (`comatching-relay pki link-key`), as in a
 //! deployment.
@@ -31,8 +32,8 @@ fn main() {
         println!("registering {users} students through the API…");
         let t = Instant::now();
         let people = world.register(users, 32, 2026).await;
-        println!("  done in {:.1}s; granting 10,000 points each", t.elapsed().as_secs_f64());
-        world.grant_all(&people, 10_000, 32).await;
+        println!("  done in {:.1}s; each files a 10,000-point charge request and the operator approves it", t.elapsed().as_secs_f64());
+        world.charge_all_via_booth(&people, 10_000, 32).await;
         let pool = world.wait_converged(Duration::from_secs(300)).await;
         println!("  both appliances hold all {} matchable students (digest {}); every broker message carried a link-key HMAC", pool.count, pool.digest);
 
@@ -73,6 +74,7 @@ fn main() {
             println!("appliance status:    http://{}/status", a.config().http.listen);
         }
         println!("relay metrics:       {}/metrics", world.relay.base_url());
+        println!("booth's live queue:  {}/api/v1/admin/charges/events  (SSE, operator token)", world.relay.base_url());
         println!();
         println!("running; press Ctrl-C to stop everything");
         let _ = tokio::signal::ctrl_c().await;

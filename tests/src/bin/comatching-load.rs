@@ -36,6 +36,31 @@ struct Args {
     /// scheduled time) instead of `--concurrency` closed-loop clients.
     #[arg(long)]
     rate: Option<f64>,
+    /// Run on a broker node of its own: `small` with the small-box limits of
+    /// scripts/broker.sh (raft WAL 64 MiB, absolute watermark 300 MiB), `default` with
+    /// RabbitMQ's own defaults. Without it, a vhost on the shared node.
+    #[arg(long, value_parser = ["small", "default"])]
+    private_broker: Option<String>,
+}
+
+/// scripts/broker.sh's and nix/lib/rabbitmq.nix's small-box items.
+const SMALL_BOX_CONF: &str =
+    "raft.wal_max_size_bytes = 67108864\nvm_memory_high_watermark.absolute = 314572800";
+
+/// The beam pid of the shared node, from its pid file.
+fn shared_broker_pid() -> Option<u32> {
+    std::fs::read_to_string("/var/lib/rabbitmq/mnesia/rabbit@localhost.pid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn main() {
@@ -49,7 +74,34 @@ async fn run(args: Args) {
     if args.amqp.is_some() {
         eprintln!("--amqp: this benchmark manages its own vhost on the local broker; ignoring");
     }
+    let private = args.private_broker.as_deref().map(|kind| match kind {
+        "small" => comatching_tests::private_broker::PrivateBroker::start_with_conf(
+            "loadsmall",
+            SMALL_BOX_CONF,
+        ),
+        _ => comatching_tests::private_broker::PrivateBroker::start("loaddefault"),
+    });
+    // The broker's resident memory, sampled twice a second for the whole run (the peak is
+    // reported: the node's own VmHWM would include its life before this run).
+    let broker_pid = match &private {
+        Some(b) => b.beam_pid(),
+        None => shared_broker_pid(),
+    };
+    let broker_peak = Arc::new(std::sync::Mutex::new(0.0f64));
+    let sampler = broker_pid.map(|pid| {
+        let peak = broker_peak.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(mb) = rss_mb(pid) {
+                    let mut p = peak.lock().unwrap_or_else(|e| e.into_inner());
+                    *p = p.max(mb);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    });
     let mut opts = WorldOptions::new("load");
+    opts.amqp_url = private.as_ref().map(|b| b.amqp_url());
     opts.backend = args.backend.clone();
     opts.max_picked = 1_000_000;
     let mut world = World::start(&opts).await;
@@ -156,6 +208,12 @@ async fn run(args: Args) {
     eprintln!("restart to ready: {restart_s:.2}s");
 
     let relay_rss = world.relay.pid().and_then(peak_rss_mb);
+    if let Some(s) = &sampler {
+        s.abort();
+    }
+    let broker_rss = broker_pid
+        .map(|_| *broker_peak.lock().unwrap_or_else(|e| e.into_inner()))
+        .filter(|v| *v > 0.0);
     let app_rss = world.appliances[0].pid().and_then(peak_rss_mb);
     let out = json!({
         "users": args.users,
@@ -170,6 +228,9 @@ async fn run(args: Args) {
         "errors": errors,
         "relay_rss_mb": relay_rss.map(|v| (v * 10.0).round() / 10.0),
         "appliance_rss_mb": app_rss.map(|v| (v * 10.0).round() / 10.0),
+        "broker": args.private_broker.as_deref().map(|k| format!("private-{k}")).unwrap_or_else(|| "shared".into()),
+        "broker_rss_mb": broker_rss.map(|v| (v * 10.0).round() / 10.0),
+        "relay_plus_broker_rss_mb": relay_rss.zip(broker_rss).map(|(r, b)| ((r + b) * 10.0).round() / 10.0),
         "sync_apply_per_s": (burst as f64 / sync_s).round(),
         "sync_changes": burst,
         "profile_puts_per_s": (burst as f64 / put_s).round(),
@@ -180,6 +241,8 @@ async fn run(args: Args) {
         "loadavg_during_matches": load_during,
     });
     println!("{out}");
+    drop(world);
+    drop(private);
 }
 
 fn signal(pid: u32, sig: libc::c_int) {
