@@ -246,6 +246,8 @@ pub fn doctor(cfg: &Config) -> ExitCode {
     }
 }
 
+/// Connects to every node of `broker.url` (a cluster's nodes each): all must answer, so a
+/// mistyped or unreachable node is found before the day it would be needed.
 fn broker_check(cfg: &Config) -> Result<String, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -253,18 +255,34 @@ fn broker_check(cfg: &Config) -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     let tls = comatching_protocol::amqp::tls_config(&cfg.broker).map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let conn = tokio::time::timeout(
-            Duration::from_secs(5),
-            comatching_protocol::amqp::connect(&cfg.broker.url, &tls),
-        )
-        .await
-        .map_err(|_| "timed out connecting".to_owned())?
-        .map_err(|e| e.to_string())?;
-        let _ = conn.close(200, "doctor".into()).await;
-        Ok(format!(
-            "connected to {}",
-            comatching_protocol::config::mask_url_password(&cfg.broker.url)
-        ))
+        let mut ok = Vec::new();
+        let mut failed = Vec::new();
+        for url in cfg.broker.url.as_slice() {
+            let node = comatching_protocol::config::broker_node(url).unwrap_or_else(|| "?".into());
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(5),
+                comatching_protocol::amqp::connect(url, &tls),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(conn)) => {
+                    let _ = conn.close(200, "doctor".into()).await;
+                    ok.push(node);
+                }
+                Ok(Err(e)) => failed.push(format!("{node}: {e}")),
+                Err(_) => failed.push(format!("{node}: timed out connecting")),
+            }
+        }
+        if failed.is_empty() {
+            Ok(format!("connected to {}", ok.join(", ")))
+        } else {
+            Err(format!(
+                "{} of {} broker node(s) failed: {}",
+                failed.len(),
+                cfg.broker.url.len(),
+                failed.join("; ")
+            ))
+        }
     })
 }
 

@@ -1,7 +1,9 @@
 //! The relay's connection to RabbitMQ, owned by us rather than by the client's automatic
 //! recovery (which has an open report of never reconnecting after a broker restart).
 //!
-//! `BrokerSupervisor::run` loops: connect (with heartbeat and timeout) → declare the topology →
+//! `BrokerSupervisor::run` loops: pick a node (`broker.url` may list a cluster's nodes; the
+//! [`NodeRotation`] starts after the last one that failed) → connect (with heartbeat and
+//! timeout) → declare the topology →
 //! open a confirm-mode channel for the outbox and one for match RPCs → publish the `Session` to
 //! everyone watching → wait until the connection fails or a user reports it broken → back off
 //! and start again. Users read the current session from `BrokerHandle` and never hold a stale
@@ -12,9 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use comatching_protocol::amqp::{
-    DeadLetterLimits, LinkAuth, declare_dead_letter_queues, declare_shared_topology,
+    DeadLetterLimits, LinkAuth, declare_dead_letter_queues, declare_match_queue,
+    declare_shared_topology,
 };
-use comatching_protocol::topology::LEGACY_MATCH_QUEUE;
+use comatching_protocol::failover::NodeRotation;
+use comatching_protocol::topology::LEGACY_MATCH_QUEUES;
 use futures_util::StreamExt;
 use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::tcp::OwnedTLSConfig;
@@ -23,11 +27,13 @@ use lapin::{Channel, Connection};
 use tokio::sync::{Notify, watch};
 
 use crate::config;
-use comatching_protocol::config::amqp_url_with_heartbeat;
+use comatching_protocol::config::{amqp_url_with_heartbeat, broker_node};
 
 /// One live connection and the channels the relay uses on it.
 pub struct Session {
     pub id: u64,
+    /// The node this session is on, `host:port` (no credentials): `/readyz`, logs.
+    pub node: String,
     pub connection: Connection,
     /// Confirm mode; used only by the outbox publisher (so confirms arrive in seq order).
     pub outbox: Channel,
@@ -48,6 +54,18 @@ impl Session {
         }
         self.broken.notify_one();
     }
+
+    /// Declares the match queue again on this session: it is non-durable, so on a cluster it
+    /// disappears with the node that held it while this session's own node lives on.
+    pub async fn redeclare_match_queue(&self) -> lapin::Result<()> {
+        let ch = self.connection.create_channel().await?;
+        let r = declare_match_queue(&ch).await;
+        let _ = ch.close(200, "match queue declared".into()).await;
+        if r.is_ok() {
+            tracing::info!(session = self.id, node = %self.node, "match queue declared again");
+        }
+        r
+    }
 }
 
 #[derive(Clone)]
@@ -63,6 +81,10 @@ impl BrokerHandle {
     }
     pub fn connected(&self) -> bool {
         self.rx.borrow().is_some()
+    }
+    /// The node of the current session (`host:port`), if any.
+    pub fn node(&self) -> Option<String> {
+        self.rx.borrow().as_ref().map(|s| s.node.clone())
     }
     /// Waits until a session is up (or forever while the broker is away).
     pub async fn wait(&self) -> Arc<Session> {
@@ -110,17 +132,27 @@ pub fn supervisor(
 }
 
 /// Declares the shared topology and the dead-letter queues with the configured limits
-/// (replacing unbounded ones of earlier releases), then deletes the match queue of earlier releases once no
-/// consumer is left on it (an appliance still running an old release keeps it alive; the next
-/// connect looks again). Its requests, if any, are long past their deadlines.
+/// (replacing unbounded ones of earlier releases; one whose cluster node is down is skipped),
+/// then deletes the match queues of earlier releases once no consumer is left on them (an
+/// appliance still running an old release keeps one alive; the next connect looks again).
+/// Their requests, if any, are long past their deadlines.
 async fn declare_topology(
     connection: &Connection,
+    quorum_group_size: Option<u16>,
     dead_letters: &DeadLetterLimits,
 ) -> lapin::Result<()> {
     let setup = connection.create_channel().await?;
-    declare_shared_topology(&setup).await?;
+    declare_shared_topology(&setup, quorum_group_size).await?;
     let _ = setup.close(200, "topology declared".into()).await;
     declare_dead_letter_queues(connection, dead_letters).await?;
+    for legacy in LEGACY_MATCH_QUEUES {
+        delete_legacy_queue(connection, legacy).await?;
+    }
+    Ok(())
+}
+
+/// Deletes `queue` unless it is missing (or out of our permissions) or still consumed.
+async fn delete_legacy_queue(connection: &Connection, queue: &str) -> lapin::Result<()> {
     // Quorum queues refuse `if-unused` deletes (with a connection error), so look first. A
     // missing queue, or no permission to see it, fails this channel only.
     let legacy = connection.create_channel().await?;
@@ -129,25 +161,25 @@ async fn declare_topology(
         ..Default::default()
     };
     let Ok(q) = legacy
-        .queue_declare(LEGACY_MATCH_QUEUE.into(), passive, FieldTable::default())
+        .queue_declare(queue.into(), passive, FieldTable::default())
         .await
     else {
         return Ok(());
     };
     if q.consumer_count() > 0 {
         tracing::info!(
-            queue = LEGACY_MATCH_QUEUE,
+            queue,
             consumers = q.consumer_count(),
             "old match queue kept while an old appliance consumes it"
         );
     } else {
         match legacy
-            .queue_delete(LEGACY_MATCH_QUEUE.into(), QueueDeleteOptions::default())
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
             .await
         {
-            Ok(_) => tracing::info!(queue = LEGACY_MATCH_QUEUE, "old match queue deleted"),
+            Ok(_) => tracing::info!(queue, "old match queue deleted"),
             Err(e) => {
-                tracing::warn!(queue = LEGACY_MATCH_QUEUE, error = %e, "could not delete the old match queue")
+                tracing::warn!(queue, error = %e, "could not delete the old match queue")
             }
         }
     }
@@ -157,12 +189,14 @@ async fn declare_topology(
 
 async fn connect(
     url: &str,
+    node: String,
     tls: &OwnedTLSConfig,
+    quorum_group_size: Option<u16>,
     dead_letters: &DeadLetterLimits,
     id: u64,
 ) -> lapin::Result<Session> {
     let connection = comatching_protocol::amqp::connect(url, tls).await?;
-    declare_topology(&connection, dead_letters).await?;
+    declare_topology(&connection, quorum_group_size, dead_letters).await?;
     let outbox = connection.create_channel().await?;
     outbox
         .confirm_select(ConfirmSelectOptions::default())
@@ -175,6 +209,7 @@ async fn connect(
         .await?;
     Ok(Session {
         id,
+        node,
         connection,
         outbox,
         rpc,
@@ -186,7 +221,17 @@ async fn connect(
 
 impl BrokerSupervisor {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let url = amqp_url_with_heartbeat(&self.cfg.url, self.cfg.heartbeat_s);
+        let urls: Vec<(String, String)> = self
+            .cfg
+            .url
+            .as_slice()
+            .iter()
+            .map(|u| {
+                let node = broker_node(u).unwrap_or_else(|| "?".into());
+                (amqp_url_with_heartbeat(u, self.cfg.heartbeat_s), node)
+            })
+            .collect();
+        let mut rotation = NodeRotation::new(urls.len());
         let mut backoff = Duration::from_millis(100);
         let max_backoff = Duration::from_millis(self.cfg.max_backoff_ms.max(100));
         let mut id = 0u64;
@@ -195,15 +240,25 @@ impl BrokerSupervisor {
                 break;
             }
             id += 1;
+            let at = rotation.current();
+            let (url, node) = &urls[at];
             let attempt = tokio::time::timeout(
                 Duration::from_secs(10),
-                connect(&url, &self.tls, &self.dead_letters, id),
+                connect(
+                    url,
+                    node.clone(),
+                    &self.tls,
+                    self.cfg.quorum_group_size,
+                    &self.dead_letters,
+                    id,
+                ),
             )
             .await;
             let session = match attempt {
                 Ok(Ok(s)) => Arc::new(s),
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connect failed");
+                    rotation.failed(at);
+                    tracing::warn!(node = %node, error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connect failed");
                     if sleep_or_shutdown(backoff, &mut shutdown).await {
                         break;
                     }
@@ -211,7 +266,8 @@ impl BrokerSupervisor {
                     continue;
                 }
                 Err(_) => {
-                    tracing::warn!("broker connect timed out");
+                    rotation.failed(at);
+                    tracing::warn!(node = %node, "broker connect timed out");
                     if sleep_or_shutdown(backoff, &mut shutdown).await {
                         break;
                     }
@@ -219,7 +275,8 @@ impl BrokerSupervisor {
                     continue;
                 }
             };
-            tracing::info!(session = id, "broker connected");
+            rotation.connected(at);
+            tracing::info!(session = id, node = %node, "broker connected");
             backoff = Duration::from_millis(100);
             let mut events = session.connection.events_listener();
             let _ = self.tx.send(Some(session.clone()));
@@ -254,7 +311,9 @@ impl BrokerSupervisor {
             if *shutdown.borrow() {
                 break;
             }
-            tracing::info!("broker session ended; reconnecting");
+            // The session's node is the one that failed: the next attempt starts after it.
+            rotation.failed(at);
+            tracing::info!(node = %node, "broker session ended; reconnecting");
         }
         let _ = self.tx.send(None);
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use comatching_protocol::CostTable;
 use comatching_protocol::amqp::DeadLetterLimits;
-use comatching_protocol::config::{ConfigError, hours_to_ms, mask_url_password, parse};
+use comatching_protocol::config::{ConfigError, hours_to_ms, parse};
 use serde::{Deserialize, Serialize};
 
 pub const ENV_PREFIX: &str = "COMATCHING_RELAY";
@@ -436,7 +436,7 @@ impl Config {
     /// The effective configuration as TOML with secrets masked, for the start-up log.
     pub fn masked(&self) -> String {
         let mut shown = self.clone();
-        shown.broker.url = mask_url_password(&shown.broker.url);
+        shown.broker.url = shown.broker.url.masked();
         toml::to_string(&shown).unwrap_or_else(|e| format!("<unprintable: {e}>"))
     }
 }

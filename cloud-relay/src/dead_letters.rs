@@ -18,6 +18,7 @@ use std::time::Duration;
 use comatching_protocol::ApplianceId;
 use comatching_protocol::amqp::is_not_found;
 use comatching_protocol::config::amqp_url_with_heartbeat;
+use comatching_protocol::failover::NodeRotation;
 use comatching_protocol::topology::{DEAD_TALLY_QUEUE, sync_queue};
 use futures_util::StreamExt;
 use lapin::options::{
@@ -67,17 +68,28 @@ impl DeadLetterTally {
                 return;
             }
         };
-        let url = amqp_url_with_heartbeat(&self.cfg.url, self.cfg.heartbeat_s);
+        // With a cluster's node list, the same rotation as the broker session: a session that
+        // ends (its node went) makes the next attempt go to the next node.
+        let urls: Vec<String> = self
+            .cfg
+            .url
+            .as_slice()
+            .iter()
+            .map(|u| amqp_url_with_heartbeat(u, self.cfg.heartbeat_s))
+            .collect();
+        let mut rotation = NodeRotation::new(urls.len());
         let max_backoff = Duration::from_millis(self.cfg.max_backoff_ms.max(100));
         let mut backoff = Duration::from_millis(500);
         loop {
             if *shutdown.borrow() {
                 return;
             }
+            let at = rotation.current();
             let result = tokio::select! {
-                r = self.session(&url, &tls) => r,
+                r = self.session(&urls[at], &tls) => r,
                 _ = shutdown.changed() => return,
             };
+            rotation.failed(at);
             if let Err(e) = result {
                 tracing::debug!(error = %e, "dead-letter tally session ended");
             }
@@ -167,14 +179,28 @@ pub async fn delete_sync_queue(
     let broker = |e: lapin::Error| RetireError::Broker(e.to_string());
     let tls = comatching_protocol::amqp::tls_config(cfg)
         .map_err(|e| RetireError::Broker(e.to_string()))?;
-    let url = amqp_url_with_heartbeat(&cfg.url, cfg.heartbeat_s);
-    let conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        comatching_protocol::amqp::connect(&url, &tls),
-    )
-    .await
-    .map_err(|_| RetireError::Broker("connect timed out".into()))?
-    .map_err(broker)?;
+    // The first node of `broker.url` that answers (a cluster's nodes all see the queue).
+    let mut conn = None;
+    let mut last = RetireError::Broker("no broker.url".into());
+    for u in cfg.url.as_slice() {
+        let url = amqp_url_with_heartbeat(u, cfg.heartbeat_s);
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            comatching_protocol::amqp::connect(&url, &tls),
+        )
+        .await
+        {
+            Ok(Ok(c)) => {
+                conn = Some(c);
+                break;
+            }
+            Ok(Err(e)) => last = broker(e),
+            Err(_) => last = RetireError::Broker("connect timed out".into()),
+        }
+    }
+    let Some(conn) = conn else {
+        return Err(last);
+    };
     let queue = sync_queue(id.as_str());
     let result = async {
         let ch = conn.create_channel().await.map_err(broker)?;

@@ -878,6 +878,9 @@ async fn healthz(State(s): State<AppState>) -> Result<Response, ApiError> {
 struct Ready {
     database: bool,
     broker: bool,
+    /// The broker node in use (`host:port`, one of `broker.url`); null while disconnected.
+    #[schema(example = "rabbit-1.internal:5672")]
+    broker_node: Option<String>,
 }
 
 /// Readiness: the database reads and the broker session is up.
@@ -890,6 +893,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
             .await
             .is_ok();
     let broker = s.rpc.connected();
+    let node = if broker { s.rpc.broker_node() } else { None };
     let status = if db_ok && broker {
         StatusCode::OK
     } else {
@@ -900,6 +904,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
         axum::Json(Ready {
             database: db_ok,
             broker,
+            broker_node: node,
         }),
     )
         .into_response()

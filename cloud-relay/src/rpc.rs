@@ -69,6 +69,11 @@ impl MatchRpc {
         self.broker.connected() && self.ready.borrow().is_some()
     }
 
+    /// The broker node of the current session (`host:port`), if any.
+    pub fn broker_node(&self) -> Option<String> {
+        self.broker.node()
+    }
+
     /// Broker messages the relay refused for a missing or wrong link-key tag.
     pub fn refused_messages(&self) -> u64 {
         self.broker.auth.refused()
@@ -144,23 +149,41 @@ impl MatchRpc {
                 .with_content_type("application/x-comatching".into()),
             &body,
         );
+        // Mandatory: a request the broker cannot route (the match queue went with its node,
+        // on a cluster) comes back instead of vanishing. The queue is then declared again on
+        // this session's live node and the request sent once more.
         let publish = async {
-            let confirm = session
-                .rpc
-                .basic_publish(
-                    "".into(),
-                    MATCH_QUEUE.into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props,
-                )
-                .await
-                .map_err(|e| RpcError::NotAccepted(e.to_string()))?;
-            match confirm.await {
-                Ok(Confirmation::Ack(None)) => Ok(()),
-                Ok(other) => Err(RpcError::NotAccepted(format!("{other:?}"))),
-                Err(e) => Err(RpcError::NotAccepted(e.to_string())),
+            for attempt in 0..2 {
+                let confirm = session
+                    .rpc
+                    .basic_publish(
+                        "".into(),
+                        MATCH_QUEUE.into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &body,
+                        props.clone(),
+                    )
+                    .await
+                    .map_err(|e| RpcError::NotAccepted(e.to_string()))?;
+                match confirm.await {
+                    Ok(Confirmation::Ack(None)) => return Ok(()),
+                    Ok(Confirmation::Ack(Some(_))) if attempt == 0 => {
+                        tracing::warn!(node = %session.node, "match request unroutable: declaring the match queue again");
+                        session
+                            .redeclare_match_queue()
+                            .await
+                            .map_err(|e| RpcError::NotAccepted(e.to_string()))?;
+                    }
+                    Ok(other) => return Err(RpcError::NotAccepted(format!("{other:?}"))),
+                    Err(e) => return Err(RpcError::NotAccepted(e.to_string())),
+                }
             }
+            Err(RpcError::NotAccepted(
+                "unroutable after declaring the match queue again".into(),
+            ))
         };
         match tokio::time::timeout_at(deadline.into(), publish).await {
             Ok(Ok(())) => {}

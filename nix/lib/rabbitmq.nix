@@ -8,7 +8,7 @@
 #
 #   comatching.sync             fanout exchange, durable            relay → every appliance
 #   comatching.sync.<id>        quorum queue per appliance, bound   single active consumer
-#   comatching.match.requests   classic queue, TTL cap              relay → any appliance (RPC)
+#   comatching.match.transient  classic queue, non-durable, TTL cap relay → any appliance (RPC)
 #   comatching.control          quorum queue                        appliance hellos → relay
 #   comatching.dead             fanout exchange + durable queue     dead letters of all the above
 #                               (bounded: x-max-length drop-head + x-message-ttl)
@@ -18,9 +18,11 @@
 # Sync queues expire (`x-expires`) when unused for `syncQueueExpiresH` hours (the binaries'
 # `sync.queue_expires_h`), so an appliance that never returns stops collecting every change.
 #
-# `comatching.match` (a quorum queue) was the match queue of earlier releases; a queue's type
-# cannot change in place, so the relay deletes it once no consumer is left (it may configure it
-# for that, nothing else).
+# `comatching.match` (a quorum queue) and `comatching.match.requests` (durable classic) were the
+# match queues of earlier releases; a queue's type or durability cannot change in place, so the
+# relay deletes them once no consumer is left (it may configure them for that, nothing else).
+# The match queue is non-durable so that on a cluster it goes with its node and is declared
+# again on a live one (ARCHITECTURE.md, "Broker failover").
 #
 # Users: `relay`, and `appliance-<id>` per appliance, each with the narrowest permissions the
 # code's own declarations allow (see `permissions` below). No `guest`: the definitions cannot
@@ -59,8 +61,9 @@ let
     "raft.wal_max_size_bytes" = "67108864";
     "vm_memory_high_watermark.absolute" = "314572800";
   };
-  matchQueue = "comatching.match.requests";
+  matchQueue = "comatching.match.transient";
   legacyMatchQueue = "comatching.match";
+  durableMatchQueue = "comatching.match.requests";
   controlQueue = "comatching.control";
   # The longest deadline the relay accepts (matching.deadline_ms ≤ 120 s).
   matchQueueTtlMs = 120000;
@@ -94,11 +97,12 @@ let
   # routing key.
   relayPermissions = {
     # declares both exchanges, the dead-letter queues, the match and control queues; looks up
-    # and deletes the match queue of earlier releases; deletes a retired appliance's sync queue
+    # and deletes the match queues of earlier releases; deletes a retired appliance's sync queue
     # (`comatching-relay admin retire-appliance`)
     configure =
-      "^(comatching\\.sync|comatching\\.dead|comatching\\.dead\\.tally|comatching\\.match\\.requests"
-      + "|comatching\\.control|comatching\\.match|comatching\\.sync\\.[a-z0-9][a-z0-9-]{0,63})$";
+      "^(comatching\\.sync|comatching\\.dead|comatching\\.dead\\.tally|comatching\\.match\\.transient"
+      + "|comatching\\.control|comatching\\.match|comatching\\.match\\.requests"
+      + "|comatching\\.sync\\.[a-z0-9][a-z0-9-]{0,63})$";
     # publishes events to comatching.sync, everything else through the default exchange; binds
     # both dead-letter queues to comatching.dead (exchange)
     write = exactly [
@@ -206,6 +210,8 @@ let
         auto_delete = false;
       };
 
+      transientQueue = name: arguments: queue name arguments // { durable = false; };
+
       controlArgs = {
         "x-queue-type" = "quorum";
         "x-delivery-limit" = checkLimit "deliveryLimit" deliveryLimit;
@@ -247,7 +253,7 @@ let
       queues = [
         (queue deadQueue deadArgs)
         (queue deadTallyQueue deadArgs)
-        (queue matchQueue matchArgs)
+        (transientQueue matchQueue matchArgs)
         (queue controlQueue controlArgs)
       ]
       ++ map (
@@ -387,6 +393,7 @@ in
       deadTallyQueue
       matchQueue
       legacyMatchQueue
+      durableMatchQueue
       controlQueue
       matchQueueTtlMs
       defaultDeadLetterMaxLength

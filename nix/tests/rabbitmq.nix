@@ -109,16 +109,23 @@ import ./harness.nix [
     expected = [
       "comatching.dead"
       "comatching.dead.tally"
-      "comatching.match.requests"
+      "comatching.match.transient"
       "comatching.control"
       "comatching.sync.edge-1"
       "comatching.sync.box-2"
     ];
   }
   {
-    name = "all-queues-durable";
-    actual = builtins.all (q: q.durable && !q.auto_delete && q.vhost == "/") defs.queues;
-    expected = true;
+    name = "all-queues-durable-but-the-match-queue";
+    actual = map (q: q.durable && !q.auto_delete && q.vhost == "/") defs.queues;
+    expected = [
+      true
+      true
+      false
+      true
+      true
+      true
+    ];
   }
   {
     name = "dead-letter-queues-are-bounded";
@@ -199,7 +206,7 @@ import ./harness.nix [
   }
   {
     name = "match-queue-arguments";
-    actual = (queue "comatching.match.requests").arguments;
+    actual = (queue "comatching.match.transient").arguments;
     expected = {
       "x-queue-type" = "classic";
       "x-message-ttl" = 120000;
@@ -274,9 +281,10 @@ import ./harness.nix [
     actual = map (allows relay.configure) [
       "comatching.sync"
       "comatching.dead"
-      "comatching.match.requests"
+      "comatching.match.transient"
       "comatching.control"
       "comatching.match"
+      "comatching.match.requests"
       "comatching.dead.tally"
       "comatching.sync.edge-1"
       "comatchingXsync"
@@ -285,6 +293,7 @@ import ./harness.nix [
       "comatching.sync.a.b"
     ];
     expected = [
+      true
       true
       true
       true
@@ -304,7 +313,7 @@ import ./harness.nix [
       "comatching.sync"
       "amq.default"
       "comatching.dead"
-      "comatching.match.requests"
+      "comatching.match.transient"
       "amq.direct"
     ];
     expected = [
@@ -322,7 +331,7 @@ import ./harness.nix [
       "amq.rabbitmq.reply-to"
       "comatching.dead"
       "comatching.dead.tally"
-      "comatching.match.requests"
+      "comatching.match.transient"
       "comatching.sync.edge-1"
     ];
     expected = [
@@ -340,7 +349,7 @@ import ./harness.nix [
       "comatching.sync.edge-1"
       "comatching.sync.box-2"
       "comatching.sync.edge-10"
-      "comatching.match.requests"
+      "comatching.match.transient"
       "comatching.match"
     ];
     expected = [
@@ -373,7 +382,7 @@ import ./harness.nix [
   {
     name = "appliance-reads";
     actual = map (allows edge.read) [
-      "comatching.match.requests"
+      "comatching.match.transient"
       "comatching.sync.edge-1"
       "comatching.sync"
       "comatching.sync.box-2"
@@ -564,6 +573,7 @@ import ./harness.nix [
       "SYNC_EXCHANGE"
       "MATCH_QUEUE"
       "LEGACY_MATCH_QUEUE"
+      "DURABLE_MATCH_QUEUE"
       "DEAD_EXCHANGE"
       "DEAD_QUEUE"
       "DEAD_TALLY_QUEUE"
@@ -578,6 +588,7 @@ import ./harness.nix [
       syncExchange
       matchQueue
       legacyMatchQueue
+      durableMatchQueue
       deadExchange
       deadQueue
       deadTallyQueue

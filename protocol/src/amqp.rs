@@ -158,13 +158,51 @@ pub fn text(v: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(v))
 }
 
+/// The arguments of a quorum queue: `x-queue-type = quorum`, `extra`, and the initial group
+/// size when `broker.quorum_group_size` sets one.
+pub fn quorum_args(extra: &[(&str, AMQPValue)], group_size: Option<u16>) -> FieldTable {
+    let mut t = queue_args(extra);
+    t.insert(ShortString::from("x-queue-type"), text("quorum"));
+    if let Some(n) = group_size {
+        t.insert(
+            ShortString::from("x-quorum-initial-group-size"),
+            AMQPValue::LongLongInt(i64::from(n)),
+        );
+    }
+    t
+}
+
+/// Declares the match queue: classic, non-durable (so that on a cluster it is removed with its
+/// node and declared again on a live one, see `topology`), its TTL cap, dead-lettering. Both
+/// services call it on every connect (inside [`declare_shared_topology`]) and again when they
+/// find it gone while connected (the relay on an unroutable request, an appliance when the
+/// broker cancels its consumer).
+pub async fn declare_match_queue(ch: &Channel) -> lapin::Result<()> {
+    ch.queue_declare(
+        MATCH_QUEUE.into(),
+        QueueDeclareOptions::default(),
+        queue_args(&[
+            ("x-queue-type", text("classic")),
+            ("x-message-ttl", AMQPValue::LongLongInt(MATCH_QUEUE_TTL_MS)),
+            ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
+        ]),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Declares what both services use, identically from either side (idempotent, so it runs on
 /// every connect and a wiped broker gets its topology back unattended): the sync and dead-letter
 /// exchanges, the control queue and the match queue. The dead-letter queues are not here: their
 /// limits are the relay's configuration, so the relay declares them
 /// ([`declare_dead_letter_queues`]) and an appliance only creates the inspection queue when it is
-/// missing ([`ensure_dead_queue`]). An appliance then declares its own sync queue.
-pub async fn declare_shared_topology(ch: &Channel) -> lapin::Result<()> {
+/// missing ([`ensure_dead_queue`]); both on channels of their own, skipping a `NOT_FOUND` (a
+/// cluster node that is their home is down). An appliance then declares its own sync queue.
+/// `quorum_group_size` is `broker.quorum_group_size`.
+pub async fn declare_shared_topology(
+    ch: &Channel,
+    quorum_group_size: Option<u16>,
+) -> lapin::Result<()> {
     let durable_x = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -185,27 +223,19 @@ pub async fn declare_shared_topology(ch: &Channel) -> lapin::Result<()> {
     ch.queue_declare(
         CONTROL_QUEUE.into(),
         durable_q,
-        queue_args(&[
-            ("x-queue-type", text("quorum")),
-            (
-                "x-delivery-limit",
-                AMQPValue::LongLongInt(CONTROL_DELIVERY_LIMIT),
-            ),
-            ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
-        ]),
+        quorum_args(
+            &[
+                (
+                    "x-delivery-limit",
+                    AMQPValue::LongLongInt(CONTROL_DELIVERY_LIMIT),
+                ),
+                ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
+            ],
+            quorum_group_size,
+        ),
     )
     .await?;
-    ch.queue_declare(
-        MATCH_QUEUE.into(),
-        durable_q,
-        queue_args(&[
-            ("x-queue-type", text("classic")),
-            ("x-message-ttl", AMQPValue::LongLongInt(MATCH_QUEUE_TTL_MS)),
-            ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
-        ]),
-    )
-    .await?;
-    Ok(())
+    declare_match_queue(ch).await
 }
 
 /// How many dead letters the broker keeps, and for how long (the relay's `[dead_letters]`).
@@ -243,15 +273,22 @@ pub fn dead_queue_args(limits: &DeadLetterLimits) -> FieldTable {
 
 /// The arguments of an appliance's own sync queue: quorum, one consumer at a time, dead-letters
 /// a message after `delivery_limit` deliveries, and deleted by the broker after `expires_ms`
-/// without a consumer (an appliance that never comes back stops collecting every change).
-pub fn sync_queue_args(delivery_limit: i64, expires_ms: i64) -> FieldTable {
-    queue_args(&[
-        ("x-queue-type", text("quorum")),
-        ("x-single-active-consumer", AMQPValue::Boolean(true)),
-        ("x-delivery-limit", AMQPValue::LongLongInt(delivery_limit)),
-        ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
-        ("x-expires", AMQPValue::LongLongInt(expires_ms)),
-    ])
+/// without a consumer (an appliance that never comes back stops collecting every change);
+/// `group_size` is `broker.quorum_group_size` ([`quorum_args`]).
+pub fn sync_queue_args(
+    delivery_limit: i64,
+    expires_ms: i64,
+    group_size: Option<u16>,
+) -> FieldTable {
+    quorum_args(
+        &[
+            ("x-single-active-consumer", AMQPValue::Boolean(true)),
+            ("x-delivery-limit", AMQPValue::LongLongInt(delivery_limit)),
+            ("x-dead-letter-exchange", text(DEAD_EXCHANGE)),
+            ("x-expires", AMQPValue::LongLongInt(expires_ms)),
+        ],
+        group_size,
+    )
 }
 
 /// Whether `e` is the broker's PRECONDITION_FAILED (406): a redeclare with other arguments, or
@@ -261,7 +298,8 @@ pub fn is_precondition_failed(e: &lapin::Error) -> bool {
         if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }
 
-/// Whether `e` is the broker's NOT_FOUND (404).
+/// Whether `e` is the broker's NOT_FOUND (404); on a cluster also "home node … of durable
+/// queue … is down or inaccessible".
 pub fn is_not_found(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
         if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
@@ -309,32 +347,57 @@ pub async fn declare_queue_replacing(
     }
 }
 
-/// The relay's dead-letter queues, with its limits (replacing older, unbounded ones), both
-/// bound to [`DEAD_EXCHANGE`].
+/// Logs a dead-letter queue that could not be declared or bound because the broker answered
+/// `NOT_FOUND`: it is a durable classic queue, so on a cluster it lives on one node, and while
+/// that node is down nobody can declare it. Dead letters routed to it meanwhile are dropped
+/// (they are for inspection and counting only); the next connect declares it again.
+fn skip_unavailable_dead_queue(queue: &str, e: &lapin::Error) {
+    tracing::warn!(
+        queue,
+        error = %e,
+        "dead-letter queue unavailable (its node is down): skipped until the next connect"
+    );
+}
+
+/// The relay's dead-letter queues, with its limits (replacing older, unbounded ones), each
+/// bound to [`DEAD_EXCHANGE`], each on channels of its own: one whose home node is down
+/// (`NOT_FOUND`) is logged and skipped, so it cannot keep the relay off the broker.
 pub async fn declare_dead_letter_queues(
     conn: &Connection,
     limits: &DeadLetterLimits,
 ) -> lapin::Result<()> {
     for queue in [DEAD_QUEUE, DEAD_TALLY_QUEUE] {
-        declare_queue_replacing(conn, queue, dead_queue_args(limits)).await?;
+        match declare_queue_replacing(conn, queue, dead_queue_args(limits)).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {
+                skip_unavailable_dead_queue(queue, &e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let ch = conn.create_channel().await?;
+        match ch
+            .queue_bind(
+                queue.into(),
+                DEAD_EXCHANGE.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(()) => {
+                let _ = ch.close(200, "bound".into()).await;
+            }
+            Err(e) if is_not_found(&e) => skip_unavailable_dead_queue(queue, &e),
+            Err(e) => return Err(e),
+        }
     }
-    let ch = conn.create_channel().await?;
-    for queue in [DEAD_QUEUE, DEAD_TALLY_QUEUE] {
-        ch.queue_bind(
-            queue.into(),
-            DEAD_EXCHANGE.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    }
-    let _ = ch.close(200, "bound".into()).await;
     Ok(())
 }
 
 /// An appliance's side: [`DEAD_QUEUE`] is created with the default limits only when it does
-/// not exist, and left alone otherwise (its arguments are the relay's to choose; declaring
+/// not exist (skipped, logged, when its home node is down: `NOT_FOUND`), and left alone otherwise (its arguments are the relay's to choose; declaring
 /// them from both sides would make two configurations fight over it).
 pub async fn ensure_dead_queue(conn: &Connection) -> lapin::Result<()> {
     let ch = conn.create_channel().await?;
@@ -365,19 +428,33 @@ pub async fn ensure_dead_queue(conn: &Connection) -> lapin::Result<()> {
                 )
                 .await
             {
-                Ok(_) => {
-                    ch.queue_bind(
+                Ok(_) => match ch
+                    .queue_bind(
                         DEAD_QUEUE.into(),
                         DEAD_EXCHANGE.into(),
                         "".into(),
                         QueueBindOptions::default(),
                         FieldTable::default(),
                     )
-                    .await?;
-                    let _ = ch.close(200, "created".into()).await;
+                    .await
+                {
+                    Ok(()) => {
+                        let _ = ch.close(200, "created".into()).await;
+                        Ok(())
+                    }
+                    Err(e) if is_not_found(&e) => {
+                        skip_unavailable_dead_queue(DEAD_QUEUE, &e);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+                Err(e) if is_precondition_failed(&e) => Ok(()),
+                // The passive declare's NOT_FOUND also means "its home node is down" on a
+                // cluster; then this declare is refused the same way.
+                Err(e) if is_not_found(&e) => {
+                    skip_unavailable_dead_queue(DEAD_QUEUE, &e);
                     Ok(())
                 }
-                Err(e) if is_precondition_failed(&e) => Ok(()),
                 Err(e) => Err(e),
             }
         }
@@ -385,7 +462,8 @@ pub async fn ensure_dead_queue(conn: &Connection) -> lapin::Result<()> {
     }
 }
 
-/// One connection attempt to `url` (which carries the heartbeat) with `tls`.
+/// One connection attempt to `url` (which carries the heartbeat) with `tls`. With a list of
+/// URLs the caller picks which ([`crate::failover::NodeRotation`]).
 pub async fn connect(url: &str, tls: &OwnedTLSConfig) -> lapin::Result<Connection> {
     Connection::connect_with_config(
         url,
@@ -407,7 +485,7 @@ mod tests {
         let junk = dir.join("junk.pem");
         std::fs::write(&junk, "hello").unwrap();
         let settings = |ca: std::path::PathBuf| BrokerSettings {
-            url: "amqps://h:5671/%2f".into(),
+            url: crate::config::BrokerUrls::new(["amqps://h:5671/%2f"]),
             tls_ca: Some(ca),
             ..BrokerSettings::default()
         };

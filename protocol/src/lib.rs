@@ -12,6 +12,7 @@ pub mod config;
 pub mod digest;
 pub mod domain;
 pub mod error;
+pub mod failover;
 pub mod ids;
 pub mod mac;
 pub mod options;

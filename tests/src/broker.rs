@@ -206,6 +206,9 @@ pub struct BrokerSecurity {
     pub tls_key: Option<std::path::PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub link_key_file: Option<std::path::PathBuf>,
+    /// `broker.quorum_group_size` (a cluster's replica count for quorum queues).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quorum_group_size: Option<u16>,
 }
 
 impl BrokerSecurity {

@@ -72,6 +72,14 @@ impl PrivateBroker {
     }
 
     fn start_with(label: &str, tls: Option<&Path>) -> PrivateBroker {
+        let b = Self::prepare(label, tls, None);
+        b.start_node();
+        b
+    }
+
+    /// Writes the node's files (config, plugins, env, and the Erlang cookie when given) without
+    /// starting it.
+    fn prepare(label: &str, tls: Option<&Path>, cookie: Option<&str>) -> PrivateBroker {
         crate::broker::ensure_shared_node(); // installs the packages when missing
         let dir = tempfile::Builder::new()
             .prefix(&format!("comatching-broker-{label}-"))
@@ -106,7 +114,15 @@ impl PrivateBroker {
         // An empty env file of its own: the system one (written by broker.sh) names the shared
         // node and sets NODE_IP_ADDRESS, which would add a second listener on port 5672.
         std::fs::write(b.path("rabbitmq-env.conf"), "").expect("write env file");
-        b.start_node();
+        if let Some(cookie) = cookie {
+            // The Erlang cookie lives in HOME (the node's dir); nodes of one cluster and the
+            // CLI talking to them must share it. Erlang refuses a cookie file others can read.
+            use std::os::unix::fs::PermissionsExt;
+            let f = b.path(".erlang.cookie");
+            std::fs::write(&f, cookie).expect("write cookie");
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o400))
+                .expect("cookie mode");
+        }
         b
     }
 
@@ -213,9 +229,30 @@ impl PrivateBroker {
         }
     }
 
-    /// Starts the node again on the same data (after `kill_9`).
+    /// Starts the node again on the same data (after `kill_9` or `stop`).
     pub fn restart(&self) {
         self.start_node();
+    }
+
+    /// Stops the whole node cleanly (the Erlang VM exits; its peers see it go) and waits until
+    /// it has.
+    pub fn stop(&self) {
+        let pid = self.path("pid");
+        self.ctl_ok(&["stop", pid.to_str().expect("utf-8 path")]);
+    }
+
+    /// `rabbitmqctl ARGS` on this node; its standard output when it succeeds.
+    pub fn ctl_output(&self, args: &[&str]) -> Result<String, String> {
+        let out = self.ctl(args);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
     }
 
     /// Wipes the node's state (queues, messages, exchanges) and starts it again.
@@ -226,10 +263,151 @@ impl PrivateBroker {
     }
 }
 
+impl PrivateBroker {
+    fn running(&self) -> bool {
+        self.beam_pid()
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    }
+}
+
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
-        let pid = self.path("pid");
-        let _ = self.ctl(&["stop", pid.to_str().unwrap_or("")]);
+        // A node already stopped (a cluster row's victim) is not asked again: the CLI would
+        // wait for a node that never answers.
+        if self.running() {
+            let pid = self.path("pid");
+            let _ = self.ctl(&["stop", pid.to_str().unwrap_or("")]);
+        }
         self.kill_9();
+    }
+}
+
+/// A RabbitMQ cluster of a test's own on one machine: `n` private nodes with distinct node
+/// names, AMQP and distribution ports and data dirs, one Erlang cookie, clustered with
+/// `rabbitmqctl join_cluster` onto the first. For the rows that lose broker nodes (F21).
+pub struct PrivateCluster {
+    pub nodes: Vec<PrivateBroker>,
+}
+
+impl PrivateCluster {
+    /// Starts `n` nodes and joins nodes 2..n to node 1 (tens of seconds).
+    pub fn start(label: &str, n: usize) -> PrivateCluster {
+        let cookie: String = (0..32)
+            .map(|_| char::from(b'A' + rand::random::<u8>() % 26))
+            .collect();
+        let nodes: Vec<PrivateBroker> = (0..n)
+            .map(|i| PrivateBroker::prepare(&format!("{label}n{i}"), None, Some(&cookie)))
+            .collect();
+        for b in &nodes {
+            b.start_node();
+        }
+        for b in &nodes[1..] {
+            b.ctl_ok(&["stop_app"]);
+            b.ctl_ok(&["join_cluster", &nodes[0].node]);
+            b.start_app();
+        }
+        let c = PrivateCluster { nodes };
+        c.wait_running(n, Duration::from_secs(60));
+        c
+    }
+
+    /// Every node's AMQP URL, in node order.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|b| b.amqp_url()).collect()
+    }
+
+    /// The index of the node whose AMQP port is `port`.
+    pub fn index_of_port(&self, port: u16) -> Option<usize> {
+        self.nodes.iter().position(|b| b.amqp_port == port)
+    }
+
+    /// The running nodes as one live node sees them (`rabbitmqctl cluster_status`), or none
+    /// when no node answers.
+    pub fn running_nodes(&self) -> Vec<String> {
+        for b in &self.nodes {
+            if let Ok(out) = b.ctl_output(&["cluster_status", "--formatter", "json"])
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&out)
+            {
+                return v["running_nodes"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|n| n.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            }
+        }
+        Vec::new()
+    }
+
+    /// Waits until `n` nodes run in the cluster (polling, with a deadline).
+    pub fn wait_running(&self, n: usize, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let running = self.running_nodes();
+            if running.len() == n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cluster: {n} nodes not running within {timeout:?}: {running:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The quorum queues of the default vhost, as `(name, members, online)` counts, read on a
+    /// live node.
+    pub fn quorum_queues(&self) -> Vec<(String, usize, usize)> {
+        for b in &self.nodes {
+            let Ok(out) = b.ctl_output(&[
+                "list_queues",
+                "name",
+                "type",
+                "members",
+                "online",
+                "--formatter",
+                "json",
+            ]) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&out) else {
+                continue;
+            };
+            let count = |x: &serde_json::Value| x.as_array().map_or(0, Vec::len);
+            return v
+                .as_array()
+                .map(|qs| {
+                    qs.iter()
+                        .filter(|q| q["type"] == "quorum")
+                        .map(|q| {
+                            (
+                                q["name"].as_str().unwrap_or("").to_owned(),
+                                count(&q["members"]),
+                                count(&q["online"]),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+        Vec::new()
+    }
+
+    /// Waits until every quorum queue has all `members` members online.
+    pub fn wait_queues_recovered(&self, members: usize, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let qs = self.quorum_queues();
+            if !qs.is_empty() && qs.iter().all(|(_, m, o)| *m == members && *o == members) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "quorum queues not back to {members} online members within {timeout:?}: {qs:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }

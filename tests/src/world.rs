@@ -36,6 +36,8 @@ pub struct WorldOptions {
     /// The appliances' periodic hello (`None`: the harness's 1 s). Rows that test delivery
     /// anomalies use production's 10 s, so a periodic resync cannot hide a sync bug.
     pub hello_interval_ms: Option<u64>,
+    /// `broker.quorum_group_size` of every service (a private cluster's rows set 3).
+    pub quorum_group_size: Option<u16>,
 }
 
 impl WorldOptions {
@@ -50,6 +52,7 @@ impl WorldOptions {
             broker_tls: None,
             link_key: None,
             hello_interval_ms: None,
+            quorum_group_size: None,
         }
     }
 }
@@ -65,6 +68,7 @@ pub struct World {
     broker_tls: Option<PathBuf>,
     link_key: Option<PathBuf>,
     hello_interval_ms: Option<u64>,
+    quorum_group_size: Option<u16>,
 }
 
 /// The relay's own view of its pool.
@@ -94,6 +98,7 @@ impl World {
             config.broker.security.tls(dir, "relay");
         }
         config.broker.security.link_key_file = opts.link_key.clone();
+        config.broker.security.quorum_group_size = opts.quorum_group_size;
         config.matching.max_picked = opts.max_picked;
         if opts.cheap_hashing {
             config.auth = Some(AuthSection {
@@ -115,6 +120,7 @@ impl World {
             broker_tls: opts.broker_tls.clone(),
             link_key: opts.link_key.clone(),
             hello_interval_ms: opts.hello_interval_ms,
+            quorum_group_size: opts.quorum_group_size,
         };
         for _ in 0..opts.appliances {
             world.add_appliance(&opts.backend).await;
@@ -124,8 +130,16 @@ impl World {
 
     /// Starts one more appliance (`box-N`) on this world's broker.
     pub async fn add_appliance(&mut self, backend: &str) -> &mut ApplianceProcess {
+        let url = self.amqp_url.clone();
+        self.add_appliance_at(backend, &url).await
+    }
+
+    /// Starts one more appliance (`box-N`) with its own `broker.url` (a cluster's nodes in
+    /// another order, say).
+    pub async fn add_appliance_at(&mut self, backend: &str, url: &str) -> &mut ApplianceProcess {
         let id = format!("box-{}", self.appliances.len() + 1);
-        let mut cfg = ApplianceConfig::new(&id, self.amqp_url.clone());
+        let mut cfg = ApplianceConfig::new(&id, url);
+        cfg.broker.security.quorum_group_size = self.quorum_group_size;
         cfg.broker.security.link_key_file = self.link_key.clone();
         if let Some(dir) = &self.broker_tls {
             cfg.broker.security.tls(dir, &id);

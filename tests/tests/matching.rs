@@ -730,10 +730,11 @@ async fn the_match_queue_dead_letters_what_expires_or_is_rejected() {
     drop(responder);
 
     let queues = list_queues(&env.vhost);
-    let matchq = find_queue(&queues, "comatching.match.requests")
+    let matchq = find_queue(&queues, comatching_protocol::topology::MATCH_QUEUE)
         .unwrap_or_else(|| panic!("match queue not declared: {queues}"));
     assert_eq!(matchq["type"], "classic", "{matchq}");
-    assert_eq!(matchq["durable"], true, "{matchq}");
+    // Non-durable: on a cluster it goes with its node and is declared again on a live one.
+    assert_eq!(matchq["durable"], false, "{matchq}");
     // rabbitmqctl prints arguments as [name, type, value] triples.
     let arg = |name: &str| {
         matchq["arguments"]
@@ -761,7 +762,7 @@ async fn the_match_queue_dead_letters_what_expires_or_is_rejected() {
     for body in [&b"requeued forever"[..], &b"rejected"[..]] {
         ch.basic_publish(
             "".into(),
-            "comatching.match.requests".into(),
+            comatching_protocol::topology::MATCH_QUEUE.into(),
             BasicPublishOptions::default(),
             body,
             BasicProperties::default().with_expiration("300".into()),
@@ -771,7 +772,7 @@ async fn the_match_queue_dead_letters_what_expires_or_is_rejected() {
     }
     let mut consumer = ch
         .basic_consume(
-            "comatching.match.requests".into(),
+            comatching_protocol::topology::MATCH_QUEUE.into(),
             "poison-handler".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -898,6 +899,17 @@ async fn the_relay_retires_the_old_match_queue() {
     )
     .await
     .expect("declare the old queue");
+    // The durable classic match queue of the release before, unused: deleted at once.
+    ch.queue_declare(
+        "comatching.match.requests".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare the durable classic queue");
     let old_consumer = ch
         .basic_consume(
             "comatching.match".into(),
@@ -914,6 +926,10 @@ async fn the_relay_retires_the_old_match_queue() {
     relay.wait_ready().await;
     let kept = find_queue(&list_queues(&vhost), "comatching.match");
     assert!(kept.is_some(), "an old queue still consumed is kept");
+    assert!(
+        find_queue(&list_queues(&vhost), "comatching.match.requests").is_none(),
+        "an old queue nobody consumes is deleted"
+    );
 
     drop(old_consumer);
     old.close(200, "old appliance gone".into())
@@ -939,7 +955,13 @@ async fn the_relay_retires_the_old_match_queue() {
     )
     .await;
     relay.wait_ready().await;
-    assert!(find_queue(&list_queues(&vhost), "comatching.match.requests").is_some());
+    assert!(
+        find_queue(
+            &list_queues(&vhost),
+            comatching_protocol::topology::MATCH_QUEUE
+        )
+        .is_some()
+    );
 }
 
 /// The relay crashes while a match is in flight: after the restart the hold is voided by the

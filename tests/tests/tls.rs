@@ -251,7 +251,7 @@ async fn relay_and_appliance_use_amqp_over_tls_with_client_certificates() {
     // plain AMQP on its TLS port.
     let attempt = |ca: &Path, cert: Option<(&Path, &str)>, url: String| {
         let settings = BrokerSettings {
-            url: url.clone(),
+            url: comatching_protocol::config::BrokerUrls::new([url.clone()]),
             tls_ca: url.starts_with("amqps").then(|| ca.join("ca.pem")),
             tls_cert: cert.map(|(dir, n)| dir.join(format!("{n}.pem"))),
             tls_key: cert.map(|(dir, n)| dir.join(format!("{n}.key"))),

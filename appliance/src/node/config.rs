@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use comatching_protocol::ApplianceId;
-use comatching_protocol::config::{ConfigError, mask_url_password, parse};
+use comatching_protocol::config::{ConfigError, parse};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineKind;
@@ -172,7 +172,7 @@ impl Config {
 
     pub fn masked(&self) -> String {
         let mut shown = self.clone();
-        shown.broker.url = mask_url_password(&shown.broker.url);
+        shown.broker.url = shown.broker.url.masked();
         toml::to_string(&shown).unwrap_or_else(|e| format!("<unprintable: {e}>"))
     }
 }

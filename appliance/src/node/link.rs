@@ -1,7 +1,8 @@
 //! The appliance's link to the relay, over the broker only: it dials out, so NAT does not matter.
 //!
-//! One loop owns the connection (no reliance on the client's automatic recovery): connect with
-//! a heartbeat → declare the topology → consume this appliance's sync queue → say hello → apply
+//! One loop owns the connection (no reliance on the client's automatic recovery): pick a node
+//! (`broker.url` may list a cluster's nodes; the [`NodeRotation`] starts after the last one that
+//! failed) → connect with a heartbeat → declare the topology → consume this appliance's sync queue → say hello → apply
 //! sync batches (durable commit first, then ack) → take match requests only while caught up →
 //! on any failure, back off and start again. Malformed messages are rejected without requeue, so
 //! the broker dead-letters them and the queue keeps flowing. A batch the store cannot commit is
@@ -33,10 +34,11 @@ use super::replica::{Replica, Stuck};
 use super::retry::RetryGate;
 use crate::sync::SyncPlan;
 use comatching_protocol::amqp::{
-    Declared, LinkAuth, declare_queue_replacing, declare_shared_topology, ensure_dead_queue,
-    sync_queue_args,
+    Declared, LinkAuth, declare_match_queue, declare_queue_replacing, declare_shared_topology,
+    ensure_dead_queue, sync_queue_args,
 };
-use comatching_protocol::config::amqp_url_with_heartbeat;
+use comatching_protocol::config::{amqp_url_with_heartbeat, broker_node};
+use comatching_protocol::failover::NodeRotation;
 use comatching_protocol::topology::{self, CONTROL_QUEUE, MATCH_QUEUE, SYNC_EXCHANGE};
 
 /// Longest the broker may take to set up a session, or to confirm a hello.
@@ -65,15 +67,20 @@ pub fn sync_queue(cfg: &Config) -> String {
 }
 
 /// The shared topology (declared exactly as the relay does), the dead-letter queue when it is
-/// missing, then this appliance's own sync queue, bound to the sync exchange. A sync queue left
-/// by an earlier release with other arguments is replaced (its events are replayed on hello).
+/// missing (skipped when its home node is down), then this appliance's own sync queue, bound to
+/// the sync exchange. A sync queue left by an earlier release with other arguments is replaced
+/// (its events are replayed on hello).
 async fn declare_topology(conn: &Connection, cfg: &Config) -> lapin::Result<()> {
     let ch = conn.create_channel().await?;
-    declare_shared_topology(&ch).await?;
+    declare_shared_topology(&ch, cfg.broker.quorum_group_size).await?;
     let _ = ch.close(200, "declared".into()).await;
     ensure_dead_queue(conn).await?;
     let own = sync_queue(cfg);
-    let args = sync_queue_args(cfg.sync.delivery_limit, cfg.sync_queue_expires_ms());
+    let args = sync_queue_args(
+        cfg.sync.delivery_limit,
+        cfg.sync_queue_expires_ms(),
+        cfg.broker.quorum_group_size,
+    );
     if declare_queue_replacing(conn, &own, args).await? == Declared::Replaced {
         tracing::warn!(
             queue = own,
@@ -134,7 +141,21 @@ struct SessionState {
 
 impl Link {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let url = amqp_url_with_heartbeat(&self.cfg.broker.url, self.cfg.broker.heartbeat_s);
+        let urls: Vec<(String, String)> = self
+            .cfg
+            .broker
+            .url
+            .as_slice()
+            .iter()
+            .map(|u| {
+                let node = broker_node(u).unwrap_or_else(|| "?".into());
+                (
+                    amqp_url_with_heartbeat(u, self.cfg.broker.heartbeat_s),
+                    node,
+                )
+            })
+            .collect();
+        let mut rotation = NodeRotation::new(urls.len());
         let tls = self.tls.clone();
         let mut backoff = Duration::from_millis(100);
         let max_backoff = Duration::from_millis(self.cfg.broker.max_backoff_ms.max(100));
@@ -143,25 +164,32 @@ impl Link {
                 return;
             }
             let started = Instant::now();
+            let at = rotation.current();
+            let (url, node) = &urls[at];
             let result = match tokio::time::timeout(
                 Duration::from_secs(10),
-                comatching_protocol::amqp::connect(&url, &tls),
+                comatching_protocol::amqp::connect(url, &tls),
             )
             .await
             {
                 Ok(Ok(conn)) => {
-                    let r = self.session(&conn, &mut shutdown).await;
+                    rotation.connected(at);
+                    let r = self.session(&conn, node, &mut shutdown).await;
                     let _ =
                         tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into()))
                             .await;
                     r
                 }
-                Ok(Err(e)) => Err(format!("connect: {e}")),
-                Err(_) => Err("connect timed out".to_owned()),
+                Ok(Err(e)) => Err(format!("connect to {node}: {e}")),
+                Err(_) => Err(format!("connect to {node} timed out")),
             };
+            // Whether the attempt failed or a session on the node ended, the next attempt
+            // starts after this node.
+            rotation.failed(at);
             {
                 let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
                 l.broker_connected = false;
+                l.broker_node = None;
                 l.hello_acked = false;
                 l.connected_at = None;
                 if let Err(e) = &result {
@@ -172,7 +200,7 @@ impl Link {
                 return;
             }
             if let Err(e) = result {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker link down");
+                tracing::warn!(node = %node, error = %e, retry_in_ms = backoff.as_millis() as u64, "broker link down");
             }
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = Duration::from_millis(100);
@@ -188,6 +216,7 @@ impl Link {
     async fn session(
         &self,
         conn: &Connection,
+        node: &str,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), String> {
         let e = |what: &'static str| move |err: lapin::Error| format!("{what}: {err}");
@@ -233,10 +262,11 @@ impl Link {
         {
             let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
             l.broker_connected = true;
+            l.broker_node = Some(node.to_owned());
             l.hello_acked = false;
             l.connected_at = Some(Instant::now());
         }
-        tracing::info!(queue, "broker link up");
+        tracing::info!(queue, node, "broker link up");
         let mut st = SessionState {
             staging: None,
             want_hello: true,
@@ -265,7 +295,20 @@ impl Link {
                     .await?;
                 }
                 d = next_opt(&mut match_consumer) => {
-                    let d = d.ok_or("match consumer ended")?.map_err(e("match delivery"))?;
+                    let Some(d) = d else {
+                        // The broker cancelled the consumer: on a cluster, the (non-durable)
+                        // match queue went with its node while ours lives on. Declare it here
+                        // and consume it again at the next tick; if the channel is what died,
+                        // the declare fails and the session is replaced.
+                        match_consumer = None;
+                        tracing::warn!(node, "match consumer cancelled by the broker: declaring the match queue again");
+                        bounded("declaring the match queue", async {
+                            declare_match_queue(&match_ch).await.map_err(e("declare match queue"))
+                        })
+                        .await?;
+                        continue;
+                    };
+                    let d = d.map_err(e("match delivery"))?;
                     let permit = bounded("a free match worker", async {
                         workers.clone().acquire_owned().await.map_err(|_| "workers closed".to_owned())
                     })

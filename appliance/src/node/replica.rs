@@ -21,6 +21,8 @@ use crate::sync::{Gap, SyncPlan};
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct LinkStatus {
     pub broker_connected: bool,
+    /// The broker node of the current session, `host:port` (no credentials).
+    pub broker_node: Option<String>,
     /// The relay's epoch and seq as of its last `HelloAck` (or the newest event seen).
     pub relay_epoch: Option<Epoch>,
     pub relay_seq: u64,

@@ -56,6 +56,7 @@ pub async fn status_json(s: &StatusState) -> Result<Value, String> {
         "lag": lag,
         "ready": ready,
         "broker_connected": link.broker_connected,
+        "broker_node": link.broker_node,
         "index": {
             "engine": s.replica.engine_kind().as_str(),
             "users": engine_len,
