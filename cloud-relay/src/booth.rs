@@ -41,6 +41,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(approve))
         .routes(routes!(reject))
         .routes(routes!(admin_users))
+        .routes(routes!(admin_user_ledger))
 }
 
 error_set!(CreateChargeErrors: ValidationFailed, Unauthorized, ChargePending, PayloadTooLarge, RateLimited, Internal);
@@ -49,6 +50,7 @@ error_set!(CancelErrors: Unauthorized, NotFound, ChargeDecided, RateLimited, Int
 error_set!(StudentStreamErrors: ValidationFailed, Unauthorized, RateLimited, TooManyStreams, Internal);
 error_set!(OperatorStreamErrors: ValidationFailed, Unauthorized, Forbidden, RateLimited, TooManyStreams, Internal);
 error_set!(OperatorPageErrors: ValidationFailed, Unauthorized, Forbidden, RateLimited, Internal);
+error_set!(UserLedgerErrors: ValidationFailed, Unauthorized, Forbidden, NotFound, RateLimited, Internal);
 error_set!(ApproveErrors: Unauthorized, Forbidden, NotFound, ChargeDecided, RateLimited, Internal);
 error_set!(RejectErrors: ValidationFailed, Unauthorized, Forbidden, NotFound, ChargeDecided, PayloadTooLarge, RateLimited, Internal);
 
@@ -80,6 +82,20 @@ impl<S: Send + Sync> FromRequestParts<S> for ChargeId {
         } else {
             Err(nf())
         }
+    }
+}
+
+/// A `{user_id}` path segment, checked by the handler (after the caller is known to be an
+/// operator, so a student learns nothing from the shape of an id).
+pub struct UserPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for UserPath {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, s: &S) -> Result<Self, ApiError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, s)
+            .await
+            .map_err(|_| ApiError::validation("user_id", "must be 32 lowercase hex characters"))?;
+        Ok(UserPath(id))
     }
 }
 
@@ -398,6 +414,42 @@ async fn my_ledger(
     caller: Caller,
     Q(q): Q<PageQuery>,
 ) -> Result<axum::Json<LedgerPage>, ApiError> {
+    let (cursor, limit) = ledger_query(q)?;
+    let user = caller.user_id;
+    let page =
+        s.db.read(move |c| ledger_page(c, user, cursor, limit))
+            .await?;
+    Ok(axum::Json(page))
+}
+
+/// A student's points history as `GET /api/v1/me/ledger` shows it to them (operators).
+///
+/// Newest first, with the balance after each entry; the console's look-up shows the last five.
+/// A user id that is no (or a withdrawn) account is 404.
+#[utoipa::path(get, path = "/api/v1/admin/users/{user_id}/ledger", tag = "admin",
+    security(("bearer" = [])),
+    params(("user_id" = String, Path, description = "32 lowercase hex characters"), PageQuery),
+    responses((status = 200, description = "A page of entries", body = LedgerPage), UserLedgerErrors))]
+async fn admin_user_ledger(
+    State(s): State<AppState>,
+    caller: Caller,
+    UserPath(id): UserPath,
+    Q(q): Q<PageQuery>,
+) -> Result<axum::Json<LedgerPage>, ApiError> {
+    caller.require_operator()?;
+    let user: UserId = id.parse()?;
+    let (cursor, limit) = ledger_query(q)?;
+    let page =
+        s.db.read(move |c| {
+            let user = resolve_user(c, Some(user), None)?;
+            ledger_page(c, user, cursor, limit)
+        })
+        .await?;
+    Ok(axum::Json(page))
+}
+
+/// A ledger page's `(before, limit)`: the cursor is the last entry id of the previous page.
+fn ledger_query(q: PageQuery) -> Result<(i64, usize), ApiError> {
     let limit = limit_of(q.limit)?;
     let cursor = match q.cursor {
         None => i64::MAX,
@@ -407,11 +459,7 @@ async fn my_ledger(
             .filter(|n| *n > 0)
             .ok_or_else(|| ApiError::validation("cursor", "not a cursor from this list"))?,
     };
-    let user = caller.user_id;
-    let page =
-        s.db.read(move |c| ledger_page(c, user, cursor, limit))
-            .await?;
-    Ok(axum::Json(page))
+    Ok((cursor, limit))
 }
 
 /// A student's ledger, newest first, with the balance after each entry (a running sum over

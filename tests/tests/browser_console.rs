@@ -826,6 +826,19 @@ async fn look_up_a_student_by_prefix_and_grant_after_a_confirm() {
             .await
             .is_none()
     );
+    // Two results: the points history waits for its button (a pending charge is no entry).
+    assert_eq!(
+        s.attr(&format!("{row} .history"), "hidden")
+            .await
+            .as_deref(),
+        Some("")
+    );
+    let jun = "#lookup-results [data-username=\"park_jun\"]";
+    s.click(&format!("{jun} .history-toggle")).await;
+    s.wait_for_text(PATIENCE, &format!("{jun} .history .status"), |t| {
+        t == "포인트 내역이 없습니다."
+    })
+    .await;
 
     // A grant asks first, naming the student and the amount; cancel grants nothing.
     type_into(&s, &format!("{row} .amount"), "3000").await;
@@ -869,5 +882,37 @@ async fn look_up_a_student_by_prefix_and_grant_after_a_confirm() {
     assert_eq!(park.points().await, 3000);
     let history = park.get("/api/v1/me/ledger").await.expect(200);
     assert_eq!(history["entries"][0]["reason"], "현장 구매");
+    // The grant opens the student's points history on their line: the entry just written,
+    // newest first, with the balance after it.
+    let entry = format!("{row} .history .ledger .entry:first-child");
+    s.wait_for_text(PATIENCE, &format!("{entry} .what"), |t| {
+        t == "지급: 현장 구매"
+    })
+    .await;
+    assert_eq!(
+        s.text(&format!("{entry} .amount")).await.as_deref(),
+        Some("+3,000")
+    );
+    assert_eq!(
+        s.text(&format!("{entry} .after")).await.as_deref(),
+        Some("잔액 3,000")
+    );
+    assert!(
+        s.text(&format!("{entry} .when"))
+            .await
+            .is_some_and(|t| !t.is_empty())
+    );
+    // A look-up that finds one student shows their history at once.
+    type_into(&s, "#lookup-q", "park_m").await;
+    s.click("#lookup-button").await;
+    s.wait_for_js(
+        PATIENCE,
+        "one result, its history shown",
+        "const rows = document.querySelectorAll('#lookup-results .user'); \
+         const what = document.querySelector(arguments[0]); \
+         return rows.length === 1 && what !== null && what.textContent === arguments[1];",
+        vec![json!(format!("{entry} .what")), json!("지급: 현장 구매")],
+    )
+    .await;
     s.close().await;
 }

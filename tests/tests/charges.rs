@@ -226,6 +226,52 @@ async fn approval_credits_once_and_the_ledger_shows_it() {
         b.get("/api/v1/me/ledger").await.expect(200)["entries"],
         json!([])
     );
+
+    // The operators' view of a student's ledger is the student's own, page for page.
+    let theirs = op
+        .user
+        .get(&format!("/api/v1/admin/users/{}/ledger", a.user_id))
+        .await
+        .expect(200);
+    assert_eq!(theirs, ledger, "the operator sees what the student sees");
+    let page = op
+        .user
+        .get(&format!("/api/v1/admin/users/{}/ledger?limit=1", a.user_id))
+        .await
+        .expect(200);
+    assert_eq!(page["entries"][0]["reason"], "booth purchase");
+    assert_eq!(page["entries"][0]["amount"], 700);
+    assert_eq!(page["entries"][0]["balance_after"], 5700);
+    let cursor = page["next_cursor"].as_str().unwrap().to_owned();
+    let page = op
+        .user
+        .get(&format!(
+            "/api/v1/admin/users/{}/ledger?limit=1&cursor={cursor}",
+            a.user_id
+        ))
+        .await
+        .expect(200);
+    assert_eq!(page["entries"][0]["charge_id"], ca.as_str());
+    assert_eq!(page["next_cursor"], Value::Null);
+    assert_eq!(
+        op.user
+            .get(&format!("/api/v1/admin/users/{}/ledger", b.user_id))
+            .await
+            .expect(200)["entries"],
+        json!([])
+    );
+    for bad in ["limit=0", "limit=101", "cursor=abc", "cursor=0", "other=1"] {
+        let field = bad.split('=').next().unwrap();
+        let r = op
+            .user
+            .get(&format!("/api/v1/admin/users/{}/ledger?{bad}", a.user_id))
+            .await;
+        if field == "other" {
+            r.assert_error(400, "validation_failed");
+        } else {
+            r.assert_invalid(field);
+        }
+    }
 }
 
 /// Two operators approve the same requests at the same moment: one 200, one 409, one grant.
@@ -328,10 +374,14 @@ async fn every_new_route_checks_who_is_asking() {
         .reject(&id, "no")
         .await
         .assert_error(403, "forbidden");
+    let a_ledger = format!("/api/v1/admin/users/{}/ledger", a.user_id);
     for path in [
         "/api/v1/admin/charges",
         "/api/v1/admin/users?q=stu",
         "/api/v1/admin/charges/events",
+        &a_ledger,
+        &format!("/api/v1/admin/users/{}/ledger", b.user_id),
+        "/api/v1/admin/users/not-an-id/ledger",
     ] {
         b.get(path).await.assert_error(403, "forbidden");
     }
@@ -357,6 +407,7 @@ async fn every_new_route_checks_who_is_asking() {
         (Method::POST, format!("/api/v1/admin/charges/{id}/approve")),
         (Method::POST, format!("/api/v1/admin/charges/{id}/reject")),
         (Method::GET, "/api/v1/admin/users?q=a".to_owned()),
+        (Method::GET, a_ledger.clone()),
     ] {
         env.api
             .request(m.clone(), &path, None, Some(&json!({})), &[])
@@ -366,6 +417,28 @@ async fn every_new_route_checks_who_is_asking() {
     // The operator still sees it pending.
     let q = op.user.get("/api/v1/admin/charges").await.expect(200);
     assert_eq!(q["charges"][0]["charge_id"], id.as_str());
+
+    // An operator asking for a user that does not exist: 404; for something that is not a
+    // user id: 400. Neither leaks anything else.
+    op.user
+        .get("/api/v1/admin/users/0190e0a1b2c37d4e8f90a1b2c3d4e5f6/ledger")
+        .await
+        .assert_error(404, "not_found");
+    for bad in [
+        "not-an-id",
+        "0190E0A1B2C37D4E8F90A1B2C3D4E5F6",
+        "0190e0a1b2c3",
+    ] {
+        op.user
+            .get(&format!("/api/v1/admin/users/{bad}/ledger"))
+            .await
+            .assert_invalid("user_id");
+    }
+    assert_eq!(
+        op.user.get(&a_ledger).await.expect(200)["entries"],
+        json!([]),
+        "a's pending request is not a ledger entry"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

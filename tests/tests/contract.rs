@@ -577,6 +577,36 @@ async fn a_real_run_fits_the_document() {
     )
     .await
     .expect(201);
+    let a_ledger = format!(
+        "/api/v1/admin/users/{}/ledger?limit=2",
+        a["user_id"].as_str().unwrap()
+    );
+    let page = rec
+        .call(get.clone(), &a_ledger, Some(&op_token), None, &[])
+        .await
+        .expect(200);
+    assert_eq!(page["entries"][0]["reason"], "by name");
+    rec.call(
+        get.clone(),
+        "/api/v1/admin/users/0190e0a1b2c37d4e8f90a1b2c3d4e5f6/ledger",
+        Some(&op_token),
+        None,
+        &[],
+    )
+    .await
+    .assert_error(404, "not_found");
+    rec.call(
+        get.clone(),
+        "/api/v1/admin/users/CARA/ledger",
+        Some(&op_token),
+        None,
+        &[],
+    )
+    .await
+    .assert_invalid("user_id");
+    rec.call(get.clone(), &a_ledger, Some(&a_token), None, &[])
+        .await
+        .assert_error(403, "forbidden");
     // The streams saw it, and what they carried fits the document's schemas.
     let created = operator_stream
         .expect_kind("charge.created", PATIENCE)

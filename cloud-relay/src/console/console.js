@@ -643,6 +643,11 @@
     p.classList.toggle("bad", !!bad);
   }
 
+  // Students whose recent points history is shown. A look-up of one student shows it at once;
+  // with several, each line has a button (a history per line would spend the operator's
+  // per-minute request budget on a broad prefix). A grant opens the student's history.
+  const historyShown = new Set();
+
   async function lookup(keepStatus) {
     const q = $("lookup-q").value.trim().toLowerCase();
     if (!/^[a-z0-9_]{1,32}$/.test(q)) {
@@ -656,9 +661,87 @@
       if (!sessionProblem(e)) lookupStatus(describe(e), true);
       return;
     }
-    if (!keepStatus) lookupStatus(r.users.length ? "" : t("lookup_none", { q }), false);
-    $("lookup-results").replaceChildren(...r.users.map(userRow));
+    if (!keepStatus) {
+      historyShown.clear();
+      lookupStatus(r.users.length ? "" : t("lookup_none", { q }), false);
+    }
+    if (r.users.length === 1) historyShown.add(r.users[0].user_id);
+    const rows = r.users.map(userRow);
+    $("lookup-results").replaceChildren(...rows);
     document.body.dataset.lookups = String(Number(document.body.dataset.lookups || 0) + 1);
+    await Promise.all(
+      r.users.map((u, i) => (historyShown.has(u.user_id) ? showHistory(u, rows[i]) : null)),
+    );
+  }
+
+  /// Month, day, hours and minutes in the console's language.
+  function stamp(ms) {
+    return new Date(ms).toLocaleString(lang === "ko" ? "ko-KR" : "en-GB", {
+      month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit",
+    });
+  }
+
+  function signed(n) {
+    return (n > 0 ? "+" : n < 0 ? "−" : "") + num(Math.abs(n));
+  }
+
+  function ledgerWhat(e) {
+    if (e.kind === "match") {
+      return e.refunded ? t("ledger_match_refunded", { n: num(e.refunded) }) : t("ledger_match");
+    }
+    return e.charge_id ? t("ledger_charge") : t("ledger_grant", { reason: e.reason || "" });
+  }
+
+  function ledgerRow(e) {
+    const li = el("li", "entry " + e.kind);
+    li.append(
+      el("span", "when", stamp(e.created_at_unix_ms)),
+      el("span", "what", ledgerWhat(e)),
+      el("span", "amount", signed(e.amount)),
+      el("span", "after", t("ledger_after", { n: num(e.balance_after) })),
+    );
+    return li;
+  }
+
+  /// Loads and shows the student's last five ledger entries on their line.
+  async function showHistory(u, li) {
+    historyShown.add(u.user_id);
+    const box = li.querySelector(".history");
+    const toggle = li.querySelector("button.history-toggle");
+    toggle.setAttribute("aria-expanded", "true");
+    toggle.textContent = t("history_hide");
+    box.hidden = false;
+    box.replaceChildren(el("p", "status", t("loading")));
+    let r;
+    try {
+      r = await api("GET", "/api/v1/admin/users/" + u.user_id + "/ledger?limit=5");
+    } catch (e) {
+      if (sessionProblem(e)) return;
+      const p = el("p", "status bad", e.code === "not_found" ? t("history_gone") : describe(e));
+      box.replaceChildren(p);
+      return;
+    }
+    if (!historyShown.has(u.user_id)) return; // hidden again meanwhile
+    const title = el("h3", "history-title", t("history_title"));
+    if (!r.entries.length) {
+      box.replaceChildren(title, el("p", "status", t("history_none")));
+    } else {
+      const ol = el("ol", "ledger");
+      ol.append(...r.entries.map(ledgerRow));
+      box.replaceChildren(title, ol);
+    }
+    li.dataset.history = String(r.entries.length);
+  }
+
+  function hideHistory(u, li) {
+    historyShown.delete(u.user_id);
+    const box = li.querySelector(".history");
+    const toggle = li.querySelector("button.history-toggle");
+    toggle.setAttribute("aria-expanded", "false");
+    toggle.textContent = t("history_show");
+    box.hidden = true;
+    box.replaceChildren();
+    delete li.dataset.history;
   }
 
   function userRow(u) {
@@ -685,14 +768,25 @@
     form.append(amount, reason, go);
     form.addEventListener("submit", (ev) => {
       ev.preventDefault();
-      grant(u.username, amount.value, reason.value);
+      grant(u, amount.value, reason.value);
     });
+    const toggle = el("button", "history-toggle", t("history_show"));
+    toggle.type = "button";
+    toggle.setAttribute("aria-expanded", "false");
+    toggle.addEventListener("click", () => {
+      if (historyShown.has(u.user_id)) hideHistory(u, li);
+      else showHistory(u, li);
+    });
+    const box = el("div", "history");
+    box.hidden = true;
     li.append(
       el("span", "name", u.username),
       el("span", "points", t("user_points", { n: num(u.points) })),
       el("span", "pending", pending),
       el("span", "matches", t("user_matches", { n: num(u.matches) })),
+      toggle,
       form,
+      box,
     );
     return li;
   }
@@ -709,7 +803,8 @@
     });
   }
 
-  async function grant(username, amountText, reasonText) {
+  async function grant(u, amountText, reasonText) {
+    const username = u.username;
     const amount = Number(amountText);
     const reason = reasonText.trim();
     if (!Number.isInteger(amount) || amount < 1 || amount > 1000000) {
@@ -728,6 +823,7 @@
       if (!sessionProblem(e)) lookupStatus(describe(e), true);
       return;
     }
+    historyShown.add(u.user_id); // the grant just made, on its line
     await lookup(true);
   }
 
