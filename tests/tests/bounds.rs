@@ -313,7 +313,7 @@ async fn a_gone_appliance_leaves_the_broker_bounded() {
     declare_queue_replacing(&conn, &old, old_args)
         .await
         .expect("old-style queue");
-    declare_queue_replacing(&conn, &new, sync_queue_args(5, 2_000))
+    declare_queue_replacing(&conn, &new, sync_queue_args(5, 2_000, None))
         .await
         .expect("new-style queue");
     let ch = conn.create_channel().await.expect("channel");
