@@ -121,6 +121,21 @@ impl Caller {
     }
 }
 
+/// A caller with the operator role. Taken before any other extractor of an operator route, so
+/// a student is refused (403) before the route looks at the path, query or body: a malformed
+/// admin request from a student learns nothing about what the route expects.
+pub struct Operator(pub Caller);
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, s).await?;
+        caller.require_operator()?;
+        Ok(Operator(caller))
+    }
+}
+
 fn token_from(parts: &Parts) -> Option<String> {
     let v = parts
         .headers

@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::Caller;
+use crate::auth::{Caller, Operator};
 use crate::charges::{self, ChargeRules, ChargeStatus, ChargeView, Decided, Decision};
 use crate::db::Cached;
 use crate::error::{ApiError, ErrorCode};
@@ -311,10 +311,9 @@ async fn cancel_charge(
     responses((status = 200, description = "Approved; `points` is the student's new balance", body = Decided), ApproveErrors))]
 async fn approve(
     State(s): State<AppState>,
-    caller: Caller,
+    Operator(caller): Operator,
     ChargeId(id): ChargeId,
 ) -> Result<axum::Json<Decided>, ApiError> {
-    caller.require_operator()?;
     let done = decide(&s, caller.user_id, id, Decision::Approve, None).await?;
     tracing::info!(operator = %caller.user_id, charge = %done.charge.charge_id, amount = done.charge.amount, "charge approved");
     Ok(axum::Json(done))
@@ -328,11 +327,10 @@ async fn approve(
     responses((status = 200, description = "Rejected", body = Decided), RejectErrors))]
 async fn reject(
     State(s): State<AppState>,
-    caller: Caller,
+    Operator(caller): Operator,
     ChargeId(id): ChargeId,
     JsonBody(input): JsonBody<RejectInput>,
 ) -> Result<axum::Json<Decided>, ApiError> {
-    caller.require_operator()?;
     let reason = charges::reason(&input.reason)?;
     Ok(axum::Json(
         decide(&s, caller.user_id, id, Decision::Reject, Some(reason)).await?,
@@ -346,10 +344,9 @@ async fn reject(
     responses((status = 200, description = "A page of requests", body = ChargePage), OperatorPageErrors))]
 async fn admin_charges(
     State(s): State<AppState>,
-    caller: Caller,
+    _: Operator,
     Q(q): Q<AdminChargesQuery>,
 ) -> Result<axum::Json<ChargePage>, ApiError> {
-    caller.require_operator()?;
     let status = match q.status.as_deref() {
         None => ChargeStatus::Pending,
         Some(v) => ChargeStatus::parse(v).ok_or_else(|| {
@@ -393,10 +390,9 @@ async fn my_events(
         OperatorStreamErrors))]
 async fn admin_events(
     State(s): State<AppState>,
-    caller: Caller,
+    _: Operator,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    caller.require_operator()?;
     let last = events::last_event_id(&headers)?;
     Ok(s.events
         .stream(&s.db, Who::Operators, last)
@@ -432,11 +428,10 @@ async fn my_ledger(
     responses((status = 200, description = "A page of entries", body = LedgerPage), UserLedgerErrors))]
 async fn admin_user_ledger(
     State(s): State<AppState>,
-    caller: Caller,
+    _: Operator,
     UserPath(id): UserPath,
     Q(q): Q<PageQuery>,
 ) -> Result<axum::Json<LedgerPage>, ApiError> {
-    caller.require_operator()?;
     let user: UserId = id.parse()?;
     let (cursor, limit) = ledger_query(q)?;
     let page =
@@ -522,10 +517,9 @@ fn ledger_page(
     responses((status = 200, description = "Matching users", body = UsersPage), OperatorPageErrors))]
 async fn admin_users(
     State(s): State<AppState>,
-    caller: Caller,
+    _: Operator,
     Q(q): Q<UsersQuery>,
 ) -> Result<axum::Json<UsersPage>, ApiError> {
-    caller.require_operator()?;
     let prefix = q.q;
     if prefix.is_empty()
         || prefix.len() > 32

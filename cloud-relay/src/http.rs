@@ -29,7 +29,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::{self, Caller};
+use crate::auth::{self, Caller, Operator};
 use crate::config::Config;
 use crate::db::{Db, now_ms};
 use crate::error::{ApiError, ErrorCode};
@@ -713,10 +713,9 @@ struct Granted {
     responses((status = 201, description = "Granted", body = Granted), GrantErrors))]
 async fn grant_points(
     State(s): State<AppState>,
-    caller: Caller,
+    Operator(caller): Operator,
     JsonBody(g): JsonBody<GrantInput>,
 ) -> Result<Response, ApiError> {
-    caller.require_operator()?;
     if !(1..=1_000_000).contains(&g.amount) {
         return Err(ApiError::validation(
             "amount",
@@ -790,10 +789,9 @@ struct StatsQuery {
     responses((status = 200, description = "Counts", body = Stats), StatsErrors))]
 async fn stats(
     State(s): State<AppState>,
-    caller: Caller,
+    _: Operator,
     q: Result<axum::extract::Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    caller.require_operator()?;
     let since = q
         .map_err(|_| {
             ApiError::validation("since_ms", "must be milliseconds since 1970, 0 or more")
@@ -838,8 +836,7 @@ async fn stats(
 #[utoipa::path(get, path = "/api/v1/admin/appliances", tag = "admin",
     security(("bearer" = [])),
     responses((status = 200, description = "Replica positions", body = crate::control::ApplianceList), AdminErrors))]
-async fn appliances(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
-    caller.require_operator()?;
+async fn appliances(State(s): State<AppState>, _: Operator) -> Result<Response, ApiError> {
     let body = s.db.read(crate::control::appliances_json).await?;
     Ok(axum::Json(body).into_response())
 }

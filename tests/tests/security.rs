@@ -92,6 +92,21 @@ async fn students_are_refused_on_every_admin_route_and_other_students_objects() 
         let r = call(&env.api, &m, &path, Some(&b.token)).await;
         assert_eq!(r.status, 403, "{m} {path} as a student: {}", r.text);
         assert_eq!(r.error_code(), Some("forbidden"), "{m} {path}");
+        // A malformed request is refused for the role first: a student learns nothing of the
+        // shape an operator route expects (no 400 naming a field, a query or an id).
+        let bad_path = path.replace(FAKE_ID, "not-an-id");
+        let bad_path = bad_path.split('?').next().unwrap_or_default();
+        let body = (m == Method::POST || m == Method::PUT).then_some(json!({"bogus": 1}));
+        let r = env
+            .api
+            .request(m.clone(), bad_path, Some(&b.token), body.as_ref(), &[])
+            .await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (403, Some("forbidden")),
+            "{m} {bad_path} malformed, as a student: {}",
+            r.text
+        );
     }
     // A's charge: invisible and untouchable for B.
     let charge = a.request_charge_ok(5000).await;
