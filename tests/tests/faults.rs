@@ -383,10 +383,8 @@ async fn f02_appliance_crash_with_matches_in_flight() {
             w.operator.open_holds().await == 20
         })
         .await;
-        if rng.random_bool(0.5) {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGCONT) };
-        }
+        // Killed while still stopped: resumed first, a quiet machine answers all 20 within the
+        // jitter and the round has nothing in flight to prove recovered (seen on an idle box).
         jitter(&mut rng, 100).await;
         w.appliances[0].kill_9();
         let at = ck.fault_begins(&w).await;
