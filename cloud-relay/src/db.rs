@@ -11,7 +11,9 @@
 //!   busy are run back to back inside one transaction, each in its own savepoint (an `Err` rolls
 //!   back only that call's changes), and committed together with one fsync. Every call returns
 //!   only after the commit that holds its changes is on disk, so "a 2xx is durable" holds exactly
-//!   as with `run`. A lone call runs exactly like `run`. The closure must not call
+//!   as with `run`. A lone call is a group of one.
+//! * `Db::write_early` — `write`, handing the closure's result over before the commit's fsync
+//!   (the commit's outcome follows): the match flow sends its request while the hold commits. The closure must not call
 //!   `c.transaction()` (there may be one open already): use `c.savepoint()`, which works both
 //!   alone and inside a group.
 //! * `Db::read` — a pooled read-only connection (`query_only`), in one read transaction (one
@@ -224,6 +226,19 @@ pub struct Db {
     readers: Arc<ReadPool>,
 }
 
+/// Whether the changes of a [`Db::write_early`] call were committed (on disk).
+pub struct Committed(oneshot::Receiver<Option<ApiError>>);
+
+impl Committed {
+    pub async fn wait(self) -> Result<(), ApiError> {
+        match self.0.await {
+            Ok(None) => Ok(()),
+            Ok(Some(e)) => Err(e),
+            Err(_) => Err(ApiError::internal("database write was dropped")),
+        }
+    }
+}
+
 /// `Db::write` calls not yet taken by a group, and whether a blocking task is already taking
 /// them (at most one is: it drains the queue group by group, then ends).
 #[derive(Default)]
@@ -400,6 +415,42 @@ impl Db {
             });
             (ok, deliver)
         });
+        self.enqueue(job);
+        rx.await
+            .unwrap_or_else(|_| Err(ApiError::internal("database write was dropped")))
+    }
+
+    /// `write`, except that `f`'s result is handed over as soon as `f` has run — its changes
+    /// are in the open transaction, not yet committed — and [`Committed`] then tells whether
+    /// they reached the disk. For a caller with work to start that needs nothing durable yet:
+    /// the match request goes to the broker while its hold commits (issue 16), and nothing is
+    /// charged or answered before the commit is known. An `Err` from `f` is returned at once,
+    /// with nothing of it committed.
+    pub async fn write_early<T, F>(&self, f: F) -> Result<(T, Committed), ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, ApiError> + Send + 'static,
+    {
+        let (early_tx, early_rx) = oneshot::channel::<Result<T, ApiError>>();
+        let (commit_tx, commit_rx) = oneshot::channel::<Option<ApiError>>();
+        let job: GroupJob = Box::new(move |c: &mut Connection| {
+            let result = f(c);
+            let ok = result.is_ok();
+            let _ = early_tx.send(result);
+            let deliver: Deliver = Box::new(move |commit_error: Option<ApiError>| {
+                let _ = commit_tx.send(commit_error);
+            });
+            (ok, deliver)
+        });
+        self.enqueue(job);
+        let value = early_rx
+            .await
+            .unwrap_or_else(|_| Err(ApiError::internal("database write was dropped")))?;
+        Ok((value, Committed(commit_rx)))
+    }
+
+    /// Queues a job for the writer, starting a leader when none is taking jobs.
+    fn enqueue(&self, job: GroupJob) {
         let start_leader = {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             q.jobs.push(job);
@@ -430,8 +481,6 @@ impl Db {
                 }
             });
         }
-        rx.await
-            .unwrap_or_else(|_| Err(ApiError::internal("database write was dropped")))
     }
 
     /// Runs `f` on a pooled read-only connection inside one read transaction (a consistent
@@ -487,10 +536,11 @@ fn run_job(conn: &mut Connection, job: GroupJob) -> (bool, Option<Deliver>) {
     }
 }
 
-/// Runs queued `write` jobs: one alone exactly as `run` would; several in one transaction, each
-/// in its own savepoint, then one commit. Results are delivered only after the commit.
+/// Runs queued `write` jobs in one transaction, each in its own savepoint, then one commit (a
+/// lone job too: its result may be handed over early, before the commit, by `write_early`).
+/// Results are delivered only after the commit.
 fn run_group(conn: &mut Connection, jobs: Vec<GroupJob>) {
-    if jobs.len() == 1 || !conn.is_autocommit() {
+    if !conn.is_autocommit() {
         for job in jobs {
             if let (_, Some(deliver)) = run_job(conn, job) {
                 deliver(None);
@@ -653,6 +703,69 @@ mod tests {
     /// Many concurrent `write` calls (so several groups form): each `Ok` call's row is there,
     /// each `Err` call's row is not (its savepoint rolled back, its group-mates unaffected),
     /// and a read after a write sees it.
+    /// `write_early` hands the closure's result over before the commit, and its `Committed`
+    /// reports the commit: here a deferred foreign key that only COMMIT checks makes it fail,
+    /// and then nothing of the call is in the database.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_early_hands_over_first_and_reports_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("relay.db")).unwrap();
+        db.run(|c| {
+            c.execute_batch(
+                "CREATE TABLE parent(id INTEGER PRIMARY KEY);
+                 CREATE TABLE child(id INTEGER PRIMARY KEY,
+                     parent INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let insert = |parent: i64, with_parent: bool| {
+            move |c: &mut Connection| {
+                let sp = c.savepoint()?;
+                if with_parent {
+                    sp.execute("INSERT INTO parent(id) VALUES (?1)", [parent])?;
+                }
+                sp.execute("INSERT INTO child(parent) VALUES (?1)", [parent])?;
+                sp.commit()?;
+                Ok(parent * 10)
+            }
+        };
+        let count = |db: Db| async move {
+            db.read(|c| Ok(c.query_row("SELECT COUNT(*) FROM child", [], |r| r.get::<_, i64>(0))?))
+                .await
+                .unwrap()
+        };
+
+        let (v, committed) = db.write_early(insert(1, true)).await.unwrap();
+        assert_eq!(v, 10, "the result comes before the commit");
+        committed.wait().await.unwrap();
+        assert_eq!(
+            count(db.clone()).await,
+            1,
+            "committed once the commit says so"
+        );
+
+        // The statement succeeds (the key is deferred); COMMIT refuses it.
+        let (v, committed) = db.write_early(insert(2, false)).await.unwrap();
+        assert_eq!(v, 20);
+        let e = committed.wait().await.expect_err("the commit fails");
+        assert!(e.to_string().to_lowercase().contains("foreign key"), "{e}");
+        assert_eq!(
+            count(db.clone()).await,
+            1,
+            "nothing of a failed commit remains"
+        );
+
+        // An Err from the closure comes back at once, nothing written; the writer goes on.
+        let r = db
+            .write_early(|_c: &mut Connection| Err::<i64, _>(ApiError::internal("refused")))
+            .await;
+        assert!(r.is_err());
+        db.write(insert(3, true)).await.unwrap();
+        assert_eq!(count(db.clone()).await, 2);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn grouped_writes_keep_each_call_atomic() {
         let dir = tempfile::tempdir().unwrap();

@@ -632,6 +632,21 @@ fn any_contact() -> ContactPreference {
     ContactPreference::Any
 }
 
+/// When the request reached its handler's extractors: the start of a match's stages. Taken
+/// first, so the session lookup after it is measured too.
+struct Arrived(std::time::Instant);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Arrived {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        _: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Arrived(std::time::Instant::now()))
+    }
+}
+
 /// Request a match. Idempotent per `Idempotency-Key`: the same key and body replay the first
 /// answer (whatever its status); points are reserved, then charged or given back.
 #[utoipa::path(post, path = "/api/v1/matches", tag = "matches",
@@ -641,11 +656,13 @@ fn any_contact() -> ContactPreference {
     request_body = MatchInput,
     responses((status = 201, description = "Matched", body = matching::MatchCreated), MatchErrors))]
 async fn create_match(
+    arrived: Arrived,
     State(s): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    s.metrics.stages.auth.observe(arrived.0.elapsed());
     let key = matching::validate_key(
         headers
             .get("idempotency-key")
@@ -667,7 +684,10 @@ async fn create_match(
         important: m.important,
     }
     .validate()?;
-    let stored = s.matcher.request(caller.user_id, key, options).await?;
+    let stored = s
+        .matcher
+        .request(arrived.0, caller.user_id, key, options)
+        .await?;
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     Ok((status, axum::Json(stored.body)).into_response())
 }

@@ -35,7 +35,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::ledger::{self, Settlement};
 use crate::metrics::Metrics;
 use crate::profiles::{self, PoolEntry};
-use crate::rpc::MatchRpc;
+use crate::rpc::{CallStamps, MatchRpc};
 
 /// A response as first given, replayed byte-for-byte for the same key.
 #[derive(Clone, Debug, PartialEq)]
@@ -57,7 +57,8 @@ type Outcome = Result<StoredResponse, ApiError>;
 
 struct InFlight {
     body_hash: String,
-    rx: watch::Receiver<Option<Outcome>>,
+    /// The outcome and when the match task handed it over.
+    rx: watch::Receiver<Option<(Outcome, Instant)>>,
 }
 
 pub struct Matcher {
@@ -121,8 +122,10 @@ impl Matcher {
         })
     }
 
+    /// `arrived`: when the HTTP request was parsed (the start of the `total` stage).
     pub async fn request(
         self: &Arc<Self>,
+        arrived: Instant,
         user: UserId,
         key: String,
         options: MatchOptions,
@@ -150,7 +153,7 @@ impl Matcher {
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .remove(&(user, key));
-                        let _ = tx.send(Some(outcome));
+                        let _ = tx.send(Some((outcome, Instant::now())));
                     });
                     rx
                 }
@@ -158,6 +161,10 @@ impl Matcher {
         };
         loop {
             if let Some(outcome) = rx.borrow_and_update().clone() {
+                let (outcome, sent) = outcome;
+                let stages = &self.metrics.stages;
+                stages.respond.observe(sent.elapsed());
+                stages.total.observe(arrived.elapsed());
                 return outcome;
             }
             if rx.changed().await.is_err() {
@@ -178,9 +185,13 @@ impl Matcher {
         let deadline_unix_ms = now_ms() + self.cfg.matching.deadline_ms as i64;
         let hold_deadline = deadline_unix_ms + self.cfg.ledger.hold_grace_ms as i64;
         let costs = self.cfg.points;
-        let begin = self
+        // The hold is reserved in the writer's open transaction and the request sent while
+        // it commits: the fsync and the broker round trip overlap (issue 16). Nothing waits
+        // on the hold being durable before the settlement, which runs only once the commit
+        // is known; if it failed, there is no hold to settle and the reply is dropped.
+        let (begin, committed) = self
             .db
-            .write(move |c| {
+            .write_early(move |c| {
                 begin(
                     c,
                     user,
@@ -193,8 +204,13 @@ impl Matcher {
                 )
             })
             .await?;
+        let stages = &self.metrics.stages;
+        stages.hold.observe(started.elapsed());
         let reserved = match begin {
-            Begin::Replay(r) => return Ok(r),
+            Begin::Replay(r) => {
+                committed.wait().await?;
+                return Ok(r);
+            }
             Begin::Proceed(r) => r,
         };
         let req = MatchRequest {
@@ -208,7 +224,26 @@ impl Matcher {
             exclusions: reserved.exclusions.clone(),
             k: self.cfg.matching.k,
         };
-        let reply = self.rpc.call(&req, deadline).await;
+        let asked = Instant::now();
+        let mut stamps = CallStamps::default();
+        let hold_commit = async {
+            let r = committed.wait().await;
+            stages.hold_commit.observe(started.elapsed());
+            r
+        };
+        let (reply, held) = tokio::join!(self.rpc.call(&req, deadline, &mut stamps), hold_commit);
+        let resumed = Instant::now();
+        if let Err(e) = held {
+            tracing::error!(request = %reserved.request_id, error = %e, "the hold did not commit; the match is dropped");
+            return Err(e);
+        }
+        if let (Some(published), Some(received)) = (stamps.published, stamps.received) {
+            stages.publish.observe(published - asked);
+            stages.round_trip.observe(received - published);
+            stages
+                .reply_wake
+                .observe(resumed.saturating_duration_since(received));
+        }
         if let Err(e) = &reply {
             tracing::warn!(request = %reserved.request_id, error = %e, "match request got no reply");
         }
@@ -217,6 +252,7 @@ impl Matcher {
             .db
             .write(move |c| finish(c, user, &options, &costs, max_picked, &reserved, reply.ok()))
             .await?;
+        stages.settle.observe(resumed.elapsed());
         if pool_changed {
             self.outbox_wake.notify_one();
         }

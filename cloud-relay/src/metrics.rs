@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use comatching_protocol::stages::StageHistogram;
+
 const BUCKETS_S: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
 #[derive(Default)]
@@ -23,6 +25,50 @@ pub struct Metrics {
     /// The listener's connection counters (rendered with the rest).
     pub connections: std::sync::Arc<crate::listener::ConnStats>,
     dead_letters: Mutex<BTreeMap<(String, String), u64>>,
+    /// Where matches spend their time, stage by stage.
+    pub stages: MatchStages,
+}
+
+/// The relay's stages of a match, in the order a request passes them (issue 16). Rendered as
+/// `comatching_match_stage_seconds{stage=…}`; `comatching-load --breakdown` reads them.
+#[derive(Default)]
+pub struct MatchStages {
+    /// Request parsed → caller authenticated (the session lookup).
+    pub auth: StageHistogram,
+    /// → the hold and the pending request written in the writer's open transaction (its
+    /// commit, a group commit with an fsync, runs on beside the steps after it).
+    pub hold: StageHistogram,
+    /// Start of the hold → its commit known (beside `publish` and `round_trip`, not before).
+    pub hold_commit: StageHistogram,
+    /// → the request handed to the broker client (its confirm is awaited beside the reply).
+    pub publish: StageHistogram,
+    /// → the appliance's reply received by the reply dispatcher (two broker hops and the
+    /// appliance's own stages, which it reports on its `/metrics`).
+    pub round_trip: StageHistogram,
+    /// → the match task running again with the reply (and the hold's commit known).
+    pub reply_wake: StageHistogram,
+    /// → the settlement committed (a group commit, an fsync).
+    pub settle: StageHistogram,
+    /// → the handler has the outcome (the in-flight map's wake-up).
+    pub respond: StageHistogram,
+    /// Request parsed → outcome, the whole of it.
+    pub total: StageHistogram,
+}
+
+impl MatchStages {
+    pub fn all(&self) -> [(&'static str, &StageHistogram); 9] {
+        [
+            ("auth", &self.auth),
+            ("hold", &self.hold),
+            ("hold_commit", &self.hold_commit),
+            ("publish", &self.publish),
+            ("round_trip", &self.round_trip),
+            ("reply_wake", &self.reply_wake),
+            ("settle", &self.settle),
+            ("respond", &self.respond),
+            ("total", &self.total),
+        ]
+    }
 }
 
 /// A label value as the text format wants it: backslash, quote and newline escaped.
@@ -113,6 +159,14 @@ impl Metrics {
         );
         let _ = writeln!(out, "comatching_match_duration_seconds_sum {}", h.sum);
         let _ = writeln!(out, "comatching_match_duration_seconds_count {}", h.total);
+        out.push_str(
+            "# HELP comatching_match_stage_seconds Time matches spent in each stage of the relay's path.\n",
+        );
+        out.push_str("# TYPE comatching_match_stage_seconds histogram\n");
+        for (stage, h) in self.stages.all() {
+            h.snapshot()
+                .render(&mut out, "comatching_match_stage_seconds", stage);
+        }
         out.push_str(&self.connections.render());
         out.push_str(
             "# HELP comatching_dead_letters_total Dead-lettered messages by reason and by the queue they left.\n",

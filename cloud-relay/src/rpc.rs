@@ -38,7 +38,18 @@ pub enum RpcError {
 
 struct Waiter {
     session: u64,
-    tx: oneshot::Sender<MatchReply>,
+    /// The reply and when the dispatcher took it off the wire.
+    tx: oneshot::Sender<(MatchReply, Instant)>,
+}
+
+/// When a call passed its stages (for the match stage histograms); unset when it did not get
+/// that far.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallStamps {
+    /// The broker confirmed the request.
+    pub published: Option<Instant>,
+    /// The reply dispatcher received the reply.
+    pub received: Option<Instant>,
 }
 
 pub struct MatchRpc {
@@ -79,11 +90,12 @@ impl MatchRpc {
         self.broker.auth.refused()
     }
 
-    /// Sends `req` and waits for its reply until `deadline`.
+    /// Sends `req` and waits for its reply until `deadline`; `stamps` says when it got where.
     pub async fn call(
         &self,
         req: &MatchRequest,
         deadline: Instant,
+        stamps: &mut CallStamps,
     ) -> Result<MatchReply, RpcError> {
         let session = {
             let mut ready = self.ready.clone();
@@ -115,7 +127,7 @@ impl MatchRpc {
                 },
             );
         let result = self
-            .send_and_wait(&session, req, &correlation, deadline, rx)
+            .send_and_wait(&session, req, &correlation, deadline, rx, stamps)
             .await;
         self.pending
             .lock()
@@ -130,7 +142,8 @@ impl MatchRpc {
         req: &MatchRequest,
         correlation: &str,
         deadline: Instant,
-        rx: oneshot::Receiver<MatchReply>,
+        rx: oneshot::Receiver<(MatchReply, Instant)>,
+        stamps: &mut CallStamps,
     ) -> Result<MatchReply, RpcError> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left < Duration::from_millis(1) {
@@ -152,52 +165,89 @@ impl MatchRpc {
         // Mandatory: a request the broker cannot route (the match queue went with its node,
         // on a cluster) comes back instead of vanishing. The queue is then declared again on
         // this session's live node and the request sent once more.
-        let publish = async {
-            for attempt in 0..2 {
-                let confirm = session
-                    .rpc
-                    .basic_publish(
-                        "".into(),
-                        MATCH_QUEUE.into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..Default::default()
-                        },
-                        &body,
-                        props.clone(),
-                    )
-                    .await
-                    .map_err(|e| RpcError::NotAccepted(e.to_string()))?;
-                match confirm.await {
-                    Ok(Confirmation::Ack(None)) => return Ok(()),
-                    Ok(Confirmation::Ack(Some(_))) if attempt == 0 => {
-                        tracing::warn!(node = %session.node, "match request unroutable: declaring the match queue again");
-                        session
-                            .redeclare_match_queue()
-                            .await
-                            .map_err(|e| RpcError::NotAccepted(e.to_string()))?;
-                    }
-                    Ok(other) => return Err(RpcError::NotAccepted(format!("{other:?}"))),
-                    Err(e) => return Err(RpcError::NotAccepted(e.to_string())),
-                }
-            }
-            Err(RpcError::NotAccepted(
-                "unroutable after declaring the match queue again".into(),
-            ))
+        let send = || {
+            session.rpc.basic_publish(
+                "".into(),
+                MATCH_QUEUE.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                props.clone(),
+            )
         };
-        match tokio::time::timeout_at(deadline.into(), publish).await {
-            Ok(Ok(())) => {}
+        let confirm = match tokio::time::timeout_at(deadline.into(), send()).await {
+            Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 session.mark_broken("match request publish failed");
-                return Err(e);
+                return Err(RpcError::NotAccepted(e.to_string()));
             }
             Err(_) => return Err(RpcError::Timeout),
+        };
+        stamps.published = Some(Instant::now());
+        // The broker's confirm and the appliance's reply are awaited together: a routed
+        // request's confirm says nothing the reply does not, and waiting for it first cost a
+        // broker round trip on every match (issue 16). Only an unroutable or refused request
+        // changes the course.
+        let mut confirm = Some(Box::pin(confirm));
+        let mut resent = false;
+        let mut rx = rx;
+        let deadline = tokio::time::Instant::from_std(deadline);
+        loop {
+            tokio::select! {
+                reply = &mut rx => {
+                    return match reply {
+                        Ok((reply, at)) => {
+                            stamps.received = Some(at);
+                            Ok(reply)
+                        }
+                        Err(_) => Err(RpcError::ConnectionLost),
+                    };
+                }
+                confirmed = next_confirm(&mut confirm) => {
+                    confirm = None;
+                    let failure = match confirmed {
+                        Ok(Confirmation::Ack(None)) => continue,
+                        Ok(Confirmation::Ack(Some(_))) if !resent => {
+                            resent = true;
+                            tracing::warn!(node = %session.node, "match request unroutable: declaring the match queue again");
+                            let again = tokio::time::timeout_at(deadline, async {
+                                session.redeclare_match_queue().await?;
+                                send().await
+                            })
+                            .await;
+                            match again {
+                                Ok(Ok(c)) => {
+                                    confirm = Some(Box::pin(c));
+                                    continue;
+                                }
+                                Ok(Err(e)) => e.to_string(),
+                                Err(_) => return Err(RpcError::Timeout),
+                            }
+                        }
+                        Ok(Confirmation::Ack(Some(_))) => {
+                            "unroutable after declaring the match queue again".to_owned()
+                        }
+                        Ok(other) => format!("{other:?}"),
+                        Err(e) => e.to_string(),
+                    };
+                    session.mark_broken("match request publish failed");
+                    return Err(RpcError::NotAccepted(failure));
+                }
+                _ = tokio::time::sleep_until(deadline) => return Err(RpcError::Timeout),
+            }
         }
-        match tokio::time::timeout_at(deadline.into(), rx).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(RpcError::ConnectionLost),
-            Err(_) => Err(RpcError::Timeout),
-        }
+    }
+}
+
+/// The pending publisher confirm, if any (never resolves without one).
+async fn next_confirm(
+    confirm: &mut Option<std::pin::Pin<Box<lapin::PublisherConfirm>>>,
+) -> lapin::Result<Confirmation> {
+    match confirm {
+        Some(c) => c.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -257,6 +307,7 @@ async fn dispatch(
                         tracing::warn!(code = e.code(), error = %e, "unauthenticated match reply dropped");
                         continue;
                     }
+                    let received = Instant::now();
                     let reply = match Envelope::decode(&delivery.data, &WireLimits::default()) {
                         Ok(Message::MatchReply(r)) if r.request_id.to_hex() == correlation => r,
                         Ok(other) => {
@@ -272,7 +323,7 @@ async fn dispatch(
                     };
                     let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&correlation);
                     match waiter {
-                        Some(w) => { let _ = w.tx.send(reply); }
+                        Some(w) => { let _ = w.tx.send((reply, received)); }
                         None => { stray.fetch_add(1, Ordering::Relaxed); }
                     }
                 }

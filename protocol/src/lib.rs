@@ -18,6 +18,7 @@ pub mod mac;
 pub mod options;
 #[cfg(feature = "utoipa")]
 mod schema;
+pub mod stages;
 pub mod topology;
 pub mod wire;
 

@@ -1,6 +1,7 @@
 //! The link end to end (issue 4): the real relay, real appliances and a real broker. Each test
 //! builds its own world (vhost or private broker node, relay, appliances, temp dirs).
 
+use comatching_protocol::stages::StageCounts;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +69,28 @@ async fn a_thousand_users_reach_both_replicas_and_updates_deletes_and_matches_fo
     let stats = w.operator.stats().await;
     assert_eq!(stats["points_spent"], 1000 * made);
     assert_eq!(stats["open_holds"], 0);
+
+    // Every request answered went through each of the appliances' stages once (issue 16):
+    // their `/metrics` stage counts add up to the requests the relay got replies for.
+    let mut answered = 0;
+    for app in &w.appliances {
+        let text = comatching_tests::api::http_client(None)
+            .get(format!("{}/metrics", app.base_url()))
+            .send()
+            .await
+            .expect("appliance /metrics")
+            .text()
+            .await
+            .expect("text");
+        let stages = StageCounts::parse(&text, "comatching_appliance_match_stage_seconds")
+            .expect("stage histograms");
+        let total = stages["total"].total();
+        for stage in ["dispatch", "rank", "reply"] {
+            assert_eq!(stages[stage].total(), total, "{stage}: {stages:?}");
+        }
+        answered += total;
+    }
+    assert_eq!(answered, buyers.len() as u64, "one answer per request");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

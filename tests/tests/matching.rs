@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use comatching_protocol::stages::StageCounts;
 use comatching_protocol::{AgePreference, Criterion, Important, ReplyStatus, UserId};
 use comatching_tests::responder::{ok_reply, ok_reply_relaxed, status_reply};
 use comatching_tests::{
@@ -142,6 +143,39 @@ async fn a_match_reveals_the_partner_and_charges_the_cost() {
     assert_eq!(stats["open_holds"], 0);
     assert_eq!(stats["points_spent"], 1300);
     assert_eq!(stats["profiles"], 2);
+
+    // The match passed each stage of the relay's path once, and /metrics says so (issue 16:
+    // `comatching-load --breakdown` reads these).
+    let text = env.api.get("/metrics", None).await.text;
+    let stages = StageCounts::parse(&text, "comatching_match_stage_seconds").expect("stages");
+    for stage in [
+        "auth",
+        "hold",
+        "hold_commit",
+        "publish",
+        "round_trip",
+        "reply_wake",
+        "settle",
+        "respond",
+        "total",
+    ] {
+        assert_eq!(
+            stages.get(stage).map(StageCounts::total),
+            Some(1),
+            "stage {stage}: {stages:?}"
+        );
+    }
+    let (sum_of_parts, total) = (
+        ["hold", "publish", "round_trip", "settle"]
+            .iter()
+            .map(|s| stages[*s].sum_us)
+            .sum::<u64>(),
+        stages["total"].sum_us,
+    );
+    assert!(
+        sum_of_parts <= total,
+        "the stages are parts of the whole: {sum_of_parts} µs of {total} µs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

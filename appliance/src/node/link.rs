@@ -257,7 +257,7 @@ impl Link {
             .map_err(|_| format!("broker set-up took longer than {SETUP_DEADLINE:?}"))??;
         let queue = sync_queue(&self.cfg);
         let workers = Arc::new(Semaphore::new(self.cfg.matching.workers));
-        let mut match_consumer: Option<Consumer> = None;
+        let mut match_pump: Option<MatchPump> = None;
 
         {
             let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
@@ -294,34 +294,20 @@ impl Link {
                     })
                     .await?;
                 }
-                d = next_opt(&mut match_consumer) => {
-                    let Some(d) = d else {
+                end = pump_end(&mut match_pump) => {
+                    let pump = match_pump.take().expect("a pump was running");
+                    end.map_err(|e| format!("match pump: {e}"))??;
+                    if !pump.cancelling {
                         // The broker cancelled the consumer: on a cluster, the (non-durable)
                         // match queue went with its node while ours lives on. Declare it here
                         // and consume it again at the next tick; if the channel is what died,
                         // the declare fails and the session is replaced.
-                        match_consumer = None;
                         tracing::warn!(node, "match consumer cancelled by the broker: declaring the match queue again");
                         bounded("declaring the match queue", async {
                             declare_match_queue(&match_ch).await.map_err(e("declare match queue"))
                         })
                         .await?;
-                        continue;
-                    };
-                    let d = d.map_err(e("match delivery"))?;
-                    let permit = bounded("a free match worker", async {
-                        workers.clone().acquire_owned().await.map_err(|_| "workers closed".to_owned())
-                    })
-                    .await?;
-                    let replica = self.replica.clone();
-                    let ch = match_ch.clone();
-                    let auth = self.auth.clone();
-                    tokio::spawn(async move {
-                        // A reply or ack on a connection that died mid-call may never resolve;
-                        // the worker must come back either way.
-                        let _ = tokio::time::timeout(STEP_DEADLINE, handle_match(replica, ch, auth, d)).await;
-                        drop(permit);
-                    });
+                    }
                 }
                 _ = hello_tick.tick() => {
                     st.want_hello = true;
@@ -336,7 +322,7 @@ impl Link {
                     bounded("a hello", self.maybe_hello(&ctl, &mut st, false)).await?;
                     let meta = self.replica.meta();
                     let ready = self.replica.ready(&meta);
-                    match (&match_consumer, ready) {
+                    match (&mut match_pump, ready) {
                         (None, true) => {
                             let c = bounded("consuming the match queue", async {
                                 match_ch
@@ -346,18 +332,26 @@ impl Link {
                             })
                             .await?;
                             tracing::info!(applied_seq = meta.cursor.applied_seq, "caught up: serving matches");
-                            match_consumer = Some(c);
+                            match_pump = Some(MatchPump::start(
+                                c,
+                                workers.clone(),
+                                self.replica.clone(),
+                                match_ch.clone(),
+                                self.auth.clone(),
+                            ));
                         }
-                        (Some(c), false) => {
+                        (Some(pump), false) if !pump.cancelling => {
                             bounded("cancelling the match consumer", async {
                                 match_ch
-                                    .basic_cancel(c.tag(), BasicCancelOptions::default())
+                                    .basic_cancel(pump.tag.as_str().into(), BasicCancelOptions::default())
                                     .await
                                     .map_err(e("cancel match"))
                             })
                             .await?;
                             tracing::info!("behind the relay: stopped serving matches");
-                            match_consumer = None;
+                            // The pump hands what was already delivered back to the queue
+                            // (`handle_match` sees the replica is behind) and ends.
+                            pump.cancelling = true;
                         }
                         _ => {}
                     }
@@ -806,9 +800,72 @@ async fn reject(d: &Delivery, requeue: bool) {
     let _ = d.reject(BasicRejectOptions { requeue }).await;
 }
 
-async fn next_opt(c: &mut Option<Consumer>) -> Option<lapin::Result<Delivery>> {
-    match c {
-        Some(c) => c.next().await,
+/// Takes match requests off their consumer and gives each to a worker, in a task of its own:
+/// the session loop's other work (a sync batch's wait and fsync, a hello) never holds a match
+/// request back (issue 16: it did, by up to `sync.batch_wait_ms` plus a commit).
+struct MatchPump {
+    tag: String,
+    /// Set once we cancelled the consumer ourselves (the end is then not the broker's doing).
+    cancelling: bool,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl MatchPump {
+    fn start(
+        mut consumer: Consumer,
+        workers: Arc<Semaphore>,
+        replica: Arc<Replica>,
+        ch: Channel,
+        auth: Arc<LinkAuth>,
+    ) -> MatchPump {
+        let tag = consumer.tag().to_string();
+        let task = tokio::spawn(async move {
+            while let Some(d) = consumer.next().await {
+                let d = d.map_err(|e| format!("match delivery: {e}"))?;
+                let delivered = Instant::now();
+                let permit = bounded("a free match worker", async {
+                    workers
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| "workers closed".to_owned())
+                })
+                .await?;
+                let (replica, ch, auth) = (replica.clone(), ch.clone(), auth.clone());
+                tokio::spawn(async move {
+                    // A reply or ack on a connection that died mid-call may never resolve;
+                    // the worker must come back either way.
+                    let _ = tokio::time::timeout(
+                        STEP_DEADLINE,
+                        handle_match(replica, ch, auth, d, delivered),
+                    )
+                    .await;
+                    drop(permit);
+                });
+            }
+            Ok(())
+        });
+        MatchPump {
+            tag,
+            cancelling: false,
+            task,
+        }
+    }
+}
+
+impl Drop for MatchPump {
+    /// A session that ends takes its pump with it.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Waits for the running pump to end (never, without one).
+async fn pump_end(
+    pump: &mut Option<MatchPump>,
+) -> Result<Result<(), String>, tokio::task::JoinError> {
+    match pump {
+        Some(p) => (&mut p.task).await,
         None => std::future::pending().await,
     }
 }
@@ -816,7 +873,15 @@ async fn next_opt(c: &mut Option<Consumer>) -> Option<lapin::Result<Delivery>> {
 /// Answers one match request: expired ones are dropped unread (the relay stopped waiting),
 /// malformed ones dead-lettered, and requests that arrive while this appliance is not caught up
 /// are handed back to the queue for another appliance.
-async fn handle_match(replica: Arc<Replica>, ch: Channel, auth: Arc<LinkAuth>, d: Delivery) {
+async fn handle_match(
+    replica: Arc<Replica>,
+    ch: Channel,
+    auth: Arc<LinkAuth>,
+    d: Delivery,
+    delivered: Instant,
+) {
+    let started = Instant::now();
+    replica.stages.dispatch.observe(started - delivered);
     if let Err(e) = auth.admit(&d.properties, &d.data) {
         tracing::warn!(code = e.code(), error = %e, "unauthenticated match request: dead-lettering");
         {
@@ -873,6 +938,8 @@ async fn handle_match(replica: Arc<Replica>, ch: Channel, auth: Arc<LinkAuth>, d
     else {
         return reject(&d, true).await;
     };
+    let ranked = Instant::now();
+    replica.stages.rank.observe(ranked - started);
     let body = Envelope::encode(&Message::MatchReply(reply));
     let published = ch
         .basic_publish(
@@ -890,6 +957,8 @@ async fn handle_match(replica: Arc<Replica>, ch: Channel, auth: Arc<LinkAuth>, d
         tracing::warn!(error = %err, "could not publish a match reply");
         return reject(&d, true).await;
     }
+    replica.stages.reply.observe(ranked.elapsed());
+    replica.stages.total.observe(delivered.elapsed());
     {
         let now_s = replica.started.elapsed().as_secs();
         let mut l = replica.link.lock().unwrap_or_else(|p| p.into_inner());

@@ -8,6 +8,8 @@
 use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
+use comatching_protocol::stages::StageHistogram;
+
 use comatching_protocol::{
     Digest, Epoch, MatchReply, MatchRequest, ReplicaPosition, SnapshotUser, SyncEvent,
 };
@@ -110,6 +112,34 @@ pub struct Replica {
     backend: StoreBackend,
     pub link: Mutex<LinkStatus>,
     pub started: Instant,
+    /// Where match requests spend their time here (issue 16).
+    pub stages: MatchStages,
+}
+
+/// The appliance's stages of a match request, in order. Rendered on `/metrics` as
+/// `comatching_appliance_match_stage_seconds{stage=…}`; the relay's `round_trip` stage minus
+/// `total` here is the time in the broker (two hops).
+#[derive(Default)]
+pub struct MatchStages {
+    /// Delivered by the broker client → a worker has it.
+    pub dispatch: StageHistogram,
+    /// → checked, decoded and ranked (the engine's query on a blocking thread).
+    pub rank: StageHistogram,
+    /// → the reply handed to the broker client.
+    pub reply: StageHistogram,
+    /// Delivered → reply handed over, the whole of it.
+    pub total: StageHistogram,
+}
+
+impl MatchStages {
+    pub fn all(&self) -> [(&'static str, &StageHistogram); 4] {
+        [
+            ("dispatch", &self.dispatch),
+            ("rank", &self.rank),
+            ("reply", &self.reply),
+            ("total", &self.total),
+        ]
+    }
 }
 
 impl Replica {
@@ -144,6 +174,7 @@ impl Replica {
                 ..LinkStatus::default()
             }),
             started: Instant::now(),
+            stages: MatchStages::default(),
         })
     }
 

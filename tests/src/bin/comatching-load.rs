@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use comatching_protocol::stages::StageCounts;
 use comatching_tests::world::{
     World, WorldOptions, drive_matches, drive_matches_open, peak_rss_mb, percentile,
 };
@@ -41,6 +42,79 @@ struct Args {
     /// RabbitMQ's own defaults. Without it, a vhost on the shared node.
     #[arg(long, value_parser = ["small", "default"])]
     private_broker: Option<String>,
+    /// Print where matches spend their time: the relay's and the appliance's match stage
+    /// histograms (`/metrics`), read before and after the match phase (issue 16).
+    #[arg(long)]
+    breakdown: bool,
+    /// Stop after the match phase (skip the sync burst, the resync and the restart).
+    #[arg(long)]
+    matches_only: bool,
+    /// The deployment's shape on two cores: the relay and the broker pinned together on CPU 0
+    /// (the 1 vCPU EC2 box), the appliance and this load generator on CPU 1 (`taskset`).
+    /// Needs `--private-broker` (the shared node is not ours to pin).
+    #[arg(long, requires = "private_broker")]
+    pin: bool,
+}
+
+/// The stage histogram families: the relay's and the appliance's.
+const RELAY_STAGES: &str = "comatching_match_stage_seconds";
+const APPLIANCE_STAGES: &str = "comatching_appliance_match_stage_seconds";
+
+type Stages = std::collections::BTreeMap<String, StageCounts>;
+
+async fn scrape(http: &reqwest::Client, url: &str, family: &str) -> Stages {
+    let text = http
+        .get(url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    StageCounts::parse(&text, family).expect("stage histograms")
+}
+
+/// Per stage: count, mean, p50 and p99 (ms) of what was recorded between two scrapes.
+fn stage_table(before: &Stages, after: &Stages, order: &[&str]) -> serde_json::Value {
+    let ms = |v: Option<f64>| v.map(|us| (us / 10.0).round() / 100.0);
+    let mut out = serde_json::Map::new();
+    for stage in order {
+        let Some(a) = after.get(*stage) else { continue };
+        let d = a.since(before.get(*stage).unwrap_or(&StageCounts::default()));
+        out.insert(
+            (*stage).to_owned(),
+            json!({
+                "count": d.total(),
+                "mean_ms": ms(d.mean_us()),
+                "p50_ms": ms(d.quantile_us(0.50)),
+                "p99_ms": ms(d.quantile_us(0.99)),
+            }),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
+/// utime + stime of a process (all its threads), in milliseconds.
+fn cpu_ms(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields are counted after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks * 1000.0 / hz)
+}
+
+/// `taskset -a -p -c CPU PID`: every thread of `pid` (threads started later inherit it).
+fn pin(pid: u32, cpu: &str) {
+    let ok = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpu, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "taskset -a -p -c {cpu} {pid} failed");
 }
 
 /// scripts/broker.sh's and nix/lib/rabbitmq.nix's small-box items.
@@ -114,6 +188,33 @@ async fn run(args: Args) {
     world.wait_converged(Duration::from_secs(600)).await;
 
     let users = Arc::new(users);
+    if args.pin {
+        // Relay and broker share CPU 0, as on the 1 vCPU box; the rest runs on CPU 1.
+        pin(world.relay.pid().expect("relay pid"), "0");
+        pin(broker_pid.expect("broker pid"), "0");
+        pin(world.appliances[0].pid().expect("appliance pid"), "1");
+        pin(std::process::id(), "1");
+        eprintln!("pinned: relay + broker on CPU 0, appliance + load generator on CPU 1");
+    }
+    let scrape_http = comatching_tests::api::http_builder()
+        .build()
+        .expect("client");
+    let relay_metrics = format!("{}/metrics", world.relay.base_url());
+    let app_metrics = format!("{}/metrics", world.appliances[0].base_url());
+    let stages_before = if args.breakdown {
+        Some((
+            scrape(&scrape_http, &relay_metrics, RELAY_STAGES).await,
+            scrape(&scrape_http, &app_metrics, APPLIANCE_STAGES).await,
+        ))
+    } else {
+        None
+    };
+    let cpu_pids = [
+        ("relay", world.relay.pid()),
+        ("appliance", world.appliances[0].pid()),
+        ("broker", broker_pid),
+    ];
+    let cpu_before: Vec<Option<f64>> = cpu_pids.iter().map(|(_, p)| p.and_then(cpu_ms)).collect();
     let t = Instant::now();
     let (mut lat, errs) = match args.rate {
         Some(rate) => {
@@ -144,6 +245,56 @@ async fn run(args: Args) {
     };
     let elapsed = t.elapsed().as_secs_f64();
     let load_during = loadavg_1m();
+    // CPU time each process spent per match answered during the match phase.
+    let cpu_per_match: serde_json::Map<String, serde_json::Value> = cpu_pids
+        .iter()
+        .zip(&cpu_before)
+        .filter_map(|((name, pid), before)| {
+            let spent = pid.and_then(cpu_ms)? - (*before)?;
+            let per = spent / lat.len().max(1) as f64;
+            Some(((*name).to_owned(), json!((per * 1000.0).round() / 1000.0)))
+        })
+        .collect();
+    eprintln!("CPU ms per match: {cpu_per_match:?}");
+    let breakdown = match &stages_before {
+        Some((relay_before, app_before)) => {
+            let relay_after = scrape(&scrape_http, &relay_metrics, RELAY_STAGES).await;
+            let app_after = scrape(&scrape_http, &app_metrics, APPLIANCE_STAGES).await;
+            let relay = stage_table(
+                relay_before,
+                &relay_after,
+                &[
+                    "auth",
+                    "hold",
+                    "hold_commit",
+                    "publish",
+                    "round_trip",
+                    "reply_wake",
+                    "settle",
+                    "respond",
+                    "total",
+                ],
+            );
+            let appliance = stage_table(
+                app_before,
+                &app_after,
+                &["dispatch", "rank", "reply", "total"],
+            );
+            // The broker's share of the round trip: what the appliance did not spend itself.
+            let broker_ms = relay["round_trip"]["mean_ms"]
+                .as_f64()
+                .zip(appliance["total"]["mean_ms"].as_f64())
+                .map(|(rt, app)| ((rt - app) * 100.0).round() / 100.0);
+            let b =
+                json!({"relay": relay, "appliance": appliance, "broker_hops_mean_ms": broker_ms});
+            eprintln!(
+                "breakdown: {}",
+                serde_json::to_string_pretty(&b).unwrap_or_default()
+            );
+            Some(b)
+        }
+        None => None,
+    };
     lat.sort_by(|a, b| a.total_cmp(b));
     let errors: u64 = errs.values().sum();
     eprintln!("non-201 answers by status: {errs:?}");
@@ -157,56 +308,61 @@ async fn run(args: Args) {
         percentile(&lat, 0.99)
     );
 
-    // Sync burst: users rewrite their profiles while the appliance is paused (SIGSTOP), so the
-    // changes queue up at the broker; then the time for the resumed appliance to apply them
-    // all is its apply rate. (Measured with the appliance running, the figure would only be
-    // the rate at which the relay accepts profile changes, reported as `profile_puts_per_s`.)
-    let burst = users.len().min(20_000);
-    let mut pop = comatching_tests::population::Population::new(args.seed ^ 0xb0b);
-    let bodies: Vec<_> = (0..burst).map(|i| pop.profile(i)).collect();
-    let app_pid = world.appliances[0].pid().expect("appliance running");
-    signal(app_pid, libc::SIGSTOP);
-    let t = Instant::now();
-    futures_util::stream::iter(users.iter().take(burst).zip(bodies))
-        .for_each_concurrent(64, |(u, body)| async move {
-            u.put_profile_json(&body).await.expect(200);
-        })
-        .await;
-    let put_s = t.elapsed().as_secs_f64();
-    // Every change confirmed by the broker (queued for the appliance) before it resumes.
-    let lag_deadline = Instant::now() + Duration::from_secs(600);
-    while world.operator.stats().await["outbox_lag"].as_u64() != Some(0) {
-        assert!(Instant::now() < lag_deadline, "the outbox never drained");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let t = Instant::now();
-    signal(app_pid, libc::SIGCONT);
-    world.wait_converged(Duration::from_secs(600)).await;
-    let sync_s = t.elapsed().as_secs_f64();
-    eprintln!(
-        "sync burst: {burst} profile changes accepted in {put_s:.1}s, applied in {sync_s:.2}s"
-    );
+    // The phases after the matches (skipped with --matches-only).
+    let later = if args.matches_only {
+        None
+    } else {
+        // Sync burst: users rewrite their profiles while the appliance is paused (SIGSTOP), so the
+        // changes queue up at the broker; then the time for the resumed appliance to apply them
+        // all is its apply rate. (Measured with the appliance running, the figure would only be
+        // the rate at which the relay accepts profile changes, reported as `profile_puts_per_s`.)
+        let burst = users.len().min(20_000);
+        let mut pop = comatching_tests::population::Population::new(args.seed ^ 0xb0b);
+        let bodies: Vec<_> = (0..burst).map(|i| pop.profile(i)).collect();
+        let app_pid = world.appliances[0].pid().expect("appliance running");
+        signal(app_pid, libc::SIGSTOP);
+        let t = Instant::now();
+        futures_util::stream::iter(users.iter().take(burst).zip(bodies))
+            .for_each_concurrent(64, |(u, body)| async move {
+                u.put_profile_json(&body).await.expect(200);
+            })
+            .await;
+        let put_s = t.elapsed().as_secs_f64();
+        // Every change confirmed by the broker (queued for the appliance) before it resumes.
+        let lag_deadline = Instant::now() + Duration::from_secs(600);
+        while world.operator.stats().await["outbox_lag"].as_u64() != Some(0) {
+            assert!(Instant::now() < lag_deadline, "the outbox never drained");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let t = Instant::now();
+        signal(app_pid, libc::SIGCONT);
+        world.wait_converged(Duration::from_secs(600)).await;
+        let sync_s = t.elapsed().as_secs_f64();
+        eprintln!(
+            "sync burst: {burst} profile changes accepted in {put_s:.1}s, applied in {sync_s:.2}s"
+        );
 
-    // Resync from an empty data dir (a re-image).
-    let pool = world.relay_pool().await;
-    let app = &mut world.appliances[0];
-    app.kill_9();
-    app.wipe_data();
-    let t = Instant::now();
-    app.restart().await;
-    world.wait_converged(Duration::from_secs(600)).await;
-    let resync_s = t.elapsed().as_secs_f64();
-    eprintln!("resync of {} users from empty: {resync_s:.2}s", pool.count);
+        // Resync from an empty data dir (a re-image).
+        let pool = world.relay_pool().await;
+        let app = &mut world.appliances[0];
+        app.kill_9();
+        app.wipe_data();
+        let t = Instant::now();
+        app.restart().await;
+        world.wait_converged(Duration::from_secs(600)).await;
+        let resync_s = t.elapsed().as_secs_f64();
+        eprintln!("resync of {} users from empty: {resync_s:.2}s", pool.count);
 
-    // Restart to ready with the replica in place (a power cut).
-    let app = &mut world.appliances[0];
-    app.kill_9();
-    let t = Instant::now();
-    app.restart().await;
-    app.wait_ready().await;
-    let restart_s = t.elapsed().as_secs_f64();
-    eprintln!("restart to ready: {restart_s:.2}s");
-
+        // Restart to ready with the replica in place (a power cut).
+        let app = &mut world.appliances[0];
+        app.kill_9();
+        let t = Instant::now();
+        app.restart().await;
+        app.wait_ready().await;
+        let restart_s = t.elapsed().as_secs_f64();
+        eprintln!("restart to ready: {restart_s:.2}s");
+        Some((burst, put_s, sync_s, pool.count, resync_s, restart_s))
+    };
     let relay_rss = world.relay.pid().and_then(peak_rss_mb);
     if let Some(s) = &sampler {
         s.abort();
@@ -231,12 +387,15 @@ async fn run(args: Args) {
         "broker": args.private_broker.as_deref().map(|k| format!("private-{k}")).unwrap_or_else(|| "shared".into()),
         "broker_rss_mb": broker_rss.map(|v| (v * 10.0).round() / 10.0),
         "relay_plus_broker_rss_mb": relay_rss.zip(broker_rss).map(|(r, b)| ((r + b) * 10.0).round() / 10.0),
-        "sync_apply_per_s": (burst as f64 / sync_s).round(),
-        "sync_changes": burst,
-        "profile_puts_per_s": (burst as f64 / put_s).round(),
-        "resync_users": pool.count,
-        "resync_s": (resync_s * 100.0).round() / 100.0,
-        "restart_ready_s": (restart_s * 100.0).round() / 100.0,
+        "sync_apply_per_s": later.map(|(burst, _, sync_s, ..)| (burst as f64 / sync_s).round()),
+        "sync_changes": later.map(|l| l.0),
+        "profile_puts_per_s": later.map(|(burst, put_s, ..)| (burst as f64 / put_s).round()),
+        "resync_users": later.map(|l| l.3),
+        "resync_s": later.map(|l| (l.4 * 100.0).round() / 100.0),
+        "restart_ready_s": later.map(|l| (l.5 * 100.0).round() / 100.0),
+        "cpu_ms_per_match": cpu_per_match,
+        "pinned": args.pin,
+        "breakdown": breakdown,
         "register_s": (register_s * 10.0).round() / 10.0,
         "loadavg_during_matches": load_during,
     });
