@@ -377,6 +377,7 @@ async fn create_account(
     let hash = hash_off_runtime(&s, move || auth::hash_password(&password, cost)).await??;
     let user = UserId::new_v7();
     let username = c.username;
+    let ttl = s.cfg.session_ttl_ms();
     let token = s
         .db
         .write(move |db| {
@@ -389,7 +390,7 @@ async fn create_account(
             if inserted == 0 {
                 return Err(username_taken());
             }
-            let token = auth::create_session(&tx, user)?;
+            let token = auth::create_session(&tx, user, ttl)?;
             tx.commit()?;
             Ok(token)
         })
@@ -439,7 +440,10 @@ async fn login(
     let user: UserId = user
         .parse()
         .map_err(|_| ApiError::internal("stored user id"))?;
-    let token = s.db.write(move |db| auth::create_session(db, user)).await?;
+    let ttl = s.cfg.session_ttl_ms();
+    let token =
+        s.db.write(move |db| auth::create_session(db, user, ttl))
+            .await?;
     Ok(axum::Json(Session {
         user_id: user,
         token,
