@@ -693,10 +693,11 @@ struct GrantInput {
     #[serde(default)]
     user_id: Option<UserId>,
     #[serde(default)]
+    #[schema(pattern = "^[a-z0-9_]{3,32}$")]
     username: Option<String>,
     /// 1 to 1,000,000.
     amount: i64,
-    /// 1 to 200 printable characters after trimming.
+    /// 1 to 200 printable characters after trimming (no control or bidi-control ones).
     reason: String,
 }
 
@@ -726,12 +727,12 @@ async fn grant_points(
             "must be between 1 and 1000000",
         ));
     }
-    let reason = g.reason.trim().to_owned();
-    if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
-        return Err(ApiError::validation(
-            "reason",
-            "must be 1 to 200 printable characters",
-        ));
+    // The student reads it in their ledger: the charge-rejection rule (1 to 200 characters,
+    // no control or bidi-control ones).
+    let reason = crate::charges::reason(&g.reason)?;
+    // A name no account can have is malformed, not unknown.
+    if let Some(name) = &g.username {
+        check_username(name)?;
     }
     let operator = caller.user_id;
     let (body, wake) =
