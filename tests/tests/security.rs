@@ -176,17 +176,48 @@ async fn students_are_refused_on_every_admin_route_and_other_students_objects() 
             r.text
         );
     }
+    // A has a match (and so a ledger with a grant and a charge), and a pending charge.
+    let op = env.operator().await;
+    let partner = env
+        .api
+        .signup_with_profile("partner_c", &ProfileBuilder::female())
+        .await;
+    a.set_profile(&ProfileBuilder::male()).await;
+    op.grant(&a, 5000).await;
+    let responder =
+        comatching_tests::Responder::offering(&env.amqp_url(), vec![partner.id()]).await;
+    let opts = comatching_tests::MatchOptionsBuilder::new();
+    let matched = a.post_match("bola-1", &opts).await.expect(201);
+    let match_id = matched["match_id"].as_str().expect("match_id").to_owned();
     // A's charge: invisible and untouchable for B.
     let charge = a.request_charge_ok(5000).await;
     let r = b.cancel_charge(&charge).await;
     assert_eq!(r.status, 404, "B cancels A's charge: {}", r.text);
-    for path in ["/api/v1/me/charges", "/api/v1/me/ledger", "/api/v1/matches"] {
+    for (path, list) in [
+        ("/api/v1/me/charges", "charges"),
+        ("/api/v1/me/ledger", "entries"),
+        ("/api/v1/matches", "matches"),
+    ] {
         let body = b.get(path).await.expect(200);
-        assert!(
-            !body.to_string().contains(&charge) && !body.to_string().contains(&a.user_id),
-            "{path} of B shows A's data: {body}"
-        );
+        assert_eq!(body[list], json!([]), "{path} of B shows A's data: {body}");
     }
+    // Idempotency keys belong to their user: B sending A's key gets no replay of A's match
+    // (B has no points, so B's own request is refused).
+    let r = b.post_match("bola-1", &opts).await;
+    assert!(
+        r.status >= 400 && !r.text.contains(&match_id) && !r.text.contains(&partner.user_id),
+        "B replayed A's idempotency key: {} {}",
+        r.status,
+        r.text
+    );
+    assert_eq!(
+        responder.requests().len(),
+        1,
+        "B's request reached a matcher"
+    );
+    // A still sees all of it.
+    let mine = a.get("/api/v1/matches").await.expect(200);
+    assert!(mine.to_string().contains(&match_id), "{mine}");
     // A's own charge is still pending and listed.
     let mine = a.get("/api/v1/me/charges").await.expect(200);
     assert!(mine.to_string().contains(&charge), "{mine}");
@@ -217,6 +248,7 @@ async fn unknown_fields_are_refused_everywhere() {
         ("role", json!("operator")),
         ("user_id", json!(FAKE_ID)),
     ];
+    let reject = format!("/api/v1/admin/charges/{FAKE_ID}/reject");
     let cases: Vec<(Method, &str, Option<&str>, Value)> = vec![
         (
             Method::POST,
@@ -254,6 +286,12 @@ async fn unknown_fields_are_refused_everywhere() {
             Some(u.token.as_str()),
             json!({}),
         ),
+        (
+            Method::POST,
+            reject.as_str(),
+            Some(op.user.token.as_str()),
+            json!({"reason": "x"}),
+        ),
     ];
     for (m, path, token, base) in cases {
         for (k, v) in &extra {
@@ -285,11 +323,21 @@ async fn unknown_fields_are_refused_everywhere() {
     assert_eq!(u.points().await, 0);
     let r = u.get("/api/v1/admin/stats").await;
     assert_eq!(r.status, 403);
-    // Profile: an extra field is refused too.
-    let mut p = comatching_tests::ProfileBuilder::default().json().clone();
-    p["points"] = json!(99);
-    let r = u.put_profile_json(&p).await;
-    assert_eq!(r.status, 400, "profile with points: {}", r.text);
+    // Profile: an extra field is refused too, at the top and in the nested contact.
+    for at in [None, Some("contact")] {
+        let mut p = ProfileBuilder::default().json().clone();
+        match at {
+            None => p["points"] = json!(99),
+            Some(k) => p[k]["user_id"] = json!(FAKE_ID),
+        }
+        let r = u.put_profile_json(&p).await;
+        r.assert_error(400, "validation_failed");
+    }
+    assert_eq!(
+        u.me_ok().await["profile"],
+        Value::Null,
+        "a refused profile was stored"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,6 +540,18 @@ async fn hostile_strings_in_reasons_searches_and_passwords_are_verbatim_or_refus
             assert_eq!(u.points().await, points, "grant to {name:?}");
         }
     }
+
+    // A match request's options are all fixed vocabularies: refused, nothing held or spent.
+    let points = u.points().await;
+    for field in ["age", "mbti", "hobby", "contact_frequency", "important"] {
+        for (i, (s, _)) in HOSTILE.iter().enumerate() {
+            let r = u
+                .post_match_json(&format!("hostile-{field}-{i}"), &json!({ field: s }))
+                .await;
+            r.assert_error(400, "validation_failed");
+        }
+    }
+    assert_eq!(u.points().await, points);
 
     // Query strings: the user search, cursors, a status and a time. Refused, not searched.
     let found = op
