@@ -194,7 +194,7 @@ pub struct RateLimit {
     /// Per authenticated user, every route that needs a session.
     pub per_user_per_minute: u32,
     /// Per client address on the credential routes (`POST /api/v1/accounts`, `POST
-    /// /api/v1/sessions`), where each request costs an argon2 hash.
+    /// /api/v1/sessions`, `PUT /api/v1/me/password`), where each request costs an argon2 hash.
     pub credentials_per_ip_per_minute: u32,
     /// Login attempts per username, from any address (password guessing).
     pub login_per_username_per_minute: u32,
