@@ -583,6 +583,50 @@ async fn hostile_strings_in_reasons_searches_and_passwords_are_verbatim_or_refus
         }
     }
 
+    // Path segments: a charge id that is not one is like a missing one; a user id is checked.
+    let pending_now = u.get("/api/v1/me/charges").await.expect(200);
+    for (s, _) in HOSTILE {
+        let r = u
+            .api
+            .request(
+                Method::DELETE,
+                &format!("/api/v1/me/charges/{}", enc(s)),
+                Some(&u.token),
+                None,
+                &[],
+            )
+            .await;
+        r.assert_error(404, "not_found");
+        let r = op
+            .user
+            .get(&format!("/api/v1/admin/users/{}/ledger", enc(s)))
+            .await;
+        r.assert_invalid("user_id");
+    }
+    assert_eq!(u.get("/api/v1/me/charges").await.expect(200), pending_now);
+    // A resume position (`Last-Event-ID`); a header carries visible ASCII only, so only those.
+    for (s, _) in HOSTILE
+        .iter()
+        .filter(|(s, _)| s.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+    {
+        for (who, path) in [
+            (&u, "/api/v1/me/events"),
+            (&op.user, "/api/v1/admin/charges/events"),
+        ] {
+            let r = who
+                .api
+                .request(
+                    Method::GET,
+                    path,
+                    Some(&who.token),
+                    None,
+                    &[("last-event-id", s)],
+                )
+                .await;
+            r.assert_invalid("Last-Event-ID");
+        }
+    }
+
     // Passwords: any text, kept exactly: only the very same string logs in, not one cut at the
     // NUL or stripped of what is not ASCII.
     for (i, (s, _)) in HOSTILE.iter().enumerate() {
