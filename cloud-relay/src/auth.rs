@@ -23,8 +23,8 @@ use crate::http::AppState;
 
 /// Concurrent argon2 computations allowed (each uses ~19 MiB).
 pub const HASH_PERMITS: usize = 2;
-/// Sessions last the festival and then some.
-pub const SESSION_TTL_MS: i64 = 14 * 24 * 3600 * 1000;
+/// The default of `auth.session_ttl_h`: sessions last the festival and then some (14 days).
+pub const SESSION_TTL_H: f64 = 14.0 * 24.0;
 
 /// The argon2id cost for new hashes. Verification reads the cost from the stored hash, so
 /// changing it never locks anyone out.
@@ -84,12 +84,22 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-pub fn create_session(conn: &rusqlite::Connection, user: UserId) -> Result<String, ApiError> {
+/// A new session for `user`, accepted for `ttl_ms` (`auth.session_ttl_h`) from now.
+pub fn create_session(
+    conn: &rusqlite::Connection,
+    user: UserId,
+    ttl_ms: i64,
+) -> Result<String, ApiError> {
     let token = new_token();
     let now = now_ms();
     conn.exec_cached(
         "INSERT INTO sessions(token_hash, user_id, created_ms, expires_ms) VALUES (?1, ?2, ?3, ?4)",
-        params![token_hash(&token), user.to_hex(), now, now + SESSION_TTL_MS],
+        params![
+            token_hash(&token),
+            user.to_hex(),
+            now,
+            now.saturating_add(ttl_ms)
+        ],
     )?;
     Ok(token)
 }

@@ -111,7 +111,8 @@ pub struct ChargeInput {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RejectInput {
-    /// Shown to the student.
+    /// Shown to the student: 1 to 200 printable characters after trimming (no control or
+    /// bidi-control ones).
     pub reason: String,
 }
 

@@ -71,8 +71,9 @@ impl ChargeRules {
 }
 
 /// Characters that reorder how text is displayed (bidi embeddings, overrides, isolates and
-/// marks): a depositor name must read on the operator's screen as it is stored.
-fn is_bidi_control(c: char) -> bool {
+/// marks): a depositor name must read on the operator's screen as it is stored. Refused in every
+/// free-text field someone else reads (depositors, reasons, the profile's display fields).
+pub(crate) fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 

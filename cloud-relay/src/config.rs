@@ -194,7 +194,7 @@ pub struct RateLimit {
     /// Per authenticated user, every route that needs a session.
     pub per_user_per_minute: u32,
     /// Per client address on the credential routes (`POST /api/v1/accounts`, `POST
-    /// /api/v1/sessions`), where each request costs an argon2 hash.
+    /// /api/v1/sessions`, `PUT /api/v1/me/password`), where each request costs an argon2 hash.
     pub credentials_per_ip_per_minute: u32,
     /// Login attempts per username, from any address (password guessing).
     pub login_per_username_per_minute: u32,
@@ -218,13 +218,17 @@ impl Default for RateLimit {
     }
 }
 
-/// Password hashing cost (argon2id). The defaults are OWASP's baseline; load tests that create
-/// many thousands of accounts may lower them in their own config, never in production.
+/// Password hashing cost (argon2id) and session lifetime. The hashing defaults are OWASP's
+/// baseline; load tests that create many thousands of accounts may lower them in their own
+/// config, never in production.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
     pub hash_memory_kib: u32,
     pub hash_iterations: u32,
+    /// How long a session token is accepted after the sign-up or login that made it, in hours
+    /// (fractions allowed, one second to a year). Not renewed by use; log out ends it sooner.
+    pub session_ttl_h: f64,
 }
 
 impl Default for Auth {
@@ -232,6 +236,7 @@ impl Default for Auth {
         Auth {
             hash_memory_kib: 19 * 1024,
             hash_iterations: 2,
+            session_ttl_h: crate::auth::SESSION_TTL_H,
         }
     }
 }
@@ -347,6 +352,7 @@ impl Config {
         self.broker.check()?;
         self.check_edge()?;
         hours_to_ms("sync.queue_expires_h", self.sync.queue_expires_h)?;
+        hours_to_ms("auth.session_ttl_h", self.auth.session_ttl_h)?;
         hours_to_ms(
             "dead_letters.message_ttl_h",
             self.dead_letters.message_ttl_h,
@@ -418,6 +424,12 @@ impl Config {
     pub fn sync_queue_expires_ms(&self) -> i64 {
         hours_to_ms("sync.queue_expires_h", self.sync.queue_expires_h)
             .unwrap_or(comatching_protocol::topology::SYNC_QUEUE_EXPIRES_H * 3_600_000)
+    }
+
+    /// `auth.session_ttl_h` in milliseconds (checked at load).
+    pub fn session_ttl_ms(&self) -> i64 {
+        hours_to_ms("auth.session_ttl_h", self.auth.session_ttl_h)
+            .unwrap_or((crate::auth::SESSION_TTL_H * 3_600_000.0) as i64)
     }
 
     /// The `[dead_letters]` limits as queue arguments take them (checked at load).
@@ -600,9 +612,18 @@ mod tests {
         );
         assert!(Config::from_parts("[sync]\nqueue_expires_h = 0\n", Vec::new()).is_err());
         assert!(Config::from_parts("[dead_letters]\nmax_length = 0\n", Vec::new()).is_err());
+        for bad in ["0", "-1", "0.0001", "8761", "nan", "inf"] {
+            let e = Config::from_parts(&format!("[auth]\nsession_ttl_h = {bad}\n"), Vec::new())
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("auth.session_ttl_h"), "{bad}: {e}");
+        }
+        let short = Config::from_parts("[auth]\nsession_ttl_h = 0.001\n", Vec::new()).unwrap();
+        assert_eq!(short.session_ttl_ms(), 3_600);
         assert!(Config::from_parts("[dead_letters]\nmessage_ttl_h = -1\n", Vec::new()).is_err());
         let d = Config::from_parts("", Vec::new()).unwrap();
         assert_eq!(d.sync_queue_expires_ms(), 72 * 3_600_000);
+        assert_eq!(d.session_ttl_ms(), 14 * 24 * 3_600_000);
         assert_eq!(d.dead_letter_limits(), DeadLetterLimits::default());
         assert_eq!(d.dead_letter_limits().max_length, 10_000);
         assert_eq!(d.dead_letter_limits().message_ttl_ms, 24 * 3_600_000);

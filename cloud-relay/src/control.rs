@@ -624,4 +624,58 @@ mod tests {
             }
         }
     }
+
+    /// Issue 13 §3: the outbox waits for an appliance that was seen recently, not for one whose
+    /// sync queue has expired (not seen for `stale_ms`) or that was retired (no row at all).
+    #[test]
+    fn the_outbox_trim_waits_only_for_appliances_seen_recently() {
+        const STALE_MS: i64 = 3_600_000;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("relay.db")).unwrap();
+        let total = RETENTION_ROWS + 10_000;
+        let outbox_rows = |c: &Connection| -> i64 {
+            c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
+                .unwrap()
+        };
+        db.run_sync(|c| {
+            c.execute(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+                 INSERT INTO outbox(seq, user_id, version, op, created_ms) \
+                 SELECT i, 'u', 1, 'delete', 0 FROM n",
+                [total as i64],
+            )?;
+            crate::db::meta_set(c, "published_upto", &total.to_string())?;
+            // A box far behind (seq 5,000), seen a moment ago.
+            c.execute(
+                "INSERT INTO appliances(appliance_id, epoch, applied_seq, count, digest, \
+                 epoch_matches, last_seen_ms, last_action) \
+                 VALUES ('box-1', 'e', 5000, 0, '0', 1, ?1, 'replay')",
+                [now_ms()],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        // Held back: every row after 5,000 is still needed, and 50,000 below it are kept.
+        assert_eq!(db.run_sync(|c| trim(c, STALE_MS)).unwrap(), 0);
+        assert_eq!(db.run_sync(|c| Ok(outbox_rows(c))).unwrap(), total as i64);
+        // Not seen for longer than its queue lives: it no longer holds the outbox back.
+        db.run_sync(|c| {
+            c.execute(
+                "UPDATE appliances SET last_seen_ms = ?1",
+                [now_ms() - STALE_MS - 1_000],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(db.run_sync(|c| trim(c, STALE_MS)).unwrap(), 10_000);
+        let left = db.run_sync(|c| Ok(outbox_rows(c))).unwrap();
+        assert_eq!(left, RETENTION_ROWS as i64);
+        // Retired (its row deleted): the same, and nothing more goes while nothing is published.
+        db.run_sync(|c| {
+            c.execute("DELETE FROM appliances", [])?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(db.run_sync(|c| trim(c, STALE_MS)).unwrap(), 0);
+    }
 }

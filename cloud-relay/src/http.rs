@@ -377,6 +377,7 @@ async fn create_account(
     let hash = hash_off_runtime(&s, move || auth::hash_password(&password, cost)).await??;
     let user = UserId::new_v7();
     let username = c.username;
+    let ttl = s.cfg.session_ttl_ms();
     let token = s
         .db
         .write(move |db| {
@@ -389,7 +390,7 @@ async fn create_account(
             if inserted == 0 {
                 return Err(username_taken());
             }
-            let token = auth::create_session(&tx, user)?;
+            let token = auth::create_session(&tx, user, ttl)?;
             tx.commit()?;
             Ok(token)
         })
@@ -439,7 +440,10 @@ async fn login(
     let user: UserId = user
         .parse()
         .map_err(|_| ApiError::internal("stored user id"))?;
-    let token = s.db.write(move |db| auth::create_session(db, user)).await?;
+    let ttl = s.cfg.session_ttl_ms();
+    let token =
+        s.db.write(move |db| auth::create_session(db, user, ttl))
+            .await?;
     Ok(axum::Json(Session {
         user_id: user,
         token,
@@ -709,10 +713,11 @@ struct GrantInput {
     #[serde(default)]
     user_id: Option<UserId>,
     #[serde(default)]
+    #[schema(pattern = "^[a-z0-9_]{3,32}$")]
     username: Option<String>,
     /// 1 to 1,000,000.
     amount: i64,
-    /// 1 to 200 printable characters after trimming.
+    /// 1 to 200 printable characters after trimming (no control or bidi-control ones).
     reason: String,
 }
 
@@ -742,12 +747,12 @@ async fn grant_points(
             "must be between 1 and 1000000",
         ));
     }
-    let reason = g.reason.trim().to_owned();
-    if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
-        return Err(ApiError::validation(
-            "reason",
-            "must be 1 to 200 printable characters",
-        ));
+    // The student reads it in their ledger: the charge-rejection rule (1 to 200 characters,
+    // no control or bidi-control ones).
+    let reason = crate::charges::reason(&g.reason)?;
+    // A name no account can have is malformed, not unknown.
+    if let Some(name) = &g.username {
+        check_username(name)?;
     }
     let operator = caller.user_id;
     let (body, wake) =

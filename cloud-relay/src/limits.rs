@@ -3,8 +3,8 @@
 //!
 //! * every `/api/` route: a high ceiling per client address (IPv6 by /64) — campus NAT
 //!   addresses carry thousands of students, so this only stops floods;
-//! * credential routes (`POST /api/v1/accounts`, `POST /api/v1/sessions`): per client address,
-//!   each costs an argon2 hash;
+//! * credential routes (`POST /api/v1/accounts`, `POST /api/v1/sessions`, `PUT
+//!   /api/v1/me/password`): per client address, each costs an argon2 hash or two;
 //! * logins: per username from any address (password guessing from many addresses is slow);
 //! * routes with a session: per user (in the `Caller` extractor).
 //!
@@ -298,8 +298,10 @@ impl RateLimits {
     }
 }
 
+/// Routes that hash or verify a password: sign-up, login and password change.
 fn is_credential_route(method: &Method, route: &str) -> bool {
-    *method == Method::POST && matches!(route, "/api/v1/accounts" | "/api/v1/sessions")
+    (*method == Method::POST && matches!(route, "/api/v1/accounts" | "/api/v1/sessions"))
+        || (*method == Method::PUT && route == "/api/v1/me/password")
 }
 
 /// The key an address is limited under: IPv4 as is (IPv4-mapped IPv6 too), IPv6 by its /64 —
@@ -463,6 +465,36 @@ mod tests {
             text.contains("comatching_rate_limited_total{limit=\"ip\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_password_change_spends_the_credential_quota() {
+        let l = RateLimits::new(&cfg(100, 2, 100, 100, 100), &[]);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        // Other writes and reads of the same path are not credential requests.
+        assert!(
+            l.check_request(a, &Method::PUT, "/api/v1/me/profile")
+                .is_ok()
+        );
+        assert!(
+            l.check_request(a, &Method::GET, "/api/v1/me/password")
+                .is_ok()
+        );
+        assert!(
+            l.check_request(a, &Method::PUT, "/api/v1/me/password")
+                .is_ok()
+        );
+        assert!(
+            l.check_request(a, &Method::POST, "/api/v1/sessions")
+                .is_ok()
+        );
+        for (m, route) in [
+            (Method::PUT, "/api/v1/me/password"),
+            (Method::POST, "/api/v1/accounts"),
+        ] {
+            let e = l.check_request(a, &m, route).unwrap_err();
+            assert_eq!(e.code, ErrorCode::RateLimited, "{m} {route}");
+        }
     }
 
     #[test]

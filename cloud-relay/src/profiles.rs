@@ -15,6 +15,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::charges::is_bidi_control;
 use crate::db::now_ms;
 use crate::error::ApiError;
 use crate::outbox::{self, OutboxOp};
@@ -46,7 +47,7 @@ impl ContactKind {
 #[serde(deny_unknown_fields)]
 pub struct Contact {
     pub kind: ContactKind,
-    /// 1 to 64 characters after trimming, no control characters.
+    /// 1 to 64 characters after trimming, no control or bidi-control characters.
     pub handle: String,
 }
 
@@ -55,7 +56,7 @@ pub struct Contact {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileInput {
-    /// 1 to 20 characters after trimming, no control characters.
+    /// 1 to 20 characters after trimming, no control or bidi-control characters.
     pub nickname: String,
     pub gender: Gender,
     pub age: Age,
@@ -63,10 +64,10 @@ pub struct ProfileInput {
     pub hobbies: HobbySet,
     pub contact_frequency: ContactFrequency,
     pub major: Major,
-    /// At most 100 characters after trimming.
+    /// At most 100 characters after trimming, no control or bidi-control characters.
     #[serde(default)]
     pub song: String,
-    /// At most 200 characters after trimming.
+    /// At most 200 characters after trimming, no control or bidi-control characters.
     #[serde(default)]
     pub comment: String,
     pub contact: Contact,
@@ -98,10 +99,10 @@ fn text(field: &'static str, raw: &str, min: usize, max: usize) -> Result<String
             },
         ));
     }
-    if t.chars().any(|c| c.is_control()) {
+    if t.chars().any(|c| c.is_control() || is_bidi_control(c)) {
         return Err(ApiError::validation(
             field,
-            "must not contain control characters",
+            "must not contain control or bidi-control characters",
         ));
     }
     Ok(t.to_owned())
@@ -109,6 +110,14 @@ fn text(field: &'static str, raw: &str, min: usize, max: usize) -> Result<String
 
 impl ProfileInput {
     pub fn validate(self) -> Result<Profile, ApiError> {
+        // `Major` refuses control characters itself (it is shared with the appliance, which
+        // must keep decoding what the relay stored before); bidi controls stop here.
+        if self.major.as_str().chars().any(is_bidi_control) {
+            return Err(ApiError::validation(
+                "major",
+                "must not contain bidi-control characters",
+            ));
+        }
         Ok(Profile {
             nickname: text("nickname", &self.nickname, 1, 20)?,
             song: text("song", &self.song, 0, 100)?,

@@ -64,7 +64,7 @@ schema_for!(
     Major,
     string(
         "A department name: trimmed, runs of white space collapsed; 1 to 64 bytes, no control \
-         characters.",
+         or bidi-control characters.",
     )
     .min_length(Some(1))
 );

@@ -304,6 +304,13 @@ impl ApplianceProcess {
         self.wait_healthy().await;
     }
 
+    /// Starts again on the same id, port and data dir without waiting for `/healthz`, which
+    /// answers 503 while the store cannot be opened.
+    pub fn respawn(&mut self) {
+        self.service.kill_9();
+        self.spawn();
+    }
+
     /// Deletes the replica (a re-image). The process must be stopped.
     pub fn wipe_data(&mut self) {
         assert!(

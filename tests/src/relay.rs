@@ -69,6 +69,9 @@ pub struct EventsSection {
 pub struct AuthSection {
     pub hash_memory_kib: u32,
     pub hash_iterations: u32,
+    /// Session lifetime in hours; `None` keeps the relay's default (14 days).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_ttl_h: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]

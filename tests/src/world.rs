@@ -104,6 +104,7 @@ impl World {
             config.auth = Some(AuthSection {
                 hash_memory_kib: 64,
                 hash_iterations: 1,
+                session_ttl_h: None,
             });
         }
         let mut relay = RelayProcess::start(config).await;

@@ -28,6 +28,7 @@ fn cheap_auth(c: &mut RelayConfig) {
     c.auth = Some(AuthSection {
         hash_memory_kib: 64,
         hash_iterations: 1,
+        session_ttl_h: None,
     });
 }
 

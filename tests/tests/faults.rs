@@ -1725,3 +1725,50 @@ async fn f20_damaged_replica_on_boot() {
     }
     eprintln!("{}", rows.join("\n"));
 }
+
+/// Issue 13 §4: a store that cannot even be created (here its directory's parent is a regular
+/// file, as a read-only or full disk would fail it) is no crash loop: the process keeps
+/// running, `/status` names the error (`store.state = "unavailable"`), `/healthz` says 503,
+/// and once the disk is usable again the retry opens a fresh store that resyncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f20_a_store_that_cannot_be_created_is_reported_and_retried() {
+    let o = opts("f20-uncreatable");
+    let (mut w, users) = populated(&o, 10).await;
+    w.wait_converged(LIVENESS).await;
+    w.appliances[0].stop();
+    let data = w.appliances[0].data_dir().to_path_buf();
+    std::fs::remove_dir_all(&data).expect("remove the data dir");
+    std::fs::write(&data, b"not a directory").expect("a file in its place");
+    w.appliances[0].respawn();
+    let s = w.appliances[0]
+        .wait_status(
+            comatching_tests::PATIENCE,
+            "the store reported unavailable",
+            |s| {
+                s["store"]["state"] == "unavailable"
+                    && s["store"]["error"].as_str().is_some_and(|e| !e.is_empty())
+                    && s["ready"] == false
+            },
+        )
+        .await;
+    let health = comatching_tests::api::http_client(None)
+        .get(format!("{}/healthz", w.appliances[0].base_url()))
+        .send()
+        .await
+        .expect("healthz answers");
+    assert_eq!(health.status().as_u16(), 503, "{s}");
+    // Still running (wait_status checks it on every poll) after more than one attempt.
+    w.appliances[0]
+        .wait_status(
+            comatching_tests::PATIENCE,
+            "a later attempt, still unavailable",
+            |s| s["store"]["state"] == "unavailable" && s["uptime_s"].as_u64() >= Some(2),
+        )
+        .await;
+    std::fs::remove_file(&data).expect("remove the file");
+    updates(users.clone(), 5, 7)
+        .await
+        .require_mostly_ok("f20-uncreatable");
+    w.appliances[0].wait_ready().await;
+    w.wait_converged(LIVENESS).await;
+}

@@ -1,12 +1,14 @@
 //! Issue 13 §5, a security pass against the real relay: every bearer route without a token, with
-//! a withdrawn account's token and with a logged-out token; other students' ids (BOLA); students
-//! on every admin route; unknown JSON fields; hostile strings; deep nesting and huge strings;
-//! hostile `Idempotency-Key`s; and logins that do not tell unknown users from wrong passwords.
+//! a withdrawn account's token, with a logged-out token and with an expired one; other students'
+//! ids (BOLA); students on every admin route; unknown JSON fields; hostile strings in every
+//! string field; deep nesting and huge strings; hostile `Idempotency-Key`s; and logins that do
+//! not tell unknown users from wrong passwords.
 
 use std::time::{Duration, Instant};
 
 use comatching_tests::api::PASSWORD;
-use comatching_tests::{Api, Resp, TestEnv};
+use comatching_tests::relay::{AuthSection, RelayConfig};
+use comatching_tests::{Api, PATIENCE, ProfileBuilder, Resp, TestEnv, wait_until};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -80,6 +82,72 @@ async fn every_bearer_route_refuses_missing_withdrawn_and_ended_sessions() {
     assert!(n >= 90, "{n} tries");
 }
 
+/// Cheap password hashing, and sessions that last `ttl_h` hours when given.
+fn cheap_auth(c: &mut RelayConfig, ttl_h: Option<f64>) {
+    c.auth = Some(AuthSection {
+        hash_memory_kib: 64,
+        hash_iterations: 1,
+        session_ttl_h: ttl_h,
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bearer_route_refuses_an_expired_session() {
+    // `auth.session_ttl_h` of a few seconds: long enough to see both tokens work first.
+    const TTL: Duration = Duration::from_secs(4);
+    let env = TestEnv::start_with("sec-expiry", |c| {
+        cheap_auth(c, Some(TTL.as_secs_f64() / 3600.0))
+    })
+    .await;
+    let made = Instant::now();
+    // Both ways a session is made: sign-up and login.
+    let signed_up = env.api.signup("expiring_user").await.token;
+    let logged_in = env.api.login("expiring_user", PASSWORD).await.expect(200)["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let tokens = [signed_up, logged_in];
+    for t in &tokens {
+        env.api.get("/api/v1/me", Some(t)).await.expect(200);
+    }
+    wait_until(PATIENCE, "both sessions to expire", || {
+        let (api, tokens) = (&env.api, &tokens);
+        async move {
+            for t in tokens {
+                if api.get("/api/v1/me", Some(t)).await.status != 401 {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    let lived = made.elapsed();
+    // Not before their time (the relay's wall clock against ours: a little slack).
+    assert!(
+        lived + Duration::from_millis(250) >= TTL,
+        "sessions ended after {lived:?}, lifetime {TTL:?}"
+    );
+    let mut n = 0;
+    for (m, path, _) in routes().into_iter().filter(|r| r.2) {
+        for t in &tokens {
+            let r = call(&env.api, &m, &path, Some(t)).await;
+            assert_eq!(
+                (r.status, r.error_code()),
+                (401, Some("unauthorized")),
+                "{m} {path} with an expired token: {}",
+                r.text
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 36, "{n} tries");
+    // A new login works again: expiry ends sessions, not the account.
+    let fresh = env.api.login("expiring_user", PASSWORD).await.expect(200);
+    let fresh = fresh["token"].as_str().expect("token");
+    env.api.get("/api/v1/me", Some(fresh)).await.expect(200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn students_are_refused_on_every_admin_route_and_other_students_objects() {
     let env = TestEnv::start("sec-bola").await;
@@ -108,17 +176,48 @@ async fn students_are_refused_on_every_admin_route_and_other_students_objects() 
             r.text
         );
     }
+    // A has a match (and so a ledger with a grant and a charge), and a pending charge.
+    let op = env.operator().await;
+    let partner = env
+        .api
+        .signup_with_profile("partner_c", &ProfileBuilder::female())
+        .await;
+    a.set_profile(&ProfileBuilder::male()).await;
+    op.grant(&a, 5000).await;
+    let responder =
+        comatching_tests::Responder::offering(&env.amqp_url(), vec![partner.id()]).await;
+    let opts = comatching_tests::MatchOptionsBuilder::new();
+    let matched = a.post_match("bola-1", &opts).await.expect(201);
+    let match_id = matched["match_id"].as_str().expect("match_id").to_owned();
     // A's charge: invisible and untouchable for B.
     let charge = a.request_charge_ok(5000).await;
     let r = b.cancel_charge(&charge).await;
     assert_eq!(r.status, 404, "B cancels A's charge: {}", r.text);
-    for path in ["/api/v1/me/charges", "/api/v1/me/ledger", "/api/v1/matches"] {
+    for (path, list) in [
+        ("/api/v1/me/charges", "charges"),
+        ("/api/v1/me/ledger", "entries"),
+        ("/api/v1/matches", "matches"),
+    ] {
         let body = b.get(path).await.expect(200);
-        assert!(
-            !body.to_string().contains(&charge) && !body.to_string().contains(&a.user_id),
-            "{path} of B shows A's data: {body}"
-        );
+        assert_eq!(body[list], json!([]), "{path} of B shows A's data: {body}");
     }
+    // Idempotency keys belong to their user: B sending A's key gets no replay of A's match
+    // (B has no points, so B's own request is refused).
+    let r = b.post_match("bola-1", &opts).await;
+    assert!(
+        r.status >= 400 && !r.text.contains(&match_id) && !r.text.contains(&partner.user_id),
+        "B replayed A's idempotency key: {} {}",
+        r.status,
+        r.text
+    );
+    assert_eq!(
+        responder.requests().len(),
+        1,
+        "B's request reached a matcher"
+    );
+    // A still sees all of it.
+    let mine = a.get("/api/v1/matches").await.expect(200);
+    assert!(mine.to_string().contains(&match_id), "{mine}");
     // A's own charge is still pending and listed.
     let mine = a.get("/api/v1/me/charges").await.expect(200);
     assert!(mine.to_string().contains(&charge), "{mine}");
@@ -149,6 +248,7 @@ async fn unknown_fields_are_refused_everywhere() {
         ("role", json!("operator")),
         ("user_id", json!(FAKE_ID)),
     ];
+    let reject = format!("/api/v1/admin/charges/{FAKE_ID}/reject");
     let cases: Vec<(Method, &str, Option<&str>, Value)> = vec![
         (
             Method::POST,
@@ -186,6 +286,12 @@ async fn unknown_fields_are_refused_everywhere() {
             Some(u.token.as_str()),
             json!({}),
         ),
+        (
+            Method::POST,
+            reject.as_str(),
+            Some(op.user.token.as_str()),
+            json!({"reason": "x"}),
+        ),
     ];
     for (m, path, token, base) in cases {
         for (k, v) in &extra {
@@ -217,11 +323,21 @@ async fn unknown_fields_are_refused_everywhere() {
     assert_eq!(u.points().await, 0);
     let r = u.get("/api/v1/admin/stats").await;
     assert_eq!(r.status, 403);
-    // Profile: an extra field is refused too.
-    let mut p = comatching_tests::ProfileBuilder::default().json().clone();
-    p["points"] = json!(99);
-    let r = u.put_profile_json(&p).await;
-    assert_eq!(r.status, 400, "profile with points: {}", r.text);
+    // Profile: an extra field is refused too, at the top and in the nested contact.
+    for at in [None, Some("contact")] {
+        let mut p = ProfileBuilder::default().json().clone();
+        match at {
+            None => p["points"] = json!(99),
+            Some(k) => p[k]["user_id"] = json!(FAKE_ID),
+        }
+        let r = u.put_profile_json(&p).await;
+        r.assert_error(400, "validation_failed");
+    }
+    assert_eq!(
+        u.me_ok().await["profile"],
+        Value::Null,
+        "a refused profile was stored"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,6 +382,290 @@ async fn hostile_strings_are_stored_verbatim_or_refused() {
         } else {
             r.assert_error(400, "validation_failed");
         }
+    }
+}
+
+/// Hostile strings, each short enough for the shortest free-text field (a nickname, 20
+/// characters), with whether a display field — text someone else reads — keeps it: SQL
+/// metacharacters, quotes, wildcards and 4-byte emoji are text like any other; NUL and the
+/// right-to-left override are refused (`validation_failed`, nothing changed).
+const HOSTILE: [(&str, bool); 5] = [
+    ("x');DROP TABLE p;--", true),
+    ("a\"b\\c%_*", true),
+    ("nul\u{0}byte", false),
+    ("rtl\u{202E}txt", false),
+    ("emoji😀🎉", true),
+];
+
+/// `s` percent-encoded for a query string.
+fn enc(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The field at a dotted path of a JSON object (`contact.handle`).
+fn at<'a>(v: &'a mut Value, path: &str) -> &'a mut Value {
+    path.split('.').fold(v, |v, k| &mut v[k])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_strings_in_every_profile_field_are_verbatim_or_refused() {
+    let env = TestEnv::start_with("sec-profile-strings", |c| cheap_auth(c, None)).await;
+    let u = env.api.signup("profile_strings").await;
+    u.set_profile(&ProfileBuilder::default()).await;
+    let profile = async || u.me_ok().await["profile"].clone();
+    // The free-text fields: kept verbatim or refused.
+    for field in ["nickname", "song", "comment", "major", "contact.handle"] {
+        for (s, kept) in HOSTILE {
+            let before = profile().await;
+            let mut body = ProfileBuilder::default().json().clone();
+            *at(&mut body, field) = json!(s);
+            let r = u.put_profile_json(&body).await;
+            let mut after = profile().await;
+            if kept {
+                assert_eq!(r.status, 200, "{field} = {s:?}: {}", r.text);
+                assert_eq!(
+                    *at(&mut after, field),
+                    json!(s),
+                    "{field} = {s:?} not verbatim"
+                );
+            } else {
+                r.assert_invalid(field);
+                assert_eq!(
+                    after, before,
+                    "a refused {field} = {s:?} changed the profile"
+                );
+            }
+        }
+    }
+    // The fields with fixed vocabularies (and the hobby list's items): always refused.
+    for field in [
+        "gender",
+        "mbti",
+        "contact_frequency",
+        "contact.kind",
+        "hobbies",
+    ] {
+        for (s, _) in HOSTILE {
+            let before = profile().await;
+            let mut body = ProfileBuilder::default().json().clone();
+            *at(&mut body, field) = if field == "hobbies" {
+                json!(["game", s])
+            } else {
+                json!(s)
+            };
+            let r = u.put_profile_json(&body).await;
+            r.assert_error(400, "validation_failed");
+            assert_eq!(
+                profile().await,
+                before,
+                "a refused {field} = {s:?} changed it"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_strings_in_reasons_searches_and_passwords_are_verbatim_or_refused() {
+    let env = TestEnv::start_with("sec-more-strings", |c| cheap_auth(c, None)).await;
+    let op = env.operator().await;
+    let u = env.api.signup("reasons_user").await;
+    let charge_of = async |id: &str| {
+        let list = u.get("/api/v1/me/charges").await.expect(200);
+        list["charges"]
+            .as_array()
+            .expect("charges")
+            .iter()
+            .find(|c| c["charge_id"] == json!(id))
+            .cloned()
+            .expect("the charge is listed")
+    };
+
+    // A charge rejection's reason, which the student reads.
+    let mut pending: Option<String> = None;
+    for (s, kept) in HOSTILE {
+        let id = match pending.take() {
+            Some(id) => id,
+            None => u.request_charge_ok(5000).await,
+        };
+        let r = op.reject(&id, s).await;
+        let c = charge_of(&id).await;
+        if kept {
+            assert_eq!(r.status, 200, "reject reason {s:?}: {}", r.text);
+            assert_eq!(
+                (&c["status"], &c["reason"]),
+                (&json!("rejected"), &json!(s)),
+                "{c}"
+            );
+        } else {
+            r.assert_invalid("reason");
+            assert_eq!(
+                (&c["status"], &c["reason"]),
+                (&json!("pending"), &Value::Null),
+                "a refused reason {s:?} changed the charge: {c}"
+            );
+            pending = Some(id);
+        }
+    }
+
+    // An operator's points grant: the reason (the student's ledger shows it) and the username.
+    let ledger = async || u.get("/api/v1/me/ledger").await.expect(200)["entries"].clone();
+    for (s, kept) in HOSTILE {
+        let (points, entries) = (u.points().await, ledger().await);
+        let r = op.grant_resp(&u.user_id, 1000, s).await;
+        if kept {
+            assert_eq!(r.status, 201, "grant reason {s:?}: {}", r.text);
+            assert_eq!(u.points().await, points + 1000);
+            assert_eq!(ledger().await[0]["reason"], json!(s), "grant reason {s:?}");
+        } else {
+            r.assert_invalid("reason");
+            assert_eq!((u.points().await, ledger().await), (points, entries));
+        }
+    }
+    for (s, _) in HOSTILE {
+        // Also a real name with the hostile text after it: nothing may cut it back to the name.
+        for name in [s.to_owned(), format!("reasons_user{s}")] {
+            let points = u.points().await;
+            let body = json!({"username": name, "amount": 1000, "reason": "x"});
+            let r = env
+                .api
+                .request(
+                    Method::POST,
+                    "/api/v1/admin/points",
+                    Some(&op.user.token),
+                    Some(&body),
+                    &[],
+                )
+                .await;
+            r.assert_invalid("username");
+            assert_eq!(u.points().await, points, "grant to {name:?}");
+        }
+    }
+
+    // A match request's options are all fixed vocabularies: refused, nothing held or spent.
+    let points = u.points().await;
+    for field in ["age", "mbti", "hobby", "contact_frequency", "important"] {
+        for (i, (s, _)) in HOSTILE.iter().enumerate() {
+            let r = u
+                .post_match_json(&format!("hostile-{field}-{i}"), &json!({ field: s }))
+                .await;
+            r.assert_error(400, "validation_failed");
+        }
+    }
+    assert_eq!(u.points().await, points);
+
+    // Query strings: the user search, cursors, a status and a time. Refused, not searched.
+    let found = op
+        .user
+        .get("/api/v1/admin/users?q=reasons")
+        .await
+        .expect(200);
+    assert_eq!(
+        found["users"][0]["username"],
+        json!("reasons_user"),
+        "{found}"
+    );
+    for (s, _) in HOSTILE {
+        for q in [s.to_owned(), format!("reasons{s}")] {
+            let r = op
+                .user
+                .get(&format!("/api/v1/admin/users?q={}", enc(&q)))
+                .await;
+            r.assert_invalid("q");
+        }
+        for (who, path) in [
+            (&u, "/api/v1/me/charges?cursor="),
+            (&u, "/api/v1/me/ledger?cursor="),
+            (&op.user, "/api/v1/admin/charges?status="),
+            (&op.user, "/api/v1/admin/stats?since_ms="),
+        ] {
+            let r = who.get(&format!("{path}{}", enc(s))).await;
+            r.assert_error(400, "validation_failed");
+        }
+    }
+
+    // Path segments: a charge id that is not one is like a missing one; a user id is checked.
+    let pending_now = u.get("/api/v1/me/charges").await.expect(200);
+    for (s, _) in HOSTILE {
+        let r = u
+            .api
+            .request(
+                Method::DELETE,
+                &format!("/api/v1/me/charges/{}", enc(s)),
+                Some(&u.token),
+                None,
+                &[],
+            )
+            .await;
+        r.assert_error(404, "not_found");
+        let r = op
+            .user
+            .get(&format!("/api/v1/admin/users/{}/ledger", enc(s)))
+            .await;
+        r.assert_invalid("user_id");
+    }
+    assert_eq!(u.get("/api/v1/me/charges").await.expect(200), pending_now);
+    // A resume position (`Last-Event-ID`); a header carries visible ASCII only, so only those.
+    for (s, _) in HOSTILE
+        .iter()
+        .filter(|(s, _)| s.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+    {
+        for (who, path) in [
+            (&u, "/api/v1/me/events"),
+            (&op.user, "/api/v1/admin/charges/events"),
+        ] {
+            let r = who
+                .api
+                .request(
+                    Method::GET,
+                    path,
+                    Some(&who.token),
+                    None,
+                    &[("last-event-id", s)],
+                )
+                .await;
+            r.assert_invalid("Last-Event-ID");
+        }
+    }
+
+    // Passwords: any text, kept exactly: only the very same string logs in, not one cut at the
+    // NUL or stripped of what is not ASCII.
+    for (i, (s, _)) in HOSTILE.iter().enumerate() {
+        let name = format!("pw_user_{i}");
+        let password = format!("pw {s} long enough");
+        env.api.create_account(&name, &password).await.expect(201);
+        env.api.login(&name, &password).await.expect(200);
+        for near in [
+            password.split('\0').next().unwrap_or_default().to_owned(),
+            password.chars().filter(char::is_ascii).collect(),
+            password.chars().filter(|c| !c.is_control()).collect(),
+        ] {
+            if near != password {
+                let r = env.api.login(&name, &near).await;
+                r.assert_error(401, "unauthorized");
+            }
+        }
+    }
+    // And as a new password.
+    let mut current = PASSWORD.to_owned();
+    for (s, _) in HOSTILE {
+        let new = format!("new {s} password");
+        let r = u
+            .api
+            .request(
+                Method::PUT,
+                "/api/v1/me/password",
+                Some(&u.token),
+                Some(&json!({"current": current, "new": new})),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 204, "new password {s:?}: {}", r.text);
+        env.api.login("reasons_user", &new).await.expect(200);
+        env.api
+            .login("reasons_user", &current)
+            .await
+            .assert_error(401, "unauthorized");
+        current = new;
     }
 }
 

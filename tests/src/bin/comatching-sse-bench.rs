@@ -45,6 +45,7 @@ fn main() {
         cfg.auth = Some(comatching_tests::relay::AuthSection {
             hash_memory_kib: 64,
             hash_iterations: 1,
+            session_ttl_h: None,
         });
         let mut relay = RelayProcess::start(cfg).await;
         relay.wait_ready().await;
