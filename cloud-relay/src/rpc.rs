@@ -20,6 +20,7 @@ use lapin::{BasicProperties, Confirmation};
 use tokio::sync::{oneshot, watch};
 
 use crate::broker::{BrokerHandle, Session};
+use comatching_protocol::amqp::is_not_found;
 use comatching_protocol::topology::MATCH_QUEUE;
 
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -34,6 +35,14 @@ pub enum RpcError {
     Timeout,
     #[error("the broker connection was lost while waiting")]
     ConnectionLost,
+}
+
+/// Why a request did not go out, and whether the session is still good.
+enum Unsent {
+    /// The session is fine (the match queue's old home node is still leaving).
+    Kept(String),
+    /// The channel or connection failed: the supervisor replaces the session.
+    Broken(String),
 }
 
 struct Waiter {
@@ -167,29 +176,34 @@ impl MatchRpc {
                         props.clone(),
                     )
                     .await
-                    .map_err(|e| RpcError::NotAccepted(e.to_string()))?;
+                    .map_err(|e| Unsent::Broken(e.to_string()))?;
                 match confirm.await {
                     Ok(Confirmation::Ack(None)) => return Ok(()),
                     Ok(Confirmation::Ack(Some(_))) if attempt == 0 => {
                         tracing::warn!(node = %session.node, "match request unroutable: declaring the match queue again");
-                        session
-                            .redeclare_match_queue()
-                            .await
-                            .map_err(|e| RpcError::NotAccepted(e.to_string()))?;
+                        match session.redeclare_match_queue().await {
+                            Ok(()) => {}
+                            // Its old home node is still leaving the cluster: this session is
+                            // fine, this request cannot go out (503, the hold voided); the next
+                            // one declares the queue again.
+                            Err(e) if is_not_found(&e) => return Err(Unsent::Kept(e.to_string())),
+                            Err(e) => return Err(Unsent::Broken(e.to_string())),
+                        }
                     }
-                    Ok(other) => return Err(RpcError::NotAccepted(format!("{other:?}"))),
-                    Err(e) => return Err(RpcError::NotAccepted(e.to_string())),
+                    Ok(other) => return Err(Unsent::Broken(format!("{other:?}"))),
+                    Err(e) => return Err(Unsent::Broken(e.to_string())),
                 }
             }
-            Err(RpcError::NotAccepted(
+            Err(Unsent::Broken(
                 "unroutable after declaring the match queue again".into(),
             ))
         };
         match tokio::time::timeout_at(deadline.into(), publish).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+            Ok(Err(Unsent::Kept(e))) => return Err(RpcError::NotAccepted(e)),
+            Ok(Err(Unsent::Broken(e))) => {
                 session.mark_broken("match request publish failed");
-                return Err(e);
+                return Err(RpcError::NotAccepted(e));
             }
             Err(_) => return Err(RpcError::Timeout),
         }
