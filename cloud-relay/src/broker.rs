@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use comatching_protocol::amqp::{
-    DeadLetterLimits, LinkAuth, declare_dead_letter_queues, declare_match_queue,
-    declare_shared_topology,
+    DeadLetterLimits, LinkAuth, declare_dead_letter_queues, declare_shared_topology,
+    ends_connection, redeclare_match_queue,
 };
 use comatching_protocol::failover::NodeRotation;
 use comatching_protocol::topology::LEGACY_MATCH_QUEUES;
@@ -56,11 +56,10 @@ impl Session {
     }
 
     /// Declares the match queue again on this session: it is non-durable, so on a cluster it
-    /// disappears with the node that held it while this session's own node lives on.
+    /// disappears with the node that held it while this session's own node lives on. A
+    /// `NOT_FOUND` (its old home node is still leaving) leaves the session as it is.
     pub async fn redeclare_match_queue(&self) -> lapin::Result<()> {
-        let ch = self.connection.create_channel().await?;
-        let r = declare_match_queue(&ch).await;
-        let _ = ch.close(200, "match queue declared".into()).await;
+        let r = redeclare_match_queue(&self.connection).await;
         if r.is_ok() {
             tracing::info!(session = self.id, node = %self.node, "match queue declared again");
         }
@@ -141,9 +140,7 @@ async fn declare_topology(
     quorum_group_size: Option<u16>,
     dead_letters: &DeadLetterLimits,
 ) -> lapin::Result<()> {
-    let setup = connection.create_channel().await?;
-    declare_shared_topology(&setup, quorum_group_size).await?;
-    let _ = setup.close(200, "topology declared".into()).await;
+    declare_shared_topology(connection, quorum_group_size).await?;
     declare_dead_letter_queues(connection, dead_letters).await?;
     for legacy in LEGACY_MATCH_QUEUES {
         delete_legacy_queue(connection, legacy).await?;
@@ -286,6 +283,12 @@ impl BrokerSupervisor {
                     _ = session.broken.notified() => break,
                     ev = events.next() => {
                         if let Some(lapin::Event::Error(e)) = ev {
+                            // A channel the broker closed (a refused redeclare of the match
+                            // queue) is its user's to handle; the session goes on.
+                            if !ends_connection(&session.connection, &e) {
+                                tracing::debug!(error = %e, "a channel was closed by the broker");
+                                continue;
+                            }
                             tracing::warn!(error = %e, "broker connection error");
                             break;
                         }

@@ -20,6 +20,7 @@ use lapin::{BasicProperties, Confirmation};
 use tokio::sync::{oneshot, watch};
 
 use crate::broker::{BrokerHandle, Session};
+use comatching_protocol::amqp::is_not_found;
 use comatching_protocol::topology::MATCH_QUEUE;
 
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -34,6 +35,14 @@ pub enum RpcError {
     Timeout,
     #[error("the broker connection was lost while waiting")]
     ConnectionLost,
+}
+
+/// Why a request did not go out, and whether the session is still good.
+enum Unsent {
+    /// The session is fine (the match queue's old home node is still leaving).
+    Kept(String),
+    /// The channel or connection failed: the supervisor replaces the session.
+    Broken(String),
 }
 
 struct Waiter {
@@ -213,8 +222,15 @@ impl MatchRpc {
                             resent = true;
                             tracing::warn!(node = %session.node, "match request unroutable: declaring the match queue again");
                             let again = tokio::time::timeout_at(deadline, async {
-                                session.redeclare_match_queue().await?;
-                                send().await
+                                match session.redeclare_match_queue().await {
+                                    Ok(()) => {}
+                                    // Its old home node is still leaving the cluster: this
+                                    // session is fine, this request cannot go out (503, the
+                                    // hold voided); the next one declares the queue again.
+                                    Err(e) if is_not_found(&e) => return Err(Unsent::Kept(e.to_string())),
+                                    Err(e) => return Err(Unsent::Broken(e.to_string())),
+                                }
+                                send().await.map_err(|e| Unsent::Broken(e.to_string()))
                             })
                             .await;
                             match again {
@@ -222,7 +238,8 @@ impl MatchRpc {
                                     confirm = Some(Box::pin(c));
                                     continue;
                                 }
-                                Ok(Err(e)) => e.to_string(),
+                                Ok(Err(Unsent::Kept(e))) => return Err(RpcError::NotAccepted(e)),
+                                Ok(Err(Unsent::Broken(e))) => e,
                                 Err(_) => return Err(RpcError::Timeout),
                             }
                         }

@@ -176,7 +176,7 @@ pub fn quorum_args(extra: &[(&str, AMQPValue)], group_size: Option<u16>) -> Fiel
 /// node and declared again on a live one, see `topology`), its TTL cap, dead-lettering. Both
 /// services call it on every connect (inside [`declare_shared_topology`]) and again when they
 /// find it gone while connected (the relay on an unroutable request, an appliance when the
-/// broker cancels its consumer).
+/// broker cancels its consumer), through [`redeclare_match_queue`].
 pub async fn declare_match_queue(ch: &Channel) -> lapin::Result<()> {
     ch.queue_declare(
         MATCH_QUEUE.into(),
@@ -191,26 +191,38 @@ pub async fn declare_match_queue(ch: &Channel) -> lapin::Result<()> {
     Ok(())
 }
 
+/// [`declare_match_queue`] on a channel of its own (a refusal closes only that channel).
+/// `NOT_FOUND` here means the queue still exists in the cluster's metadata but its home node is
+/// shutting down ("process is stopped by supervisor") or gone ("home node … is down"): nobody
+/// can declare it until that node has left, a second or two later. The caller keeps its
+/// session and tries again ([`is_not_found`]).
+pub async fn redeclare_match_queue(conn: &Connection) -> lapin::Result<()> {
+    let ch = conn.create_channel().await?;
+    declare_match_queue(&ch).await?;
+    let _ = ch.close(200, "match queue declared".into()).await;
+    Ok(())
+}
+
 /// Declares what both services use, identically from either side (idempotent, so it runs on
 /// every connect and a wiped broker gets its topology back unattended): the sync and dead-letter
-/// exchanges, the control queue and the match queue. The dead-letter queues are not here: their
-/// limits are the relay's configuration, so the relay declares them
-/// ([`declare_dead_letter_queues`]) and an appliance only creates the inspection queue when it is
-/// missing ([`ensure_dead_queue`]); both on channels of their own, skipping a `NOT_FOUND` (a
-/// cluster node that is their home is down). An appliance then declares its own sync queue.
-/// `quorum_group_size` is `broker.quorum_group_size`.
+/// exchanges, the control queue and the match queue, each step on a channel of its own. The
+/// dead-letter queues are not here: their limits are the relay's configuration, so the relay
+/// declares them ([`declare_dead_letter_queues`]) and an appliance only creates the inspection
+/// queue when it is missing ([`ensure_dead_queue`]); both skip a `NOT_FOUND` (a cluster node
+/// that is their home is down). An appliance then declares its own sync queue.
+/// `quorum_group_size` is `broker.quorum_group_size`; a control queue that exists with another
+/// initial group size keeps it ([`declare_quorum_queue`]). A match queue whose old home node
+/// is still leaving (`NOT_FOUND`) is skipped: the relay declares it on its first unroutable
+/// request, an appliance before it consumes.
 pub async fn declare_shared_topology(
-    ch: &Channel,
+    conn: &Connection,
     quorum_group_size: Option<u16>,
 ) -> lapin::Result<()> {
     let durable_x = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    let durable_q = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
+    let ch = conn.create_channel().await?;
     for exchange in [SYNC_EXCHANGE, DEAD_EXCHANGE] {
         ch.exchange_declare(
             exchange.into(),
@@ -220,9 +232,10 @@ pub async fn declare_shared_topology(
         )
         .await?;
     }
-    ch.queue_declare(
-        CONTROL_QUEUE.into(),
-        durable_q,
+    let _ = ch.close(200, "exchanges declared".into()).await;
+    declare_quorum_queue(
+        conn,
+        CONTROL_QUEUE,
         quorum_args(
             &[
                 (
@@ -235,7 +248,99 @@ pub async fn declare_shared_topology(
         ),
     )
     .await?;
-    declare_match_queue(ch).await
+    match redeclare_match_queue(conn).await {
+        Err(e) if is_not_found(&e) => {
+            tracing::warn!(error = %e, "match queue's old home node is leaving: declared again later");
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// The argument that sets a quorum queue's initial replica count.
+pub const INITIAL_GROUP_SIZE: &str = "x-quorum-initial-group-size";
+
+/// When `e` is a PRECONDITION_FAILED about [`INITIAL_GROUP_SIZE`], the value the existing queue
+/// has: `Some(None)` when it was declared without one, `Some(Some(n))` otherwise. RabbitMQ
+/// names the first inequivalent argument and both values in its reply text ("inequivalent arg
+/// 'x-quorum-initial-group-size' for queue 'q' in vhost '/': received '3' but current is '1'",
+/// or "… received the value '3' of type 'long' but current is none"), a wording unchanged
+/// since RabbitMQ 3.0. Anything else is not recognised (`None`): the refusal stands.
+pub fn existing_group_size(e: &lapin::Error) -> Option<Option<i64>> {
+    if !is_precondition_failed(e) {
+        return None;
+    }
+    let lapin::ErrorKind::ProtocolError(p) = e.kind() else {
+        return None;
+    };
+    group_size_in_reply(p.get_message().as_str())
+}
+
+fn group_size_in_reply(text: &str) -> Option<Option<i64>> {
+    if !text.contains(&format!("inequivalent arg '{INITIAL_GROUP_SIZE}'")) {
+        return None;
+    }
+    let current = text.rsplit_once("but current is ")?.1.trim();
+    if current == "none" {
+        return Some(None);
+    }
+    // "'3'" (RabbitMQ 3.10 for two values of one type) or "the value '3' of type 'long'".
+    let quoted = current.strip_prefix("the value ").unwrap_or(current);
+    let value = quoted.strip_prefix('\'')?.split('\'').next()?;
+    value.parse().ok().map(Some)
+}
+
+/// Declares a durable quorum queue with `args` on a channel of its own. Its initial group size
+/// ([`INITIAL_GROUP_SIZE`], `broker.quorum_group_size`) only places the queue's replicas when
+/// it is created, yet RabbitMQ holds every redeclare to it: a queue that exists without it or
+/// with another value refuses the declare (PRECONDITION_FAILED) and the service could never
+/// connect. So when that argument is the one refused, the queue is declared again with the
+/// value it already has (from the broker's answer): every other argument is still checked, and
+/// the queue keeps its replicas (grown or shrunk with `rabbitmq-queues`, not by a redeclare).
+/// Any other refusal is returned.
+pub async fn declare_quorum_queue(
+    conn: &Connection,
+    name: &str,
+    mut args: FieldTable,
+) -> lapin::Result<()> {
+    let opts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let ch = conn.create_channel().await?;
+    let first = ch.queue_declare(name.into(), opts, args.clone()).await;
+    let existing = match first {
+        Ok(_) => {
+            let _ = ch.close(200, "declared".into()).await;
+            return Ok(());
+        }
+        Err(e) => match existing_group_size(&e) {
+            Some(existing) => existing,
+            None => return Err(e),
+        },
+    };
+    let key = ShortString::from(INITIAL_GROUP_SIZE);
+    let wanted = args.inner().get(&key).cloned();
+    let mut inner = args.inner().clone();
+    match existing {
+        Some(n) => {
+            inner.insert(key, AMQPValue::LongLongInt(n));
+        }
+        None => {
+            inner.remove(&key);
+        }
+    }
+    args = FieldTable::from(inner);
+    tracing::info!(
+        queue = name,
+        configured = ?wanted,
+        existing = ?existing,
+        "queue exists with another initial group size: keeping its own (rabbitmq-queues grow/shrink changes replicas)"
+    );
+    let ch = conn.create_channel().await?;
+    ch.queue_declare(name.into(), opts, args).await?;
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
 }
 
 /// How many dead letters the broker keeps, and for how long (the relay's `[dead_letters]`).
@@ -305,6 +410,17 @@ pub fn is_not_found(e: &lapin::Error) -> bool {
         if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
 
+/// Whether a connection's [`lapin::Event::Error`] ends the connection. lapin reports there a
+/// channel the broker closed with a soft error too (a declare answered `NOT_FOUND`, say): that
+/// closes one channel and the connection lives on; whoever used the channel sees its own
+/// error. A hard error (connection-level), an I/O error or a connection no longer connected
+/// ends it.
+pub fn ends_connection(conn: &Connection, e: &lapin::Error) -> bool {
+    let soft = matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), AMQPErrorKind::Soft(_)));
+    !soft || !conn.status().connected()
+}
+
 /// What [`declare_queue_replacing`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Declared {
@@ -316,7 +432,9 @@ pub enum Declared {
 }
 
 /// Declares a durable queue with `args`; when the broker refuses because the queue exists with
-/// other arguments (they changed between releases), deletes it and declares it again. The
+/// other arguments (they changed between releases), deletes it and declares it again. Only the
+/// initial group size of a quorum queue may differ without a replacement
+/// ([`declare_quorum_queue`]). The
 /// refusal closes the channel, so each step has a channel of its own. Only for queues whose
 /// messages may be lost: a sync queue (the appliance catches up by replay or snapshot) or a
 /// dead-letter queue.
@@ -329,12 +447,9 @@ pub async fn declare_queue_replacing(
         durable: true,
         ..Default::default()
     };
-    let ch = conn.create_channel().await?;
-    match ch.queue_declare(name.into(), opts, args.clone()).await {
-        Ok(_) => {
-            let _ = ch.close(200, "declared".into()).await;
-            Ok(Declared::AsIs)
-        }
+    // A quorum queue differing only in its initial group size is kept as it is.
+    match declare_quorum_queue(conn, name, args.clone()).await {
+        Ok(()) => Ok(Declared::AsIs),
         Err(e) if is_precondition_failed(&e) => {
             let ch = conn.create_channel().await?;
             ch.queue_delete(name.into(), QueueDeleteOptions::default())
@@ -535,5 +650,46 @@ mod header_tests {
                 .is_none()
         );
         assert_eq!(check(&BasicProperties::default(), None, b"m"), Ok(()));
+    }
+}
+
+#[cfg(test)]
+mod group_size_tests {
+    use super::group_size_in_reply;
+
+    #[test]
+    fn the_existing_initial_group_size_is_read_from_the_refusal() {
+        let q = "PRECONDITION_FAILED - inequivalent arg 'x-quorum-initial-group-size' for queue 'comatching.control' in vhost '/'";
+        assert_eq!(
+            group_size_in_reply(&format!(
+                "{q}: received the value '3' of type 'long' but current is none"
+            )),
+            Some(None)
+        );
+        assert_eq!(
+            group_size_in_reply(&format!(
+                "{q}: received none but current is the value '1' of type 'long'"
+            )),
+            Some(Some(1))
+        );
+        assert_eq!(
+            group_size_in_reply(&format!(
+                "{q}: received the value '5' of type 'long' but current is the value '3' of type 'signedint'"
+            )),
+            Some(Some(3))
+        );
+        // As RabbitMQ 3.10 words two values of one type (measured).
+        assert_eq!(
+            group_size_in_reply(&format!("{q}: received '3' but current is '1'")),
+            Some(Some(1))
+        );
+        // Another argument, or a wording we do not know: not ours to adopt.
+        assert_eq!(
+            group_size_in_reply(
+                "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q' in vhost '/': received the value '5' of type 'long' but current is none"
+            ),
+            None
+        );
+        assert_eq!(group_size_in_reply(&format!("{q}: something else")), None);
     }
 }

@@ -297,6 +297,11 @@ impl ApplianceProcess {
         self.service.stop();
     }
 
+    /// Changes `broker.quorum_group_size` for the next restart.
+    pub fn set_quorum_group_size(&mut self, n: Option<u16>) {
+        self.config.broker.security.quorum_group_size = n;
+    }
+
     /// Starts again on the same id, port and data dir.
     pub async fn restart(&mut self) {
         self.service.kill_9();

@@ -475,6 +475,12 @@ impl RelayProcess {
         std::fs::remove_dir_all(self.data_dir()).expect("remove the data dir");
     }
 
+    /// Changes `broker.quorum_group_size` for the next (re)start.
+    pub fn set_quorum_group_size(&mut self, n: Option<u16>) {
+        self.config.broker.security.quorum_group_size = n;
+        self.write_config();
+    }
+
     /// Changes the broker URL for the next (re)start.
     pub fn set_broker_url(&mut self, url: impl Into<String>) {
         self.config.broker.url = url.into();

@@ -3,9 +3,12 @@
 //! earlier release with other arguments are replaced, and the broker's message count with a
 //! gone appliance stays bounded however many changes the relay publishes.
 
-use comatching_protocol::amqp::{declare_queue_replacing, queue_args, sync_queue_args, text};
+use comatching_protocol::amqp::{
+    declare_queue_replacing, declare_quorum_queue, is_precondition_failed, queue_args, quorum_args,
+    sync_queue_args, text,
+};
 use comatching_protocol::topology::{
-    DEAD_EXCHANGE, DEAD_QUEUE, DEAD_TALLY_QUEUE, SYNC_EXCHANGE, sync_queue,
+    CONTROL_QUEUE, DEAD_EXCHANGE, DEAD_QUEUE, DEAD_TALLY_QUEUE, SYNC_EXCHANGE, sync_queue,
 };
 use comatching_tests::appliance::{ApplianceConfig, ApplianceProcess};
 use comatching_tests::relay::DeadLettersSection;
@@ -453,4 +456,70 @@ async fn under_the_memory_alarm_writes_wait_and_matches_fail_fast() {
     );
     drop(w);
     drop(broker);
+}
+
+/// `broker.quorum_group_size` only places a quorum queue's replicas when it is created, but
+/// RabbitMQ holds every redeclare to it (`x-quorum-initial-group-size` is in its equivalence
+/// check). Services restarted with a new or another group size must start on the queues that
+/// exist: created with 1, then declared without one and with 3, the relay and the appliance
+/// come up each time and the queues keep the size they were created with (the sync queue is
+/// not replaced either); queues created without one take declarations with one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_restarted_with_another_quorum_group_size_start_on_existing_queues() {
+    let mut opts = WorldOptions::new("bounds-group-size");
+    opts.quorum_group_size = Some(1);
+    let mut w = World::start(&opts).await;
+    let vhost = w.vhost.as_ref().expect("own vhost").name().to_owned();
+    w.register(4, 4, 1).await;
+    w.wait_converged(PATIENCE).await;
+    let own = sync_queue(w.appliances[0].config().appliance.id.as_str());
+    for size in [None, Some(3)] {
+        w.relay.set_quorum_group_size(size);
+        w.relay.restart().await;
+        w.relay.wait_ready().await;
+        let qs = queues(&vhost).await;
+        let control = find(&qs, CONTROL_QUEUE).expect("control queue");
+        assert_eq!(
+            arg(&control, "x-quorum-initial-group-size"),
+            Some(1.into()),
+            "the control queue kept its size (relay at {size:?}): {control}"
+        );
+    }
+    w.appliances[0].set_quorum_group_size(Some(3));
+    w.appliances[0].restart().await;
+    w.appliances[0].wait_ready().await;
+    w.register(2, 2, 3).await;
+    let pool = w.wait_converged(PATIENCE).await;
+    assert_eq!(pool.count, 6, "everything converged after the restarts");
+    let sync = find(&queues(&vhost).await, &own).expect("sync queue");
+    assert_eq!(
+        arg(&sync, "x-quorum-initial-group-size"),
+        Some(1.into()),
+        "the sync queue kept its size: {sync}"
+    );
+
+    // The protocol's declaration directly: a queue created without the argument takes
+    // declarations with one, and one created with 2 takes declarations with 3 and without.
+    let conn = Connection::connect(&w.amqp_url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    for (created, then) in [(None, [Some(3), Some(1)]), (Some(2), [Some(3), None])] {
+        let q = format!("gs-{created:?}");
+        let args = |n| quorum_args(&[("x-delivery-limit", AMQPValue::LongLongInt(5))], n);
+        declare_quorum_queue(&conn, &q, args(created))
+            .await
+            .expect("created");
+        for n in then {
+            declare_quorum_queue(&conn, &q, args(n))
+                .await
+                .unwrap_or_else(|e| panic!("{q} declared with {n:?}: {e}"));
+        }
+        // Any other argument still counts.
+        let other = quorum_args(&[("x-delivery-limit", AMQPValue::LongLongInt(9))], Some(3));
+        let refused = declare_quorum_queue(&conn, &q, other).await;
+        assert!(
+            refused.as_ref().is_err_and(is_precondition_failed),
+            "{q}: another delivery limit is refused: {refused:?}"
+        );
+    }
 }

@@ -669,3 +669,82 @@ async fn gap_hellos_are_rate_limited_to_one_a_second() {
 fn features_gender(me: &serde_json::Value) -> serde_json::Value {
     me["profile"]["gender"].clone()
 }
+
+/// A match answered by an appliance (201, or 404 when nobody fits): retries 503s with new
+/// keys until `within`.
+async fn answered_match(user: &comatching_tests::User, tag: &str, within: Duration) -> u16 {
+    comatching_tests::wait_for(within, "a match answered by an appliance", || async {
+        let r = user
+            .post_match_json(&format!("{tag}-{}", rand::random::<u64>()), &json!({}))
+            .await;
+        matches!(r.status, 201 | 404).then_some(r.status)
+    })
+    .await
+}
+
+/// The consumers count of `queue`, or `None` while it does not exist (a passive declare on a
+/// channel of its own: the refusal closes it).
+async fn consumers(conn: &Connection, queue: &str) -> Option<u32> {
+    let ch = conn.create_channel().await.expect("channel");
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let q = ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .ok()?;
+    let _ = ch.close(200, "looked".into()).await;
+    Some(q.consumer_count())
+}
+
+/// The broker cancels a consumer whose queue is deleted (lapin ends its stream). The match
+/// queue deleted under a serving appliance: the appliance declares it and consumes again on
+/// the same session (no reconnect), the relay's requests reach it. The control queue deleted
+/// under the relay: the relay's session is replaced, the queue declared and consumed again,
+/// and profile changes still reach the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_deleted_under_their_consumers_are_consumed_again() {
+    use comatching_protocol::topology::{CONTROL_QUEUE, MATCH_QUEUE};
+    let mut opts = WorldOptions::new("link-cancel");
+    opts.max_picked = 1_000;
+    let mut w = World::start(&opts).await;
+    let users = w.register(20, 8, 1).await;
+    w.grant_all(&users, 100_000, 8).await;
+    w.wait_converged(CONVERGE).await;
+    answered_match(&users[0], "before", Duration::from_secs(30)).await;
+    let sessions = |s: serde_json::Value| s["broker_sessions"].as_u64().expect("broker_sessions");
+    let before = sessions(w.appliances[0].status().await.expect("status"));
+    let conn = Connection::connect(&w.amqp_url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+
+    ch.queue_delete(MATCH_QUEUE.into(), Default::default())
+        .await
+        .expect("delete the match queue");
+    comatching_tests::wait_until(
+        Duration::from_secs(10),
+        "the match queue declared and consumed again",
+        || async { consumers(&conn, MATCH_QUEUE).await == Some(1) },
+    )
+    .await;
+    answered_match(&users[1], "after", Duration::from_secs(10)).await;
+    let s = w.appliances[0].status().await.expect("status");
+    assert_eq!(sessions(s.clone()), before, "no reconnect: {s}");
+    assert_eq!(s["matches"]["consumer_restarts"], 1, "{s}");
+
+    ch.queue_delete(CONTROL_QUEUE.into(), Default::default())
+        .await
+        .expect("delete the control queue");
+    comatching_tests::wait_until(
+        Duration::from_secs(10),
+        "the control queue declared and consumed again",
+        || async { consumers(&conn, CONTROL_QUEUE).await == Some(1) },
+    )
+    .await;
+    w.register(3, 3, 2).await;
+    let pool = w.wait_converged(CONVERGE).await;
+    assert_eq!(pool.count, 23);
+    answered_match(&users[2], "control", Duration::from_secs(10)).await;
+}

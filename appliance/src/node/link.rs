@@ -34,8 +34,8 @@ use super::replica::{Replica, Stuck};
 use super::retry::RetryGate;
 use crate::sync::SyncPlan;
 use comatching_protocol::amqp::{
-    Declared, LinkAuth, declare_match_queue, declare_queue_replacing, declare_shared_topology,
-    ensure_dead_queue, sync_queue_args,
+    Declared, LinkAuth, declare_queue_replacing, declare_shared_topology, ends_connection,
+    ensure_dead_queue, is_not_found, redeclare_match_queue, sync_queue_args,
 };
 use comatching_protocol::config::{amqp_url_with_heartbeat, broker_node};
 use comatching_protocol::failover::NodeRotation;
@@ -71,9 +71,7 @@ pub fn sync_queue(cfg: &Config) -> String {
 /// the sync exchange. A sync queue left by an earlier release with other arguments is replaced
 /// (its events are replayed on hello).
 async fn declare_topology(conn: &Connection, cfg: &Config) -> lapin::Result<()> {
-    let ch = conn.create_channel().await?;
-    declare_shared_topology(&ch, cfg.broker.quorum_group_size).await?;
-    let _ = ch.close(200, "declared".into()).await;
+    declare_shared_topology(conn, cfg.broker.quorum_group_size).await?;
     ensure_dead_queue(conn).await?;
     let own = sync_queue(cfg);
     let args = sync_queue_args(
@@ -245,19 +243,19 @@ impl Link {
             ctl.confirm_select(ConfirmSelectOptions::default())
                 .await
                 .map_err(e("confirm"))?;
-            let match_ch = conn.create_channel().await.map_err(e("channel"))?;
-            match_ch
-                .basic_qos(self.cfg.matching.prefetch, BasicQosOptions::default())
-                .await
-                .map_err(e("qos"))?;
+            let match_ch = self.match_channel(conn).await?;
             Ok::<_, String>((sync_consumer, ctl, match_ch))
         };
-        let (mut sync_consumer, ctl, match_ch) = tokio::time::timeout(SETUP_DEADLINE, setup)
+        let (mut sync_consumer, ctl, mut match_ch) = tokio::time::timeout(SETUP_DEADLINE, setup)
             .await
             .map_err(|_| format!("broker set-up took longer than {SETUP_DEADLINE:?}"))??;
         let queue = sync_queue(&self.cfg);
         let workers = Arc::new(Semaphore::new(self.cfg.matching.workers));
         let mut match_pump: Option<MatchPump> = None;
+        // Since when the match queue is missing (the broker cancelled our consumer, or a
+        // consume found no queue): declared again before the next consume, retried each tick
+        // while its old home node is still leaving, for at most STEP_DEADLINE.
+        let mut match_queue_gone: Option<Instant> = None;
 
         {
             let mut l = self.replica.link.lock().unwrap_or_else(|p| p.into_inner());
@@ -265,6 +263,7 @@ impl Link {
             l.broker_node = Some(node.to_owned());
             l.hello_acked = false;
             l.connected_at = Some(Instant::now());
+            l.broker_sessions += 1;
         }
         tracing::info!(queue, node, "broker link up");
         let mut st = SessionState {
@@ -298,15 +297,13 @@ impl Link {
                     let pump = match_pump.take().expect("a pump was running");
                     end.map_err(|e| format!("match pump: {e}"))??;
                     if !pump.cancelling {
-                        // The broker cancelled the consumer: on a cluster, the (non-durable)
-                        // match queue went with its node while ours lives on. Declare it here
-                        // and consume it again at the next tick; if the channel is what died,
-                        // the declare fails and the session is replaced.
+                        // The broker cancelled the consumer (lapin ends the stream): the
+                        // queue was deleted — on a cluster the non-durable match queue goes
+                        // with its node while ours lives on. The channel and the session are
+                        // fine: the next tick declares the queue and consumes again.
+                        match_queue_gone.get_or_insert_with(Instant::now);
+                        self.replica.link.lock().unwrap_or_else(|p| p.into_inner()).match_consumer_restarts += 1;
                         tracing::warn!(node, "match consumer cancelled by the broker: declaring the match queue again");
-                        bounded("declaring the match queue", async {
-                            declare_match_queue(&match_ch).await.map_err(e("declare match queue"))
-                        })
-                        .await?;
                     }
                 }
                 _ = hello_tick.tick() => {
@@ -324,21 +321,50 @@ impl Link {
                     let ready = self.replica.ready(&meta);
                     match (&mut match_pump, ready) {
                         (None, true) => {
-                            let c = bounded("consuming the match queue", async {
-                                match_ch
+                            if let Some(since) = match_queue_gone {
+                                let declared = bounded("declaring the match queue", async {
+                                    Ok(redeclare_match_queue(conn).await)
+                                })
+                                .await?;
+                                match declared {
+                                    Ok(()) => {
+                                        tracing::info!(node, "match queue declared again");
+                                        match_queue_gone = None;
+                                    }
+                                    Err(err) if is_not_found(&err) && since.elapsed() < STEP_DEADLINE => {
+                                        tracing::debug!(error = %err, "match queue's old home node is still leaving; retrying");
+                                        continue;
+                                    }
+                                    Err(err) => return Err(format!("declare match queue: {err}")),
+                                }
+                            }
+                            let consumed = bounded("consuming the match queue", async {
+                                Ok(match_ch
                                     .basic_consume(MATCH_QUEUE.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-                                    .await
-                                    .map_err(e("consume match"))
+                                    .await)
                             })
                             .await?;
-                            tracing::info!(applied_seq = meta.cursor.applied_seq, "caught up: serving matches");
-                            match_pump = Some(MatchPump::start(
-                                c,
-                                workers.clone(),
-                                self.replica.clone(),
-                                match_ch.clone(),
-                                self.auth.clone(),
-                            ));
+                            match consumed {
+                                Ok(c) => {
+                                    tracing::info!(applied_seq = meta.cursor.applied_seq, "caught up: serving matches");
+                                    match_pump = Some(MatchPump::start(
+                                        c,
+                                        workers.clone(),
+                                        self.replica.clone(),
+                                        match_ch.clone(),
+                                        self.auth.clone(),
+                                    ));
+                                }
+                                // No match queue (skipped at connect while its old home was
+                                // leaving, or deleted since): the refusal closed the channel.
+                                // A new one, and the queue is declared at the next tick.
+                                Err(err) if is_not_found(&err) => {
+                                    tracing::warn!(node, error = %err, "no match queue to consume: declaring it again");
+                                    match_queue_gone.get_or_insert_with(Instant::now);
+                                    match_ch = bounded("a match channel", self.match_channel(conn)).await?;
+                                }
+                                Err(err) => return Err(format!("consume match: {err}")),
+                            }
                         }
                         (Some(pump), false) if !pump.cancelling => {
                             bounded("cancelling the match consumer", async {
@@ -358,7 +384,12 @@ impl Link {
                 }
                 ev = events.next() => {
                     if let Some(lapin::Event::Error(err)) = ev {
-                        return Err(format!("connection: {err}"));
+                        if ends_connection(conn, &err) {
+                            return Err(format!("connection: {err}"));
+                        }
+                        // One channel closed by the broker (a refused declare): its user
+                        // handles it.
+                        tracing::debug!(error = %err, "a channel was closed by the broker");
                     }
                     if !conn.status().connected() {
                         return Err("connection closed".into());
@@ -367,6 +398,18 @@ impl Link {
                 _ = shutdown.changed() => return Ok(()),
             }
         }
+    }
+
+    /// The channel match requests are consumed and answered on, with the configured prefetch.
+    async fn match_channel(&self, conn: &Connection) -> Result<Channel, String> {
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|err| format!("channel: {err}"))?;
+        ch.basic_qos(self.cfg.matching.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|err| format!("qos: {err}"))?;
+        Ok(ch)
     }
 
     /// Sends a hello when one is wanted and the last one is not too recent (or `force`).

@@ -41,6 +41,11 @@ pub struct LinkStatus {
     pub matches_answered: u64,
     pub matches_expired: u64,
     pub hellos_sent: u64,
+    /// Broker sessions started since the appliance did (each reconnect adds one).
+    pub broker_sessions: u64,
+    /// Times the broker cancelled the match consumer (its queue deleted, or gone with its
+    /// cluster node) and the link consumed again without leaving its session.
+    pub match_consumer_restarts: u64,
     pub last_error: Option<String>,
     pub index_rebuild_ms: u64,
     /// Sync commits that failed (each failed delivery of a stuck event counts).

@@ -57,6 +57,7 @@ pub async fn status_json(s: &StatusState) -> Result<Value, String> {
         "ready": ready,
         "broker_connected": link.broker_connected,
         "broker_node": link.broker_node,
+        "broker_sessions": link.broker_sessions,
         "index": {
             "engine": s.replica.engine_kind().as_str(),
             "users": engine_len,
@@ -83,7 +84,11 @@ pub async fn status_json(s: &StatusState) -> Result<Value, String> {
             "users": engine_len,
             "features_digest": engine_digest.to_string(),
         },
-        "matches": { "answered": link.matches_answered, "expired": link.matches_expired },
+        "matches": {
+            "answered": link.matches_answered,
+            "expired": link.matches_expired,
+            "consumer_restarts": link.match_consumer_restarts,
+        },
         "tailscale": s.tailscale.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         "uptime_s": s.replica.started.elapsed().as_secs(),
         "last_error": link.last_error,
