@@ -6,6 +6,7 @@
 #
 #   scripts/mutants.sh                 # every module below, results under target/mutants/<name>/
 #   scripts/mutants.sh sync ledger     # only these
+#   scripts/mutants.sh --export        # write docs/mutants/<name>-after.json from the runs
 #   MUTANTS_IN_PLACE=1 ...             # mutate this checkout in place (use a disposable one)
 #
 # Runs niced, one job at a time (the machine is shared). cargo-mutants is installed when missing,
@@ -59,8 +60,36 @@ EOF
     done
 }
 
+# The committed form of a run (docs/mutants/<name>-after.json): the counts and one line per
+# mutant, without cargo-mutants' logs and timings.
+export_runs() {
+    for m in "${MODULES[@]}"; do
+        IFS='|' read -r name _ <<<"$m"
+        f="$OUT/$name/mutants.out/outcomes.json"
+        [ -f "$f" ] || continue
+        python3 - "$f" "docs/mutants/$name-after.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+keys = ("total_mutants", "caught", "missed", "timeout", "unviable", "success")
+out = {"summary": {k: d.get(k, 0) for k in keys}, "complete": d.get("end_time") is not None,
+       "outcomes": []}
+for o in d.get("outcomes", []):
+    s = o["scenario"]
+    if s == "Baseline":
+        continue
+    out["outcomes"].append({"mutant": s["Mutant"]["name"], "outcome": o["summary"]})
+json.dump(out, open(sys.argv[2], "w"), indent=1)
+print(sys.argv[2])
+EOF
+    done
+}
+
 if [ "${1:-}" = "--summary" ]; then
     summary
+    exit 0
+fi
+if [ "${1:-}" = "--export" ]; then
+    export_runs
     exit 0
 fi
 
