@@ -608,6 +608,174 @@ mod tests {
         );
     }
 
+    use crate::db::{Db, meta_set};
+    use crate::profiles::ProfileInput;
+    use comatching_protocol::UserId;
+
+    fn open() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("relay.db")).unwrap();
+        (dir, db)
+    }
+
+    /// A user with a profile in the pool (one outbox row).
+    fn member(db: &Db) -> UserId {
+        let u = UserId::new_v7();
+        let p = serde_json::from_value::<ProfileInput>(serde_json::json!({
+            "nickname": "Nick", "gender": "male", "age": 23, "mbti": "ISTP",
+            "hobbies": ["arts"], "contact_frequency": "rare", "major": "Math",
+            "contact": {"kind": "kakao", "handle": "h"}
+        }))
+        .unwrap()
+        .validate()
+        .unwrap();
+        db.run_sync(|c| {
+            c.execute(
+                "INSERT INTO accounts(user_id, username, password_hash, created_ms) VALUES (?1, ?1, 'h', 1)",
+                [u.to_hex()],
+            )?;
+            profiles::upsert(c, u, &p, 5)?;
+            Ok(())
+        })
+        .unwrap();
+        u
+    }
+
+    #[test]
+    fn the_relay_position_is_the_pool_and_the_outbox() {
+        let (_d, db) = open();
+        let empty = db.run_sync(|c| relay_position(c)).unwrap();
+        assert_eq!(
+            (
+                empty.last_seq,
+                empty.oldest_retained,
+                empty.count,
+                empty.digest
+            ),
+            (0, None, 0, Digest::default())
+        );
+        let (a, b, gone) = (member(&db), member(&db), member(&db));
+        db.run_sync(|c| profiles::leave_pool(c, gone)).unwrap();
+        let pos = db.run_sync(|c| relay_position(c)).unwrap();
+        let epoch = db.run_sync(|c| outbox::epoch(c)).unwrap();
+        let mut digest = Digest::default();
+        digest.add(a, 1);
+        digest.add(b, 1);
+        assert_eq!(
+            pos,
+            RelayPosition {
+                epoch,
+                last_seq: 4,
+                oldest_retained: Some(1),
+                count: 2,
+                digest,
+            }
+        );
+        let mut ids: Vec<UserId> = db
+            .run_sync(|c| snapshot_users(c))
+            .unwrap()
+            .into_iter()
+            .map(|u| u.user_id)
+            .collect();
+        ids.sort();
+        let mut want = vec![a, b];
+        want.sort();
+        assert_eq!(ids, want);
+        assert_eq!(queue_for("box-1"), "comatching.sync.box-1");
+    }
+
+    fn seen(db: &Db, id: &str, epoch_matches: bool, applied: i64, ago_ms: i64) {
+        db.run_sync(|c| {
+            c.execute(
+                "INSERT INTO appliances(appliance_id, epoch, applied_seq, count, digest, epoch_matches, last_seen_ms, last_action) \
+                 VALUES (?1, '7', ?2, 3, '00000000000000ab', ?3, ?4, 'in_sync')",
+                params![id, applied, epoch_matches, now_ms() - ago_ms],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn appliances_show_lag_and_readiness() {
+        let (_d, db) = open();
+        member(&db);
+        member(&db);
+        seen(&db, "fresh", true, 1, 1_000);
+        seen(&db, "old", true, 2, READY_FRESH_MS + 60_000);
+        seen(&db, "other-lineage", false, 0, 1_000);
+        let v = db.run_sync(|c| appliances_json(c)).unwrap();
+        let pos = db.run_sync(|c| relay_position(c)).unwrap();
+        assert_eq!(v["relay_seq"], 2);
+        assert_eq!(v["relay"]["seq"], 2);
+        assert_eq!(v["relay"]["count"], 2);
+        assert_eq!(v["relay"]["digest"], pos.digest.to_string());
+        assert_eq!(v["relay"]["epoch"], pos.epoch.to_string());
+        let rows = v["appliances"].as_array().unwrap();
+        let row = |id: &str| rows.iter().find(|r| r["appliance_id"] == id).unwrap();
+        assert_eq!(row("fresh")["lag"], 1);
+        assert_eq!(row("fresh")["ready"], true);
+        assert_eq!(row("fresh")["epoch"], Epoch(7).to_string());
+        assert_eq!(row("old")["lag"], 0);
+        assert_eq!(row("old")["ready"], false);
+        assert_eq!(row("other-lineage")["lag"], 2);
+        assert_eq!(row("other-lineage")["ready"], false);
+    }
+
+    #[test]
+    fn trim_keeps_the_retention_window_below_the_slowest_recent_appliance() {
+        let (_d, db) = open();
+        let rows = |db: &Db| -> Vec<i64> {
+            db.run_sync(|c| {
+                let mut s = c.prepare("SELECT seq FROM outbox ORDER BY seq")?;
+                let v = s
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<Vec<i64>, _>>()?;
+                Ok(v)
+            })
+            .unwrap()
+        };
+        db.run_sync(|c| {
+            for seq in 1..=20i64 {
+                c.execute(
+                    "INSERT INTO outbox(seq, user_id, version, op, features, created_ms) VALUES (?1, 'u', 1, 'delete', NULL, 0)",
+                    [seq],
+                )?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let stale_ms = 600_000;
+        // Published up to the window's size: nothing is below it yet.
+        db.run_sync(|c| {
+            meta_set(c, "published_upto", &RETENTION_ROWS.to_string())?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(db.run_sync(|c| trim(c, stale_ms)).unwrap(), 0);
+        assert_eq!(rows(&db).len(), 20);
+        db.run_sync(|c| {
+            meta_set(c, "published_upto", &(RETENTION_ROWS + 12).to_string())?;
+            Ok(())
+        })
+        .unwrap();
+        // A recent appliance of this lineage at 50_005 holds the outbox back to seq 5; a stale
+        // one and one of another lineage do not.
+        seen(&db, "slow", true, RETENTION_ROWS as i64 + 5, 1_000);
+        seen(&db, "stale", true, 1, stale_ms + 1_000);
+        seen(&db, "other", false, 0, 1_000);
+        assert_eq!(db.run_sync(|c| trim(c, stale_ms)).unwrap(), 5);
+        assert_eq!(rows(&db)[0], 6);
+        // Without it, the published position is the floor.
+        db.run_sync(|c| {
+            c.execute("DELETE FROM appliances WHERE appliance_id = 'slow'", [])?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(db.run_sync(|c| trim(c, stale_ms)).unwrap(), 7);
+        assert_eq!(rows(&db)[0], 13);
+    }
+
     proptest! {
         /// A replay is only ever asked for rows the outbox still holds, and never for a replica
         /// of another lineage.

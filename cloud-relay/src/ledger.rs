@@ -166,6 +166,21 @@ pub fn settle(conn: &Connection, hold_id: &str, s: Settlement) -> Result<bool, A
     let Some(next) = state.settle(s) else {
         return Ok(false);
     };
+    // Checked before anything is written: a refused charge leaves the hold reserved even when
+    // the caller runs outside a transaction.
+    let charge = match s {
+        Settlement::Charge(amount) => {
+            let amount =
+                i64::try_from(amount).map_err(|_| ApiError::internal("charge overflow"))?;
+            if amount > held {
+                return Err(ApiError::internal(format!(
+                    "charge {amount} exceeds hold {held} ({hold_id})"
+                )));
+            }
+            Some(amount)
+        }
+        Settlement::Void => None,
+    };
     let changed = conn.exec_cached(
         "UPDATE holds SET state = ?2, settled_ms = ?3 WHERE hold_id = ?1 AND state = 'reserved'",
         params![hold_id, next.as_str(), now_ms()],
@@ -173,23 +188,17 @@ pub fn settle(conn: &Connection, hold_id: &str, s: Settlement) -> Result<bool, A
     if changed != 1 {
         return Ok(false);
     }
-    if let Settlement::Charge(amount) = s {
-        let amount = i64::try_from(amount).map_err(|_| ApiError::internal("charge overflow"))?;
-        if amount > held {
-            return Err(ApiError::internal(format!(
-                "charge {amount} exceeds hold {held} ({hold_id})"
-            )));
-        }
-        if amount > 0 {
-            conn.exec_cached(
-                "INSERT INTO ledger_entries(user_id, kind, amount, reason, hold_id, created_ms) VALUES (?1, 'charge', ?2, 'match', ?3, ?4)",
-                params![user, amount, hold_id, now_ms()],
-            )?;
-            conn.exec_cached(
-                "UPDATE accounts SET balance = balance - ?2 WHERE user_id = ?1",
-                params![user, amount],
-            )?;
-        }
+    if let Some(amount) = charge
+        && amount > 0
+    {
+        conn.exec_cached(
+            "INSERT INTO ledger_entries(user_id, kind, amount, reason, hold_id, created_ms) VALUES (?1, 'charge', ?2, 'match', ?3, ?4)",
+            params![user, amount, hold_id, now_ms()],
+        )?;
+        conn.exec_cached(
+            "UPDATE accounts SET balance = balance - ?2 WHERE user_id = ?1",
+            params![user, amount],
+        )?;
     }
     Ok(true)
 }
@@ -275,6 +284,125 @@ mod tests {
             assert_eq!(Voided.settle(s), None);
             assert_eq!(Charged.settle(s), None);
         }
+    }
+
+    #[test]
+    fn grant_returns_its_entry_and_the_new_balance() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("relay.db")).unwrap();
+        let u = account(&db);
+        let (first, bal) = db.run_sync(|c| grant(c, u, 500, "booth")).unwrap();
+        assert_eq!(bal, 500);
+        let op = UserId::new_v7();
+        let (second, bal) = db
+            .run_sync(|c| {
+                grant_from(
+                    c,
+                    u,
+                    300,
+                    "charge",
+                    GrantSource {
+                        operator: Some(op),
+                        charge_id: Some("c-1"),
+                    },
+                )
+            })
+            .unwrap();
+        assert_eq!(bal, 800);
+        assert!(second > first && first > 0, "{first} {second}");
+        let row: (i64, String, Option<String>, Option<String>) = db
+            .run_sync(|c| {
+                Ok(c.query_row(
+                    "SELECT amount, reason, operator_id, charge_id FROM ledger_entries WHERE entry_id = ?1",
+                    [second],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )?)
+            })
+            .unwrap();
+        assert_eq!(
+            row,
+            (300, "charge".into(), Some(op.to_hex()), Some("c-1".into()))
+        );
+        let e = db.run_sync(|c| balance(c, UserId::new_v7())).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn reserve_takes_exactly_the_available_balance_and_a_zero_charge_books_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("relay.db")).unwrap();
+        let u = account(&db);
+        db.run_sync(|c| grant(c, u, 1300, "booth")).unwrap();
+        let h = db.run_sync(|c| reserve(c, u, 1300, 0)).unwrap();
+        assert_eq!(h.len(), 32);
+        assert_eq!(db.run_sync(|c| available(c, u)).unwrap(), 0);
+        assert_eq!(db.run_sync(|c| open_holds(c)).unwrap(), 1);
+        let e = db.run_sync(|c| reserve(c, u, 1, 0)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InsufficientPoints);
+        // A charge of 0 closes the hold and writes no entry.
+        assert!(
+            db.run_sync(|c| settle(c, &h, Settlement::Charge(0)))
+                .unwrap()
+        );
+        assert_eq!(db.run_sync(|c| balance(c, u)).unwrap(), 1300);
+        assert_eq!(db.run_sync(|c| open_holds(c)).unwrap(), 0);
+        let entries: i64 = db
+            .run_sync(|c| {
+                Ok(c.query_row(
+                    "SELECT COUNT(*) FROM ledger_entries WHERE kind = 'charge'",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .unwrap();
+        assert_eq!(entries, 0);
+        // A charge of the whole hold is allowed, one point more is refused.
+        let h = db.run_sync(|c| reserve(c, u, 1000, 0)).unwrap();
+        let e = db
+            .run_sync(|c| settle(c, &h, Settlement::Charge(1001)))
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Internal);
+        assert!(
+            db.run_sync(|c| settle(c, &h, Settlement::Charge(1000)))
+                .unwrap()
+        );
+        assert_eq!(db.run_sync(|c| balance(c, u)).unwrap(), 300);
+        assert!(
+            !db.run_sync(|c| settle(c, "no-such-hold", Settlement::Void))
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn audit_names_each_broken_invariant() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("relay.db")).unwrap();
+        let u = account(&db);
+        db.run_sync(|c| grant(c, u, 1000, "booth")).unwrap();
+        let h = db.run_sync(|c| reserve(c, u, 1000, 0)).unwrap();
+        db.run_sync(|c| audit(c).map_err(ApiError::internal))
+            .unwrap();
+        let broken = |sql: &str| {
+            let c = db.run_sync(|c| Ok(c.execute_batch(&format!("SAVEPOINT s; {sql}"))?));
+            c.unwrap();
+            let r = db.run_sync(|c| Ok(audit(c)));
+            db.run_sync(|c| Ok(c.execute_batch("ROLLBACK TO s; RELEASE s;")?))
+                .unwrap();
+            r.unwrap().unwrap_err()
+        };
+        let e = broken("UPDATE accounts SET balance = balance + 1;");
+        assert!(e.contains("cached balance"), "{e}");
+        let e = broken("UPDATE holds SET amount = 1001;");
+        assert!(e.contains("open holds"), "{e}");
+        let e = broken(&format!(
+            "INSERT INTO ledger_entries(user_id, kind, amount, reason, hold_id, created_ms) \
+             VALUES ('{}', 'charge', 5, 'match', '{h}', 0); \
+             UPDATE accounts SET balance = balance - 5; UPDATE holds SET amount = 5;",
+            u.to_hex()
+        ));
+        assert!(e.contains("no charged hold"), "{e}");
+        db.run_sync(|c| audit(c).map_err(ApiError::internal))
+            .unwrap();
     }
 
     #[derive(Clone, Debug)]

@@ -263,25 +263,7 @@ impl Matcher {
 
     /// Voids holds whose deadline passed and closes their requests; returns how many.
     pub async fn sweep(&self) -> Result<usize, ApiError> {
-        self.db
-            .run(|c| {
-                let tx = c.transaction()?;
-                let expired = ledger::expired_holds(&tx, now_ms())?;
-                let n = expired.len();
-                let body = ApiError::new(ErrorCode::MatcherUnavailable, "no appliance answered in time");
-                let stored = StoredResponse::from_error(&body);
-                for hold in expired {
-                    ledger::settle(&tx, &hold, Settlement::Void)?;
-                    tx.exec_cached(
-                        "UPDATE match_requests SET state = 'done', response_status = ?2, response_body = ?3 \
-                         WHERE hold_id = ?1 AND state = 'pending'",
-                        params![hold, stored.status, stored.body.to_string()],
-                    )?;
-                }
-                tx.commit()?;
-                Ok(n)
-            })
-            .await
+        self.db.run(|c| sweep_expired(c, now_ms())).await
     }
 
     pub async fn run_sweeper(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -298,6 +280,29 @@ impl Matcher {
             }
         }
     }
+}
+
+/// The sweeper's transaction: voids every hold whose deadline is before `now` and closes its
+/// pending request with the "no appliance answered" answer. Returns how many.
+fn sweep_expired(c: &mut Connection, now: i64) -> Result<usize, ApiError> {
+    let tx = c.transaction()?;
+    let expired = ledger::expired_holds(&tx, now)?;
+    let n = expired.len();
+    let body = ApiError::new(
+        ErrorCode::MatcherUnavailable,
+        "no appliance answered in time",
+    );
+    let stored = StoredResponse::from_error(&body);
+    for hold in expired {
+        ledger::settle(&tx, &hold, Settlement::Void)?;
+        tx.exec_cached(
+            "UPDATE match_requests SET state = 'done', response_status = ?2, response_body = ?3 \
+             WHERE hold_id = ?1 AND state = 'pending'",
+            params![hold, stored.status, stored.body.to_string()],
+        )?;
+    }
+    tx.commit()?;
+    Ok(n)
 }
 
 fn key_reused() -> ApiError {
@@ -703,4 +708,667 @@ fn nullable_partner_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::
         .item(Ref::from_schema_name("WithdrawnPartner"))
         .item(ObjectBuilder::new().schema_type(Type::Null))
         .into()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The settlement rules against a real SQLite file: which candidate the relay takes, what it
+    //! charges, what it stores, and what a retry with the same key sees. The async shell
+    //! (`Matcher::request`/`process`, the RPC) is exercised end to end by `tests/tests/matching.rs`
+    //! and `idempotency.rs`.
+    use super::*;
+    use crate::profiles::ProfileInput;
+    use comatching_protocol::{
+        Candidate, ContactFrequency, Hobby, Important, MbtiPreference, ReplicaPosition,
+    };
+
+    /// A profile, in the API's words.
+    #[derive(Clone, Copy)]
+    struct P {
+        gender: &'static str,
+        age: u8,
+        mbti: &'static str,
+        hobby: &'static str,
+        freq: &'static str,
+        major: &'static str,
+        dont_pick_me: bool,
+    }
+
+    /// The requester.
+    const ME: P = P {
+        gender: "female",
+        age: 25,
+        mbti: "ENFP",
+        hobby: "game",
+        freq: "normal",
+        major: "Physics",
+        dont_pick_me: false,
+    };
+    /// A candidate who meets every preference `strict()` asks for.
+    const FIT: P = P {
+        gender: "male",
+        age: 27,
+        mbti: "ENTJ",
+        hobby: "game",
+        freq: "normal",
+        major: "History",
+        dont_pick_me: false,
+    };
+
+    fn profile(p: P) -> profiles::Profile {
+        serde_json::from_value::<ProfileInput>(json!({
+            "nickname": "Nick", "gender": p.gender, "age": p.age, "mbti": p.mbti,
+            "hobbies": [p.hobby], "contact_frequency": p.freq, "major": p.major,
+            "contact": {"kind": "kakao", "handle": "handle"}, "dont_pick_me": p.dont_pick_me
+        }))
+        .unwrap()
+        .validate()
+        .unwrap()
+    }
+
+    fn features(p: P) -> Features {
+        profile(p).features
+    }
+
+    fn open() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("relay.db")).unwrap();
+        (dir, db)
+    }
+
+    /// An account with `points`, and a profile unless `p` is None.
+    fn account(db: &Db, p: Option<P>, points: u64) -> UserId {
+        let u = UserId::new_v7();
+        db.run_sync(|c| {
+            c.execute(
+                "INSERT INTO accounts(user_id, username, password_hash, created_ms) VALUES (?1, ?2, 'h', 1)",
+                params![u.to_hex(), u.to_hex()],
+            )?;
+            if let Some(p) = p {
+                profiles::upsert(c, u, &profile(p), 5)?;
+            }
+            if points > 0 {
+                ledger::grant(c, u, points, "test")?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        u
+    }
+
+    fn pair(db: &Db, a: UserId, b: UserId) {
+        let (x, y) = (a.to_hex(), b.to_hex());
+        let (lo, hi) = if x < y { (&x, &y) } else { (&y, &x) };
+        db.run_sync(|c| {
+            c.execute(
+                "INSERT INTO matches(match_id, requester_id, partner_id, pair_lo, pair_hi, request_id, cost, \
+                 refunded, relaxed, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?1, 1000, 0, '[]', 1)",
+                params![uuid::Uuid::now_v7().simple().to_string(), x, y, lo, hi],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    /// Age older, important; everything else any.
+    fn strict() -> MatchOptions {
+        MatchOptions {
+            age: AgePreference::Older,
+            important: Important::Age,
+            ..MatchOptions::any()
+        }
+    }
+
+    /// Every test hold expires after this instant (the sweeper's clock is an argument).
+    const HOLD_DEADLINE: i64 = 1_000;
+
+    fn start(db: &Db, user: UserId, key: &str, o: &MatchOptions) -> Result<Begin, ApiError> {
+        db.run_sync(|c| {
+            begin(
+                c,
+                user,
+                key,
+                o,
+                &body_hash(o),
+                &CostTable::default(),
+                10,
+                HOLD_DEADLINE,
+            )
+        })
+    }
+
+    fn proceed(db: &Db, user: UserId, key: &str, o: &MatchOptions) -> Reserved {
+        match start(db, user, key, o).unwrap() {
+            Begin::Proceed(r) => r,
+            Begin::Replay(r) => panic!("replayed {r:?}"),
+        }
+    }
+
+    fn reply(
+        r: &Reserved,
+        status: ReplyStatus,
+        cands: &[UserId],
+        relaxed: &[Criterion],
+    ) -> MatchReply {
+        MatchReply {
+            request_id: r.request_id,
+            status,
+            candidates: cands
+                .iter()
+                .map(|&user_id| Candidate {
+                    user_id,
+                    score: 0.5,
+                })
+                .collect(),
+            relaxed: relaxed.to_vec(),
+            position: ReplicaPosition::default(),
+        }
+    }
+
+    fn settle_with(
+        db: &Db,
+        user: UserId,
+        o: &MatchOptions,
+        max_picked: u32,
+        r: &Reserved,
+        reply: Option<MatchReply>,
+    ) -> (StoredResponse, bool) {
+        db.run_sync(|c| finish(c, user, o, &CostTable::default(), max_picked, r, reply))
+            .unwrap()
+    }
+
+    fn hold_state(db: &Db, hold: &str) -> String {
+        db.run_sync(|c| {
+            Ok(
+                c.query_row("SELECT state FROM holds WHERE hold_id = ?1", [hold], |r| {
+                    r.get(0)
+                })?,
+            )
+        })
+        .unwrap()
+    }
+
+    fn stored(db: &Db, r: &Reserved) -> (String, Option<i64>, Option<String>) {
+        db.run_sync(|c| {
+            Ok(c.query_row(
+                "SELECT state, response_status, response_body FROM match_requests WHERE request_id = ?1",
+                [r.request_id.to_hex()],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )?)
+        })
+        .unwrap()
+    }
+
+    fn code(resp: &StoredResponse) -> &str {
+        resp.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    fn picked(db: &Db, u: UserId) -> (i64, bool) {
+        db.run_sync(|c| {
+            Ok(c.query_row(
+                "SELECT picked_count, in_pool FROM profiles WHERE user_id = ?1",
+                [u.to_hex()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn idempotency_keys_are_1_to_64_printable_ascii() {
+        assert_eq!(validate_key(Some("key-1")).unwrap(), "key-1");
+        let max = "k".repeat(64);
+        assert_eq!(validate_key(Some(&max)).unwrap(), max);
+        for bad in [
+            None,
+            Some(""),
+            Some(&*"k".repeat(65)),
+            Some("a\nb"),
+            Some("ké"),
+        ] {
+            let e = validate_key(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::ValidationFailed, "{bad:?}");
+            assert_eq!(e.field.as_deref(), Some("Idempotency-Key"));
+        }
+    }
+
+    #[test]
+    fn body_hash_is_the_options_not_the_spelling() {
+        let a: MatchOptions = serde_json::from_str(
+            r#"{"age":"older","mbti":"EN","hobby":"any","contact_frequency":"any","exclude_same_major":false}"#,
+        )
+        .unwrap();
+        let b: MatchOptions = serde_json::from_str(
+            r#"{ "exclude_same_major": false, "contact_frequency": "any", "hobby": "any", "mbti": "EN", "age": "older" }"#,
+        )
+        .unwrap();
+        assert_eq!(body_hash(&a), body_hash(&b));
+        let h = body_hash(&a);
+        assert_eq!(h.len(), 64);
+        assert!(h.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(body_hash(&a), body_hash(&MatchOptions::any()));
+    }
+
+    #[test]
+    fn each_criterion_is_met_exactly_when_the_candidate_has_it() {
+        let me = features(ME);
+        let cand = |f: fn(&mut P)| {
+            let mut p = FIT;
+            f(&mut p);
+            features(p)
+        };
+        let younger = cand(|p| p.age = 24);
+        let same = cand(|p| p.age = 25);
+        let older = cand(|p| p.age = 26);
+        let age = |pref, c: &Features| {
+            let o = MatchOptions {
+                age: pref,
+                ..MatchOptions::any()
+            };
+            meets(&me, c, &o, Criterion::Age)
+        };
+        for (pref, want) in [
+            (AgePreference::Younger, [true, false, false]),
+            (AgePreference::Equal, [false, true, false]),
+            (AgePreference::Older, [false, false, true]),
+            (AgePreference::Any, [true, true, true]),
+        ] {
+            let got = [age(pref, &younger), age(pref, &same), age(pref, &older)];
+            assert_eq!(got, want, "{pref:?}");
+        }
+
+        let mbti = |want: &str, c: &Features| {
+            let o = MatchOptions {
+                mbti: want.parse::<MbtiPreference>().unwrap(),
+                ..MatchOptions::any()
+            };
+            meets(&me, c, &o, Criterion::Mbti)
+        };
+        let entj = cand(|p| p.mbti = "ENTJ");
+        assert!(mbti("EN", &entj));
+        assert!(mbti("ENTJ", &entj));
+        assert!(!mbti("ES", &entj), "one letter of two is not met");
+        assert!(!mbti("IS", &entj));
+        assert!(mbti("", &entj));
+
+        let hobby = |h: Hobby, c: &Features| {
+            let o = MatchOptions {
+                hobby: HobbyPreference::Category(h),
+                ..MatchOptions::any()
+            };
+            meets(&me, c, &o, Criterion::Hobby)
+        };
+        let gamer = cand(|p| p.hobby = "game");
+        assert!(hobby(Hobby::Game, &gamer));
+        assert!(!hobby(Hobby::Sports, &gamer));
+        assert!(meets(&me, &gamer, &MatchOptions::any(), Criterion::Hobby));
+
+        let freq = |f: ContactFrequency, c: &Features| {
+            let o = MatchOptions {
+                contact_frequency: ContactPreference::Frequency(f),
+                ..MatchOptions::any()
+            };
+            meets(&me, c, &o, Criterion::ContactFrequency)
+        };
+        let rare = cand(|p| p.freq = "rare");
+        assert!(freq(ContactFrequency::Rare, &rare));
+        assert!(!freq(ContactFrequency::Normal, &rare));
+        assert!(meets(
+            &me,
+            &rare,
+            &MatchOptions::any(),
+            Criterion::ContactFrequency
+        ));
+    }
+
+    #[test]
+    fn the_relay_refuses_candidates_by_its_own_truth() {
+        let (_d, db) = open();
+        let me = account(&db, Some(ME), 0);
+        let mf = features(ME);
+        let why = |o: &MatchOptions, relaxed: bool, max: u32, cand: UserId| {
+            db.run_sync(|c| refuse_reason(c, me, &mf, o, relaxed, max, cand))
+                .unwrap()
+        };
+        let any = MatchOptions::any();
+        let fit = account(&db, Some(FIT), 0);
+        assert_eq!(why(&any, false, 5, fit), None);
+        assert_eq!(why(&strict(), false, 5, fit), None);
+        assert_eq!(why(&any, false, 5, me), Some("self"));
+        assert_eq!(why(&any, false, 5, UserId::new_v7()), Some("no profile"));
+        let bare = account(&db, None, 0);
+        assert_eq!(why(&any, false, 5, bare), Some("no profile"));
+
+        // The pick cap: picked 1 of at most 1 is out, of at most 2 is in.
+        let once = account(&db, Some(FIT), 0);
+        db.run_sync(|c| {
+            c.execute(
+                "UPDATE profiles SET picked_count = 1 WHERE user_id = ?1",
+                [once.to_hex()],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(why(&any, false, 2, once), None);
+        assert_eq!(why(&any, false, 1, once), Some("not in the pool"));
+        let left = account(&db, Some(FIT), 0);
+        db.run_sync(|c| profiles::leave_pool(c, left)).unwrap();
+        assert_eq!(why(&any, false, 5, left), Some("not in the pool"));
+
+        let gone = account(&db, Some(FIT), 0);
+        db.run_sync(|c| {
+            c.execute(
+                "UPDATE accounts SET withdrawn_ms = 5 WHERE user_id = ?1",
+                [gone.to_hex()],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(why(&any, false, 5, gone), Some("withdrawn"));
+
+        let woman = account(
+            &db,
+            Some(P {
+                gender: "female",
+                ..FIT
+            }),
+            0,
+        );
+        assert_eq!(why(&any, false, 5, woman), Some("same gender"));
+        let shy = account(
+            &db,
+            Some(P {
+                dont_pick_me: true,
+                ..FIT
+            }),
+            0,
+        );
+        assert_eq!(why(&any, false, 5, shy), Some("dont_pick_me"));
+
+        let physicist = account(
+            &db,
+            Some(P {
+                major: "Physics",
+                ..FIT
+            }),
+            0,
+        );
+        let no_major = MatchOptions {
+            exclude_same_major: true,
+            ..any
+        };
+        assert_eq!(why(&any, false, 5, physicist), None);
+        assert_eq!(why(&no_major, false, 5, physicist), Some("same major"));
+        assert_eq!(why(&no_major, false, 5, fit), None);
+
+        // The important option is a hard filter unless the appliance said it relaxed it; other
+        // preferences are soft (the appliance ranks by them).
+        let junior = account(&db, Some(P { age: 22, ..FIT }), 0);
+        assert_eq!(
+            why(&strict(), false, 5, junior),
+            Some("misses the important option")
+        );
+        assert_eq!(why(&strict(), true, 5, junior), None);
+        let soft = MatchOptions {
+            important: Important::None,
+            ..strict()
+        };
+        assert_eq!(why(&soft, false, 5, junior), None);
+
+        // An earlier pair in either direction.
+        let a = account(&db, Some(FIT), 0);
+        let b = account(&db, Some(FIT), 0);
+        pair(&db, me, a);
+        pair(&db, b, me);
+        assert_eq!(why(&any, false, 5, a), Some("already paired"));
+        assert_eq!(why(&any, false, 5, b), Some("already paired"));
+    }
+
+    #[test]
+    fn begin_reserves_records_and_lists_exclusions() {
+        let (_d, db) = open();
+        let me = account(&db, Some(ME), 3000);
+        let (x, y) = (account(&db, Some(FIT), 0), account(&db, Some(FIT), 0));
+        pair(&db, me, x);
+        pair(&db, y, me);
+        let o = strict();
+        let r = proceed(&db, me, "k1", &o);
+        assert_eq!(r.cost, 1300);
+        assert_eq!(r.requester, features(ME));
+        assert_eq!(r.deadline_unix_ms, 10);
+        let mut want = vec![x, y];
+        want.sort();
+        let mut got = r.exclusions.clone();
+        got.sort();
+        assert_eq!(got, want);
+        assert_eq!(hold_state(&db, &r.hold_id), "reserved");
+        assert_eq!(db.run_sync(|c| ledger::available(c, me)).unwrap(), 1700);
+        assert_eq!(stored(&db, &r), ("pending".into(), None, None));
+
+        // Same key: in progress while pending, another body is refused.
+        let e = start(&db, me, "k1", &o).err().unwrap();
+        assert_eq!(e.code, ErrorCode::IdempotencyInProgress);
+        let e = start(&db, me, "k1", &MatchOptions::any()).err().unwrap();
+        assert_eq!(e.code, ErrorCode::IdempotencyKeyReused);
+        // Once done, the stored answer is replayed as it was.
+        let (resp, _) = settle_with(&db, me, &o, 5, &r, None);
+        match start(&db, me, "k1", &o).unwrap() {
+            Begin::Replay(again) => assert_eq!(again, resp),
+            Begin::Proceed(_) => panic!("a done request ran again"),
+        }
+        // The key is per user.
+        let other = account(&db, Some(ME), 3000);
+        assert!(matches!(
+            start(&db, other, "k1", &o).unwrap(),
+            Begin::Proceed(_)
+        ));
+    }
+
+    #[test]
+    fn begin_refuses_without_a_profile_or_points_and_records_nothing() {
+        let (_d, db) = open();
+        let bare = account(&db, None, 3000);
+        let e = start(&db, bare, "k", &MatchOptions::any()).err().unwrap();
+        assert_eq!(e.code, ErrorCode::ValidationFailed);
+        assert_eq!(e.field.as_deref(), Some("profile"));
+        let poor = account(&db, Some(ME), 1299);
+        let e = start(&db, poor, "k", &strict()).err().unwrap();
+        assert_eq!(e.code, ErrorCode::InsufficientPoints);
+        let rows: i64 = db
+            .run_sync(|c| Ok(c.query_row("SELECT COUNT(*) FROM match_requests", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(rows, 0);
+        assert_eq!(db.run_sync(|c| ledger::open_holds(c)).unwrap(), 0);
+    }
+
+    #[test]
+    fn an_ok_reply_charges_for_the_first_candidate_the_relay_accepts() {
+        let (_d, db) = open();
+        let me = account(&db, Some(ME), 3000);
+        let woman = account(
+            &db,
+            Some(P {
+                gender: "female",
+                ..FIT
+            }),
+            0,
+        );
+        let junior = account(&db, Some(P { age: 22, ..FIT }), 0);
+        let (first, second) = (account(&db, Some(FIT), 1000), account(&db, Some(FIT), 0));
+        let o = strict();
+        let r = proceed(&db, me, "k", &o);
+        let rep = reply(
+            &r,
+            ReplyStatus::Ok,
+            &[me, woman, junior, first, second],
+            &[],
+        );
+        let (resp, pool_changed) = settle_with(&db, me, &o, 1, &r, Some(rep));
+        assert_eq!(resp.status, 201, "{}", resp.body);
+        assert!(pool_changed);
+        assert_eq!(resp.body["partner"]["user_id"], first.to_hex());
+        assert_eq!(resp.body["cost"], 1300);
+        assert_eq!(resp.body["refunded"], 0);
+        assert_eq!(resp.body["relaxed"], json!([]));
+        assert_eq!(resp.body["points"], 1700);
+        assert_eq!(hold_state(&db, &r.hold_id), "charged");
+        assert_eq!(db.run_sync(|c| ledger::balance(c, me)).unwrap(), 1700);
+        // The pick is counted; at the cap of 1 the partner leaves the pool.
+        assert_eq!(picked(&db, first), (1, false));
+        assert_eq!(picked(&db, second), (0, true));
+        let (state, status, body) = stored(&db, &r);
+        assert_eq!((state.as_str(), status), ("done", Some(201)));
+        assert_eq!(
+            serde_json::from_str::<Value>(&body.unwrap()).unwrap(),
+            resp.body
+        );
+        // The pair is recorded once, unordered: `first` may not draw `me` now.
+        let exclusions = proceed(&db, first, "k", &MatchOptions::any()).exclusions;
+        assert_eq!(exclusions, vec![me]);
+        let history = db.run_sync(|c| list(c, me)).unwrap();
+        assert_eq!(history["matches"][0]["partner"]["user_id"], first.to_hex());
+        assert_eq!(history["matches"][0]["cost"], 1300);
+        db.run_sync(|c| ledger::audit(c).map_err(ApiError::internal))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_relaxed_important_option_is_refunded() {
+        let (_d, db) = open();
+        let me = account(&db, Some(ME), 3000);
+        let junior = account(&db, Some(P { age: 22, ..FIT }), 0);
+        let o = strict();
+        let r = proceed(&db, me, "k", &o);
+        let rep = reply(&r, ReplyStatus::Ok, &[junior], &[Criterion::Age]);
+        let (resp, _) = settle_with(&db, me, &o, 5, &r, Some(rep));
+        assert_eq!(resp.status, 201, "{}", resp.body);
+        assert_eq!(resp.body["refunded"], 300);
+        assert_eq!(resp.body["relaxed"], json!(["age"]));
+        assert_eq!(resp.body["points"], 2000);
+        assert_eq!(db.run_sync(|c| ledger::balance(c, me)).unwrap(), 2000);
+        assert_eq!(picked(&db, junior), (1, true));
+        // Relaxing a criterion that is not the important one refunds nothing and lets nobody
+        // who misses the important one through.
+        let r = proceed(&db, me, "k2", &o);
+        let older = account(&db, Some(FIT), 0);
+        let rep = reply(&r, ReplyStatus::Ok, &[junior, older], &[Criterion::Mbti]);
+        let (resp, _) = settle_with(&db, me, &o, 5, &r, Some(rep));
+        assert_eq!(resp.body["partner"]["user_id"], older.to_hex());
+        assert_eq!(resp.body["refunded"], 0);
+        assert_eq!(resp.body["points"], 700);
+    }
+
+    #[test]
+    fn no_answer_no_candidate_and_errors_void_the_hold() {
+        let (_d, db) = open();
+        let me = account(&db, Some(ME), 3000);
+        let woman = account(
+            &db,
+            Some(P {
+                gender: "female",
+                ..FIT
+            }),
+            0,
+        );
+        let o = MatchOptions::any();
+        let cases: [(Option<ReplyStatus>, &[UserId], u16, &str); 4] = [
+            (None, &[], 503, "matcher_unavailable"),
+            (Some(ReplyStatus::NoCandidate), &[], 404, "no_candidate"),
+            (Some(ReplyStatus::Ok), &[woman], 404, "no_candidate"),
+            (Some(ReplyStatus::NotReady), &[], 503, "matcher_unavailable"),
+        ];
+        for (i, (status, cands, http, err)) in cases.into_iter().enumerate() {
+            let r = proceed(&db, me, &format!("k{i}"), &o);
+            let rep = status.map(|s| reply(&r, s, cands, &[]));
+            let (resp, pool_changed) = settle_with(&db, me, &o, 5, &r, rep);
+            assert_eq!((resp.status, code(&resp)), (http, err), "case {i}");
+            assert!(!pool_changed, "case {i}");
+            assert_eq!(hold_state(&db, &r.hold_id), "voided", "case {i}");
+            let (state, st, _) = stored(&db, &r);
+            assert_eq!((state.as_str(), st), ("done", Some(i64::from(http))));
+            assert_eq!(db.run_sync(|c| ledger::available(c, me)).unwrap(), 3000);
+        }
+        assert_eq!(picked(&db, woman), (0, true));
+    }
+
+    #[test]
+    fn a_reply_after_the_sweeper_changes_nothing() {
+        let (_d, db) = open();
+        let me = account(&db, Some(ME), 3000);
+        let fit = account(&db, Some(FIT), 0);
+        let o = MatchOptions::any();
+        let r = proceed(&db, me, "k", &o);
+        let _other = proceed(&db, me, "k2", &o);
+        // Not yet expired: nothing swept.
+        assert_eq!(db.run_sync(|c| sweep_expired(c, HOLD_DEADLINE)).unwrap(), 0);
+        assert_eq!(
+            db.run_sync(|c| sweep_expired(c, HOLD_DEADLINE + 1))
+                .unwrap(),
+            2
+        );
+        assert_eq!(hold_state(&db, &r.hold_id), "voided");
+        let (state, status, body) = stored(&db, &r);
+        assert_eq!((state.as_str(), status), ("done", Some(503)));
+        let swept: Value = serde_json::from_str(&body.unwrap()).unwrap();
+        let rep = reply(&r, ReplyStatus::Ok, &[fit], &[]);
+        let (resp, pool_changed) = settle_with(&db, me, &o, 5, &r, Some(rep));
+        assert_eq!(
+            resp,
+            StoredResponse {
+                status: 503,
+                body: swept
+            }
+        );
+        assert!(!pool_changed);
+        assert_eq!(picked(&db, fit), (0, true));
+        assert_eq!(db.run_sync(|c| ledger::balance(c, me)).unwrap(), 3000);
+        assert_eq!(db.run_sync(|c| sweep_expired(c, i64::MAX)).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_void_without_a_stored_answer_still_answers_unavailable() {
+        let (_d, db) = open();
+        let me = account(&db, Some(ME), 3000);
+        let o = MatchOptions::any();
+        let r = proceed(&db, me, "k", &o);
+        db.run_sync(|c| ledger::settle(c, &r.hold_id, Settlement::Void))
+            .unwrap();
+        let (resp, pool_changed) = settle_with(&db, me, &o, 5, &r, None);
+        assert_eq!((resp.status, code(&resp)), (503, "matcher_unavailable"));
+        assert!(!pool_changed);
+    }
+
+    #[test]
+    fn history_is_newest_first() {
+        let (_d, db) = open();
+        let me = account(&db, Some(ME), 9000);
+        let o = MatchOptions::any();
+        let mut partners = Vec::new();
+        for i in 0..3 {
+            let p = account(&db, Some(FIT), 0);
+            let r = proceed(&db, me, &format!("k{i}"), &o);
+            let (resp, _) = settle_with(
+                &db,
+                me,
+                &o,
+                5,
+                &r,
+                Some(reply(&r, ReplyStatus::Ok, &[p], &[])),
+            );
+            assert_eq!(resp.status, 201);
+            partners.push(p);
+        }
+        let history = db.run_sync(|c| list(c, me)).unwrap();
+        let got: Vec<String> = history["matches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["partner"]["user_id"].as_str().unwrap().to_owned())
+            .collect();
+        let want: Vec<String> = partners.iter().rev().map(|p| p.to_hex()).collect();
+        assert_eq!(got, want);
+        // The partner sees nothing in their own history (it lists the caller's requests).
+        let theirs = db.run_sync(|c| list(c, partners[0])).unwrap();
+        assert_eq!(theirs["matches"], json!([]));
+    }
 }

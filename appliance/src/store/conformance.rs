@@ -112,6 +112,39 @@ fn tombstones_and_versions_never_go_back(b: StoreBackend) {
     assert_consistent(&*s);
 }
 
+/// A stale event (older than what the replica holds, under a new seq) is counted as stale and
+/// is not among the plan's changes: the engine applies `plan.changes`, so a stale upsert after
+/// a delete would bring the user back into the matcher even though the store ignores it.
+fn stale_events_are_not_changes(b: StoreBackend) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(b, dir.path()).unwrap();
+    let u = synth::user_id(1);
+    let f = synth::features(&mut ChaCha8Rng::seed_from_u64(4));
+    let ev = |seq, version, op| SyncEvent {
+        epoch: EPOCH,
+        seq,
+        user_id: u,
+        version,
+        op,
+    };
+    apply_batch(
+        &mut *s,
+        &[
+            ev(1, 1, SyncOp::Upsert(f.clone())),
+            ev(2, 3, SyncOp::Delete),
+        ],
+    )
+    .unwrap();
+    let p = apply_batch(&mut *s, &[ev(3, 2, SyncOp::Upsert(f.clone()))]).unwrap();
+    assert!(p.changes.is_empty(), "{:?}", p.changes);
+    assert_eq!(p.stale, 1);
+    assert_eq!(p.cursor, cursor(3));
+    let p = apply_batch(&mut *s, &[ev(4, 4, SyncOp::Upsert(f))]).unwrap();
+    assert_eq!(p.changes.len(), 1);
+    assert_eq!(p.stale, 0);
+    assert_eq!(s.meta().unwrap().count, 1);
+}
+
 fn sync_history_matches_projection(b: StoreBackend) {
     let dir = tempfile::tempdir().unwrap();
     let history = synth::relay_history(EPOCH, 20, 200, 11);
@@ -248,6 +281,10 @@ macro_rules! conformance {
             #[test]
             fn tombstones_and_versions_never_go_back() {
                 super::tombstones_and_versions_never_go_back($backend);
+            }
+            #[test]
+            fn stale_events_are_not_changes() {
+                super::stale_events_are_not_changes($backend);
             }
             #[test]
             fn sync_history_matches_projection() {
