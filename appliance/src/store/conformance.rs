@@ -231,7 +231,8 @@ fn corrupt_sqlite(dir: &Path, user: UserId) {
 }
 
 fn corrupt_sled(dir: &Path, user: UserId) {
-    let db = ::sled::open(dir.join("replica.sled")).unwrap();
+    // The store just dropped may still hold the lock for a moment (its flusher thread).
+    let db = super::sled_store::open_waiting_for_lock(&dir.join("replica.sled")).unwrap();
     let tree = db.open_tree("replica-0").unwrap();
     let mut key = vec![1u8];
     key.extend_from_slice(&super::user_key(user));
@@ -336,7 +337,8 @@ fn sled_interrupted_snapshot_leaves_the_old_replica() {
     }
     {
         // What a kill between writing generation 1 and flipping `active` leaves behind.
-        let db = ::sled::open(dir.path().join("replica.sled")).unwrap();
+        let db =
+            super::sled_store::open_waiting_for_lock(&dir.path().join("replica.sled")).unwrap();
         let half = db.open_tree("replica-1").unwrap();
         half.insert([1u8; 17], vec![0u8; 3]).unwrap();
         db.flush().unwrap();

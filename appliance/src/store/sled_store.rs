@@ -76,7 +76,7 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 /// its background flusher thread has finished, a moment later, so an immediate reopen in the
 /// same process could fail with "could not acquire lock". Another live process holding the
 /// directory still fails, after [`LOCK_PATIENCE`].
-fn open_waiting_for_lock(path: &Path) -> sled::Result<sled::Db> {
+pub(super) fn open_waiting_for_lock(path: &Path) -> sled::Result<sled::Db> {
     let deadline = std::time::Instant::now() + LOCK_PATIENCE;
     loop {
         match sled::open(path) {
