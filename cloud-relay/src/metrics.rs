@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use comatching_protocol::stages::StageHistogram;
+use comatching_protocol::stages::{self, StageHistogram};
 
 const BUCKETS_S: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
@@ -56,18 +56,20 @@ pub struct MatchStages {
 }
 
 impl MatchStages {
+    /// Each stage with its name (`stages::RELAY_STAGES`, the one list of names).
     pub fn all(&self) -> [(&'static str, &StageHistogram); 9] {
-        [
-            ("auth", &self.auth),
-            ("hold", &self.hold),
-            ("hold_commit", &self.hold_commit),
-            ("publish", &self.publish),
-            ("round_trip", &self.round_trip),
-            ("reply_wake", &self.reply_wake),
-            ("settle", &self.settle),
-            ("respond", &self.respond),
-            ("total", &self.total),
-        ]
+        let h = [
+            &self.auth,
+            &self.hold,
+            &self.hold_commit,
+            &self.publish,
+            &self.round_trip,
+            &self.reply_wake,
+            &self.settle,
+            &self.respond,
+            &self.total,
+        ];
+        std::array::from_fn(|i| (stages::RELAY_STAGES[i], h[i]))
     }
 }
 
@@ -159,14 +161,12 @@ impl Metrics {
         );
         let _ = writeln!(out, "comatching_match_duration_seconds_sum {}", h.sum);
         let _ = writeln!(out, "comatching_match_duration_seconds_count {}", h.total);
-        out.push_str(
-            "# HELP comatching_match_stage_seconds Time matches spent in each stage of the relay's path.\n",
+        stages::render_family(
+            &mut out,
+            stages::RELAY_FAMILY,
+            "Time matches spent in each stage of the relay's path.",
+            &self.stages.all(),
         );
-        out.push_str("# TYPE comatching_match_stage_seconds histogram\n");
-        for (stage, h) in self.stages.all() {
-            h.snapshot()
-                .render(&mut out, "comatching_match_stage_seconds", stage);
-        }
         out.push_str(&self.connections.render());
         out.push_str(
             "# HELP comatching_dead_letters_total Dead-lettered messages by reason and by the queue they left.\n",

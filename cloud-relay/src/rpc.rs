@@ -55,7 +55,7 @@ struct Waiter {
 /// that far.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CallStamps {
-    /// The broker confirmed the request.
+    /// The request was handed to the broker client (its confirm is awaited beside the reply).
     pub published: Option<Instant>,
     /// The reply dispatcher received the reply.
     pub received: Option<Instant>,

@@ -13,6 +13,36 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// The relay's stage family on `/metrics` and its stages, in the order a match passes them.
+pub const RELAY_FAMILY: &str = "comatching_match_stage_seconds";
+pub const RELAY_STAGES: [&str; 9] = [
+    "auth",
+    "hold",
+    "hold_commit",
+    "publish",
+    "round_trip",
+    "reply_wake",
+    "settle",
+    "respond",
+    "total",
+];
+/// The appliance's stage family and its stages, in order.
+pub const APPLIANCE_FAMILY: &str = "comatching_appliance_match_stage_seconds";
+pub const APPLIANCE_STAGES: [&str; 4] = ["dispatch", "rank", "reply", "total"];
+
+/// Appends a whole family to Prometheus text: HELP and TYPE once, then every stage.
+pub fn render_family(
+    out: &mut String,
+    family: &str,
+    help: &str,
+    stages: &[(&str, &StageHistogram)],
+) {
+    let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} histogram");
+    for (stage, h) in stages {
+        h.snapshot().render(out, family, stage);
+    }
+}
+
 /// Upper bounds of the buckets, in microseconds; one more bucket (+Inf) follows.
 pub const BOUNDS_US: [u64; 32] = [
     10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1_000, 1_500, 2_000, 3_000, 5_000, 7_500,

@@ -1,7 +1,7 @@
 //! The link end to end (issue 4): the real relay, real appliances and a real broker. Each test
 //! builds its own world (vhost or private broker node, relay, appliances, temp dirs).
 
-use comatching_protocol::stages::StageCounts;
+use comatching_protocol::stages::{self, StageCounts};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,11 +82,10 @@ async fn a_thousand_users_reach_both_replicas_and_updates_deletes_and_matches_fo
             .text()
             .await
             .expect("text");
-        let stages = StageCounts::parse(&text, "comatching_appliance_match_stage_seconds")
-            .expect("stage histograms");
-        let total = stages["total"].total();
-        for stage in ["dispatch", "rank", "reply"] {
-            assert_eq!(stages[stage].total(), total, "{stage}: {stages:?}");
+        let seen = StageCounts::parse(&text, stages::APPLIANCE_FAMILY).expect("stage histograms");
+        let total = seen["total"].total();
+        for stage in stages::APPLIANCE_STAGES {
+            assert_eq!(seen[stage].total(), total, "{stage}: {seen:?}");
         }
         answered += total;
     }

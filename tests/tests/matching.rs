@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use comatching_protocol::stages::StageCounts;
+use comatching_protocol::stages::{self, StageCounts};
 use comatching_protocol::{AgePreference, Criterion, Important, ReplyStatus, UserId};
 use comatching_tests::responder::{ok_reply, ok_reply_relaxed, status_reply};
 use comatching_tests::{
@@ -147,30 +147,20 @@ async fn a_match_reveals_the_partner_and_charges_the_cost() {
     // The match passed each stage of the relay's path once, and /metrics says so (issue 16:
     // `comatching-load --breakdown` reads these).
     let text = env.api.get("/metrics", None).await.text;
-    let stages = StageCounts::parse(&text, "comatching_match_stage_seconds").expect("stages");
-    for stage in [
-        "auth",
-        "hold",
-        "hold_commit",
-        "publish",
-        "round_trip",
-        "reply_wake",
-        "settle",
-        "respond",
-        "total",
-    ] {
+    let seen = StageCounts::parse(&text, stages::RELAY_FAMILY).expect("stages");
+    for stage in stages::RELAY_STAGES {
         assert_eq!(
-            stages.get(stage).map(StageCounts::total),
+            seen.get(stage).map(StageCounts::total),
             Some(1),
-            "stage {stage}: {stages:?}"
+            "stage {stage}: {seen:?}"
         );
     }
     let (sum_of_parts, total) = (
         ["hold", "publish", "round_trip", "settle"]
             .iter()
-            .map(|s| stages[*s].sum_us)
+            .map(|s| seen[*s].sum_us)
             .sum::<u64>(),
-        stages["total"].sum_us,
+        seen["total"].sum_us,
     );
     assert!(
         sum_of_parts <= total,

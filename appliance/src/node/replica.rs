@@ -8,7 +8,7 @@
 use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
-use comatching_protocol::stages::StageHistogram;
+use comatching_protocol::stages::{self, StageHistogram};
 
 use comatching_protocol::{
     Digest, Epoch, MatchReply, MatchRequest, ReplicaPosition, SnapshotUser, SyncEvent,
@@ -137,13 +137,10 @@ pub struct MatchStages {
 }
 
 impl MatchStages {
+    /// Each stage with its name (`stages::APPLIANCE_STAGES`, the one list of names).
     pub fn all(&self) -> [(&'static str, &StageHistogram); 4] {
-        [
-            ("dispatch", &self.dispatch),
-            ("rank", &self.rank),
-            ("reply", &self.reply),
-            ("total", &self.total),
-        ]
+        let h = [&self.dispatch, &self.rank, &self.reply, &self.total];
+        std::array::from_fn(|i| (stages::APPLIANCE_STAGES[i], h[i]))
     }
 }
 

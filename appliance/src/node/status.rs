@@ -2,6 +2,7 @@
 //! `status_page`), `/status/view` (the staff page's refresh) and `/metrics` (Prometheus text).
 //! Read-only; it never changes the replica.
 
+use comatching_protocol::stages;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -278,14 +279,12 @@ async fn metrics(State(s): State<StatusState>) -> Response {
     for (name, help, v) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
-    out.push_str(
-        "# HELP comatching_appliance_match_stage_seconds Time match requests spent in each stage here.\n",
+    stages::render_family(
+        &mut out,
+        stages::APPLIANCE_FAMILY,
+        "Time match requests spent in each stage here.",
+        &s.replica.stages.all(),
     );
-    out.push_str("# TYPE comatching_appliance_match_stage_seconds histogram\n");
-    for (stage, h) in s.replica.stages.all() {
-        h.snapshot()
-            .render(&mut out, "comatching_appliance_match_stage_seconds", stage);
-    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use comatching_protocol::stages::StageCounts;
+use comatching_protocol::stages::{
+    APPLIANCE_FAMILY, APPLIANCE_STAGES, RELAY_FAMILY, RELAY_STAGES, StageCounts,
+};
 use comatching_tests::world::{
     World, WorldOptions, drive_matches, drive_matches_open, peak_rss_mb, percentile,
 };
@@ -55,10 +57,6 @@ struct Args {
     #[arg(long, requires = "private_broker")]
     pin: bool,
 }
-
-/// The stage histogram families: the relay's and the appliance's.
-const RELAY_STAGES: &str = "comatching_match_stage_seconds";
-const APPLIANCE_STAGES: &str = "comatching_appliance_match_stage_seconds";
 
 type Stages = std::collections::BTreeMap<String, StageCounts>;
 
@@ -203,8 +201,8 @@ async fn run(args: Args) {
     let app_metrics = format!("{}/metrics", world.appliances[0].base_url());
     let stages_before = if args.breakdown {
         Some((
-            scrape(&scrape_http, &relay_metrics, RELAY_STAGES).await,
-            scrape(&scrape_http, &app_metrics, APPLIANCE_STAGES).await,
+            scrape(&scrape_http, &relay_metrics, RELAY_FAMILY).await,
+            scrape(&scrape_http, &app_metrics, APPLIANCE_FAMILY).await,
         ))
     } else {
         None
@@ -258,28 +256,10 @@ async fn run(args: Args) {
     eprintln!("CPU ms per match: {cpu_per_match:?}");
     let breakdown = match &stages_before {
         Some((relay_before, app_before)) => {
-            let relay_after = scrape(&scrape_http, &relay_metrics, RELAY_STAGES).await;
-            let app_after = scrape(&scrape_http, &app_metrics, APPLIANCE_STAGES).await;
-            let relay = stage_table(
-                relay_before,
-                &relay_after,
-                &[
-                    "auth",
-                    "hold",
-                    "hold_commit",
-                    "publish",
-                    "round_trip",
-                    "reply_wake",
-                    "settle",
-                    "respond",
-                    "total",
-                ],
-            );
-            let appliance = stage_table(
-                app_before,
-                &app_after,
-                &["dispatch", "rank", "reply", "total"],
-            );
+            let relay_after = scrape(&scrape_http, &relay_metrics, RELAY_FAMILY).await;
+            let app_after = scrape(&scrape_http, &app_metrics, APPLIANCE_FAMILY).await;
+            let relay = stage_table(relay_before, &relay_after, &RELAY_STAGES);
+            let appliance = stage_table(app_before, &app_after, &APPLIANCE_STAGES);
             // The broker's share of the round trip: what the appliance did not spend itself.
             let broker_ms = relay["round_trip"]["mean_ms"]
                 .as_f64()
