@@ -8,6 +8,8 @@
 #   scripts/mutants.sh sync ledger     # only these
 #   scripts/mutants.sh --export        # write docs/mutants/<name>-after.json from the runs
 #   MUTANTS_IN_PLACE=1 ...             # mutate this checkout in place (use a disposable one)
+#   MUTANTS_SHARD=0/2 ...              # only shard 0 of 2 (run 1/2 in a second checkout at once);
+#                                      # --summary and --export merge a module's shards
 #
 # Runs niced, one job at a time (the machine is shared). cargo-mutants is installed when missing,
 # at the pinned version. Summaries: `scripts/mutants.sh --summary` prints caught/missed/timeout/
@@ -44,12 +46,14 @@ MODULES=(
 summary() {
     for m in "${MODULES[@]}"; do
         IFS='|' read -r name _ <<<"$m"
-        f="$OUT/$name/mutants.out/outcomes.json"
-        [ -f "$f" ] || continue
-        python3 - "$name" "$f" <<'EOF'
+        files=("$OUT/$name"/mutants.out/outcomes.json "$OUT/$name".shard*/mutants.out/outcomes.json)
+        compgen -G "$OUT/$name/mutants.out/outcomes.json" >/dev/null ||
+            compgen -G "$OUT/$name.shard*/mutants.out/outcomes.json" >/dev/null || continue
+        python3 - "$name" "${files[@]}" <<'EOF'
 import json, sys
-name, path = sys.argv[1], sys.argv[2]
-d = json.load(open(path))
+name = sys.argv[1]
+exec(open("scripts/mutants-merge.py").read())
+d = merge(sys.argv[2:])
 print(f"{name:9} caught {d.get('caught', 0):4}  missed {d.get('missed', 0):4}  "
       f"timeout {d.get('timeout', 0):3}  unviable {d.get('unviable', 0):4}  total {d.get('total_mutants', 0)}")
 for o in d.get("outcomes", []):
@@ -65,11 +69,13 @@ EOF
 export_runs() {
     for m in "${MODULES[@]}"; do
         IFS='|' read -r name _ <<<"$m"
-        f="$OUT/$name/mutants.out/outcomes.json"
-        [ -f "$f" ] || continue
-        python3 - "$f" "docs/mutants/$name-after.json" <<'EOF'
+        files=("$OUT/$name"/mutants.out/outcomes.json "$OUT/$name".shard*/mutants.out/outcomes.json)
+        compgen -G "$OUT/$name/mutants.out/outcomes.json" >/dev/null ||
+            compgen -G "$OUT/$name.shard*/mutants.out/outcomes.json" >/dev/null || continue
+        python3 - "docs/mutants/$name-after.json" "${files[@]}" <<'EOF'
 import json, sys
-d = json.load(open(sys.argv[1]))
+exec(open("scripts/mutants-merge.py").read())
+d = merge(sys.argv[2:])
 keys = ("total_mutants", "caught", "missed", "timeout", "unviable", "success")
 out = {"summary": {k: d.get(k, 0) for k in keys}, "complete": d.get("end_time") is not None,
        "outcomes": []}
@@ -78,8 +84,8 @@ for o in d.get("outcomes", []):
     if s == "Baseline":
         continue
     out["outcomes"].append({"mutant": s["Mutant"]["name"], "outcome": o["summary"]})
-json.dump(out, open(sys.argv[2], "w"), indent=1)
-print(sys.argv[2])
+json.dump(out, open(sys.argv[1], "w"), indent=1)
+print(sys.argv[1])
 EOF
     done
 }
@@ -113,8 +119,13 @@ for m in "${MODULES[@]}"; do
         # A disposable checkout whose target/ is already built: no copy, no cold build.
         where=(--in-place)
     fi
-    echo "==> mutants: $name ($files), cargo test $args in $package" >&2
-    mkdir -p "$OUT/$name"
+    out_dir="$OUT/$name"
+    if [ -n "${MUTANTS_SHARD:-}" ]; then
+        where+=(--shard "$MUTANTS_SHARD")
+        out_dir="$OUT/$name.shard${MUTANTS_SHARD%/*}of${MUTANTS_SHARD#*/}"
+    fi
+    echo "==> mutants: $name ($files), cargo test $args in $package ${MUTANTS_SHARD:+shard $MUTANTS_SHARD}" >&2
+    mkdir -p "$out_dir"
     # The appliance keeps its dev opt-level 2 (an environment override of a dashed package's
     # profile, tried before, never reached rustc). Measured here: a sync mutant ≈ 55-70 s to build
     # and test on two shared cores, a relay mutant ≈ 40-60 s.
@@ -123,7 +134,7 @@ for m in "${MODULES[@]}"; do
         --file "$files" \
         "${pkg_args[@]}" \
         "${test_args[@]}" \
-        --output "$OUT/$name" \
+        --output "$out_dir" \
         --timeout-multiplier 3 || true
 done
 summary
