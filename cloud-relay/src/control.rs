@@ -7,6 +7,7 @@
 //! begin / chunks / end with count and digest, then the rows after H. Live rows keep flowing
 //! through the fanout meanwhile; the appliance drops what it already has by version.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use comatching_protocol::wire::MAX_CHUNK_USERS;
@@ -27,6 +28,7 @@ use tokio::sync::watch;
 use crate::broker::{BrokerHandle, Session};
 use crate::db::{Db, meta_u64, now_ms};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::{outbox, profiles};
 use comatching_protocol::amqp::LinkAuth;
 use comatching_protocol::topology::CONTROL_QUEUE;
@@ -137,6 +139,7 @@ pub fn queue_for(appliance: &str) -> String {
 pub struct ControlConsumer {
     pub db: Db,
     pub broker: BrokerHandle,
+    pub metrics: Arc<Metrics>,
 }
 
 impl ControlConsumer {
@@ -222,6 +225,9 @@ impl ControlConsumer {
                     // The appliance's queue is gone (deleted, or a wiped broker): it redeclares
                     // it and says hello again, so this hello is done with.
                     tracing::warn!(appliance = %hello.appliance_id, error = %e, "hello answer unroutable");
+                    self.metrics
+                        .unroutable_hello_answers
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     delivery
                         .ack(BasicAckOptions::default())
                         .await

@@ -972,6 +972,13 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
             "Messages refused because their link-key tag was missing or wrong.",
             s.rpc.refused_messages() as f64,
         ),
+        (
+            "comatching_unroutable_hello_answers",
+            "Hello answers returned by the broker: the appliance's sync queue did not exist.",
+            s.metrics
+                .unroutable_hello_answers
+                .load(std::sync::atomic::Ordering::Relaxed) as f64,
+        ),
     ]);
     text.push_str(&s.limits.render_metrics());
     Ok((

@@ -27,6 +27,10 @@ pub struct Metrics {
     dead_letters: Mutex<BTreeMap<(String, String), u64>>,
     /// Where matches spend their time, stage by stage.
     pub stages: MatchStages,
+    /// Hello answers the broker returned because the appliance's sync queue did not exist
+    /// (deleted, expired, or a wiped broker): the appliance hears nothing until it declares its
+    /// queue again and says hello once more.
+    pub unroutable_hello_answers: std::sync::atomic::AtomicU64,
 }
 
 /// The relay's stages of a match, in the order a request passes them (issue 16). Rendered as

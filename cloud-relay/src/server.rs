@@ -58,6 +58,7 @@ pub async fn serve(cfg: Config) -> anyhow_like::Result<()> {
     let control = ControlConsumer {
         db: db.clone(),
         broker: broker.clone(),
+        metrics: metrics.clone(),
     };
     let control_task = tokio::spawn(control.run(shutdown_rx.clone()));
     let trimmer_task = tokio::spawn(run_trimmer(

@@ -747,3 +747,81 @@ async fn queues_deleted_under_their_consumers_are_consumed_again() {
     assert_eq!(pool.count, 23);
     answered_match(&users[2], "control", Duration::from_secs(10)).await;
 }
+
+/// A hello whose answer cannot be delivered — the appliance's sync queue does not exist (it
+/// expired, was deleted, or the broker was wiped) — is published `mandatory`, so the broker
+/// returns it instead of dropping it: the relay counts it on `/metrics`, stops sending to the
+/// missing queue, acknowledges the hello and goes on to the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_answer_to_a_missing_queue_is_returned_and_counted() {
+    use comatching_protocol::{Digest, Envelope, Hello, Message};
+    use comatching_tests::wait_until;
+
+    let mut opts = WorldOptions::new("link-ghost");
+    opts.appliances = 0;
+    let w = World::start(&opts).await;
+    let conn = Connection::connect(&w.amqp_url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let relay_url = w.relay.base_url().to_owned();
+    let unroutable = || {
+        let url = relay_url.clone();
+        async move {
+            let text = comatching_tests::api::http_client(None)
+                .get(format!("{url}/metrics"))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            text.lines()
+                .find_map(|l| l.strip_prefix("comatching_unroutable_hello_answers "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        }
+    };
+    assert_eq!(unroutable().await, Some(0), "nothing returned yet");
+    for n in 1..=2u64 {
+        // An appliance that lost its queue: it says hello from scratch, so the answer is a
+        // snapshot, then the hello's acknowledgement, all to `comatching.sync.ghost-N`.
+        let hello = Envelope::encode(&Message::Hello(Hello {
+            appliance_id: format!("ghost-{n}").parse().expect("id"),
+            epoch: None,
+            applied_seq: 0,
+            count: 0,
+            digest: Digest::default(),
+        }));
+        ch.basic_publish(
+            "".into(),
+            "comatching.control".into(),
+            BasicPublishOptions::default(),
+            &hello,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+        // The second count proves the first hello was acknowledged: the control queue is
+        // consumed one message at a time (prefetch 1).
+        wait_until(
+            CONVERGE,
+            &format!("the relay counts answer {n} as returned"),
+            || async { unroutable().await == Some(n) },
+        )
+        .await;
+    }
+    let control = ch
+        .queue_declare(
+            "comatching.control".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the control queue");
+    assert_eq!(control.message_count(), 0, "both hellos were acknowledged");
+}
