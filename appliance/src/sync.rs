@@ -161,7 +161,8 @@ pub fn plan(
         return out;
     }
 
-    let mut working: HashMap<UserId, StoredVersion> = HashMap::new();
+    // The version each user has after the events applied so far in this batch.
+    let mut working: HashMap<UserId, u64> = HashMap::new();
     let mut change_at: HashMap<UserId, usize> = HashMap::new();
     let mut next = cursor.applied_seq + 1;
     for e in unique {
@@ -182,9 +183,9 @@ pub fn plan(
         next += 1;
         let current = working
             .get(&e.user_id)
-            .or_else(|| stored.get(&e.user_id))
-            .copied();
-        if current.is_some_and(|c| c.version >= e.version) {
+            .copied()
+            .or_else(|| stored.get(&e.user_id).map(|s| s.version));
+        if current.is_some_and(|v| v >= e.version) {
             out.stale += 1;
             continue;
         }
@@ -192,13 +193,7 @@ pub fn plan(
             SyncOp::Upsert(f) => UserState::Live(f.clone()),
             SyncOp::Delete => UserState::Tombstone,
         };
-        working.insert(
-            e.user_id,
-            StoredVersion {
-                version: e.version,
-                tombstone: state == UserState::Tombstone,
-            },
-        );
+        working.insert(e.user_id, e.version);
         let change = Change {
             user_id: e.user_id,
             version: e.version,
@@ -425,6 +420,34 @@ mod tests {
             })
         );
         assert_eq!(r.cursor.applied_seq, 5);
+    }
+
+    #[test]
+    fn duplicates_and_stale_versions_are_counted_not_applied() {
+        let h = synth::relay_history(EPOCH, 3, 6, 5);
+        let mut r = Replica::default();
+        r.apply(&h[..4]);
+        // Seqs 1–4 again (below the cursor), seq 5 twice, and seq 6 once.
+        let mut batch: Vec<SyncEvent> = h[..4].to_vec();
+        batch.extend([h[4].clone(), h[4].clone(), h[5].clone()]);
+        let p = r.apply(&batch);
+        assert_eq!(p.already_applied, 4, "{p:?}");
+        assert_eq!(
+            p.changes.len(),
+            2 - usize::from(h[4].user_id == h[5].user_id)
+        );
+        assert_eq!(p.cursor.applied_seq, 6);
+        assert_eq!((p.stale, p.held_back), (0, 0));
+        // A new seq carrying a version the replica already has is stale: counted, not a change.
+        let mut old = h[5].clone();
+        old.seq = 7;
+        let p = r.apply(&[old]);
+        assert_eq!((p.stale, p.already_applied), (1, 0), "{p:?}");
+        assert!(p.changes.is_empty());
+        assert_eq!(
+            p.cursor.applied_seq, 7,
+            "a stale event still advances the cursor"
+        );
     }
 
     #[test]

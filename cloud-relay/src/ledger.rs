@@ -42,6 +42,16 @@ impl HoldState {
         }
     }
 
+    /// A stored state; anything else is a damaged row (the table's CHECK allows only these).
+    pub fn parse(s: &str) -> Option<HoldState> {
+        match s {
+            "reserved" => Some(HoldState::Reserved),
+            "charged" => Some(HoldState::Charged),
+            "voided" => Some(HoldState::Voided),
+            _ => None,
+        }
+    }
+
     /// The only transitions: reserved → charged | voided. Anything else is refused, which is
     /// what makes settlement happen at most once.
     pub fn settle(self, s: Settlement) -> Option<HoldState> {
@@ -158,11 +168,9 @@ pub fn settle(conn: &Connection, hold_id: &str, s: Settlement) -> Result<bool, A
     let Some((user, state, held)) = row else {
         return Ok(false);
     };
-    let state = match state.as_str() {
-        "reserved" => HoldState::Reserved,
-        "charged" => HoldState::Charged,
-        _ => HoldState::Voided,
-    };
+    let state = HoldState::parse(&state).ok_or_else(|| {
+        ApiError::internal(format!("hold {hold_id} has the unknown state {state:?}"))
+    })?;
     let Some(next) = state.settle(s) else {
         return Ok(false);
     };
@@ -283,6 +291,17 @@ mod tests {
         for s in [Settlement::Void, Settlement::Charge(1)] {
             assert_eq!(Voided.settle(s), None);
             assert_eq!(Charged.settle(s), None);
+        }
+    }
+
+    #[test]
+    fn states_are_read_back_as_stored_and_nothing_else_is_a_state() {
+        use HoldState::*;
+        for st in [Reserved, Charged, Voided] {
+            assert_eq!(HoldState::parse(st.as_str()), Some(st));
+        }
+        for bad in ["", "Reserved", "charged ", "void", "xyzzy"] {
+            assert_eq!(HoldState::parse(bad), None, "{bad:?}");
         }
     }
 
