@@ -504,3 +504,34 @@ fn partial_ties_at_the_cut_are_included_uniformly() {
         assert!(chi_square(&counts) < 27.88, "{name}: {counts:?}");
     }
 }
+
+#[test]
+fn engine_kinds_are_named_as_they_are_configured() {
+    // The names /status shows and the command line takes: each one reads back as itself.
+    for kind in [EngineKind::Exact, EngineKind::Buckets, EngineKind::Hnsw] {
+        assert_eq!(kind.as_str().parse::<EngineKind>(), Ok(kind));
+    }
+    assert_eq!(EngineKind::Exact.as_str(), "exact");
+    assert_eq!(EngineKind::Buckets.as_str(), "buckets");
+    let err = "flat".parse::<EngineKind>().unwrap_err();
+    assert!(
+        err.contains("\"flat\"") && err.contains("buckets|exact"),
+        "{err}"
+    );
+    assert_eq!(EngineKind::Hnsw.resolved(), EngineKind::Buckets);
+    assert!(EngineKind::Hnsw.deprecation().is_some());
+    assert!(EngineKind::Buckets.deprecation().is_none());
+}
+
+#[test]
+fn engines_are_empty_exactly_when_they_hold_nobody() {
+    for kind in [EngineKind::Exact, EngineKind::Buckets] {
+        let mut e = build(kind, std::iter::empty());
+        assert!(e.is_empty(), "{kind:?}");
+        let u = synth::user_id(1);
+        e.upsert(u, &person(Gender::Female, 22, "ENFP", Hobby::Sports, "Art"));
+        assert!(!e.is_empty(), "{kind:?}");
+        e.remove(u);
+        assert!(e.is_empty(), "{kind:?}");
+    }
+}
