@@ -535,3 +535,55 @@ fn engines_are_empty_exactly_when_they_hold_nobody() {
         assert!(e.is_empty(), "{kind:?}");
     }
 }
+
+#[test]
+fn hnsw_rebuild_starts_just_past_the_dead_fraction() {
+    // 16 users, each alone in its score key (ages 19..=34): the graph has 16 points, and each
+    // removal kills one. With a fraction of 1/4 the fifth dead point (5 > 4) starts a rebuild;
+    // the fourth (4 > 4) does not.
+    let users: Vec<(UserId, Features)> = (0..16)
+        .map(|i| {
+            let f = person(Gender::Female, 19 + i, "ENFP", Hobby::Sports, "Art");
+            (synth::user_id(i as u64 + 1), f)
+        })
+        .collect();
+    let cfg = HnswConfig {
+        graph_above_users: 0,
+        rebuild_min_dead: 1,
+        rebuild_dead_fraction: 0.25,
+        ..HnswConfig::default()
+    };
+    let mut e = HnswEngine::from_users(users.iter().map(|(u, f)| (*u, f)), cfg);
+    assert_eq!(e.stats().graph_points, 16);
+    for (n, (u, _)) in users.iter().take(5).enumerate() {
+        e.remove(*u);
+        e.finish_rebuilds();
+        let s = e.stats();
+        if n < 4 {
+            assert_eq!(
+                (s.rebuilds, s.tombstones),
+                (0, n + 1),
+                "after {} removals",
+                n + 1
+            );
+        } else {
+            assert_eq!(s.rebuilds, 1, "after {} removals: {s:?}", n + 1);
+            assert_eq!((s.graph_points, s.tombstones), (11, 0), "{s:?}");
+        }
+    }
+}
+
+#[test]
+fn a_request_is_answered_up_to_its_deadline_and_expired_after_it() {
+    let me = (
+        synth::user_id(1),
+        person(Gender::Male, 25, "ISTJ", Hobby::Sports, "Law"),
+    );
+    let other = person(Gender::Female, 24, "ENFP", Hobby::Sports, "Art");
+    let e = build(EngineKind::Buckets, [(synth::user_id(2), &other)]);
+    let req = request(me, MatchOptions::any(), 1);
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let at = |now| answer(&*e, &req, now, ReplicaPosition::default(), &mut rng.clone()).status;
+    assert_eq!(at(req.deadline_unix_ms), ReplyStatus::Ok);
+    assert_eq!(at(req.deadline_unix_ms + 1), ReplyStatus::Expired);
+}
