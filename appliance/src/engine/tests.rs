@@ -582,7 +582,7 @@ fn a_request_is_answered_up_to_its_deadline_and_expired_after_it() {
     let other = person(Gender::Female, 24, "ENFP", Hobby::Sports, "Art");
     let e = build(EngineKind::Buckets, [(synth::user_id(2), &other)]);
     let req = request(me, MatchOptions::any(), 1);
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let rng = ChaCha8Rng::seed_from_u64(1);
     let at = |now| answer(&*e, &req, now, ReplicaPosition::default(), &mut rng.clone()).status;
     assert_eq!(at(req.deadline_unix_ms), ReplyStatus::Ok);
     assert_eq!(at(req.deadline_unix_ms + 1), ReplyStatus::Expired);
