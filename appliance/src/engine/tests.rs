@@ -536,11 +536,9 @@ fn engines_are_empty_exactly_when_they_hold_nobody() {
     }
 }
 
-#[test]
-fn hnsw_rebuild_starts_just_past_the_dead_fraction() {
-    // 16 users, each alone in its score key (ages 19..=34): the graph has 16 points, and each
-    // removal kills one. With a fraction of 1/4 the fifth dead point (5 > 4) starts a rebuild;
-    // the fourth (4 > 4) does not.
+/// 16 women, each alone in her score key (ages 19..=34), in a graph engine that rebuilds once
+/// more than a quarter of its points are dead.
+fn sixteen_keys_in_a_graph() -> (Vec<(UserId, Features)>, HnswEngine) {
     let users: Vec<(UserId, Features)> = (0..16)
         .map(|i| {
             let f = person(Gender::Female, 19 + i, "ENFP", Hobby::Sports, "Art");
@@ -553,8 +551,38 @@ fn hnsw_rebuild_starts_just_past_the_dead_fraction() {
         rebuild_dead_fraction: 0.25,
         ..HnswConfig::default()
     };
-    let mut e = HnswEngine::from_users(users.iter().map(|(u, f)| (*u, f)), cfg);
+    let e = HnswEngine::from_users(users.iter().map(|(u, f)| (*u, f)), cfg);
     assert_eq!(e.stats().graph_points, 16);
+    (users, e)
+}
+
+#[test]
+fn hnsw_changes_made_during_a_rebuild_reach_the_new_graph() {
+    let (users, mut e) = sixteen_keys_in_a_graph();
+    for (u, _) in &users[..5] {
+        e.remove(*u); // the fifth starts a rebuild over the 11 keys left
+    }
+    // Before it is swapped in: a key that was not in it fills, and one that was empties.
+    let newcomer = person(Gender::Female, 35, "ENFP", Hobby::Sports, "Art");
+    e.upsert(synth::user_id(100), &newcomer);
+    e.remove(users[5].0);
+    e.finish_rebuilds();
+    let s = e.stats();
+    assert_eq!(s.rebuilds, 1, "{s:?}");
+    assert_eq!(
+        s.graph_points, 12,
+        "the 11 keys built and the new one: {s:?}"
+    );
+    assert_eq!(s.tombstones, 1, "the key emptied meanwhile is dead: {s:?}");
+    assert_eq!(s.nonempty_keys, 11, "{s:?}");
+}
+
+#[test]
+fn hnsw_rebuild_starts_just_past_the_dead_fraction() {
+    // 16 users, each alone in its score key (ages 19..=34): the graph has 16 points, and each
+    // removal kills one. With a fraction of 1/4 the fifth dead point (5 > 4) starts a rebuild;
+    // the fourth (4 > 4) does not.
+    let (users, mut e) = sixteen_keys_in_a_graph();
     for (n, (u, _)) in users.iter().take(5).enumerate() {
         e.remove(*u);
         e.finish_rebuilds();
@@ -586,4 +614,86 @@ fn a_request_is_answered_up_to_its_deadline_and_expired_after_it() {
     let at = |now| answer(&*e, &req, now, ReplicaPosition::default(), &mut rng.clone()).status;
     assert_eq!(at(req.deadline_unix_ms), ReplyStatus::Ok);
     assert_eq!(at(req.deadline_unix_ms + 1), ReplyStatus::Expired);
+}
+
+/// `filter_violations` is the oracle of the engine tests and the benchmark: each rule it checks
+/// must be seen on its own, by a ranking that breaks that rule and nothing else.
+#[test]
+fn the_violation_checker_sees_each_rule_broken_alone() {
+    let me_id = synth::user_id(1);
+    let me_f = person(Gender::Male, 22, "ENFP", Hobby::Sports, "Math");
+    let mut o = MatchOptions::any();
+    o.age = AgePreference::Older;
+    o.hobby = HobbyPreference::Category(Hobby::Sports);
+    o.important = Important::Age;
+    o.exclude_same_major = true;
+    let mut req = request((me_id, me_f.clone()), o, 8);
+    let excluded = synth::user_id(9);
+    req.exclusions = vec![excluded];
+    let woman = |age, hobby, major| person(Gender::Female, age, "ISTJ", hobby, major);
+    let mut opted_out = woman(25, Hobby::Sports, "Law");
+    opted_out.dont_pick_me = true;
+    let features: HashMap<UserId, Features> = [
+        (2, woman(25, Hobby::Sports, "Law")), // meets everything: the best score
+        (3, woman(26, Hobby::Game, "Art")),   // meets age only: a lower score
+        (4, person(Gender::Male, 25, "ISTJ", Hobby::Sports, "Law")),
+        (5, opted_out),
+        (6, woman(25, Hobby::Sports, "Math")), // the requester's major
+        (7, woman(20, Hobby::Sports, "Law")),  // younger: misses the important option
+        (9, woman(25, Hobby::Sports, "Law")),  // excluded by id
+    ]
+    .into_iter()
+    .map(|(i, f)| (synth::user_id(i), f))
+    .chain([(me_id, woman(25, Hobby::Sports, "Law"))]) // "self", looked up as a valid woman
+    .collect();
+    let scorer = crate::score::Scorer::new(&me_f, &o);
+    let c = |i: u64| {
+        let user_id = if i == 1 { me_id } else { synth::user_id(i) };
+        let f = &features[&user_id];
+        Candidate {
+            user_id,
+            score: crate::score::Scorer::to_unit(scorer.score(crate::score::ScoreKey::of(f))),
+        }
+    };
+    let count = |cands: Vec<Candidate>| {
+        let r = Ranking {
+            candidates: cands,
+            relaxed: Vec::new(),
+        };
+        filter_violations(&req, &r, |u| features.get(&u))
+    };
+    assert!(c(2).score > c(3).score);
+    assert_eq!(
+        count(vec![c(2), c(3)]),
+        0,
+        "a ranking that keeps every rule"
+    );
+    let mut wrong_score = c(2);
+    wrong_score.score -= 0.01;
+    let unknown = |i| Candidate {
+        user_id: synth::user_id(i),
+        score: 1.0,
+    };
+    for (rule, cands, want) in [
+        ("the requester himself", vec![c(2), c(1)], 1),
+        ("the wrong gender", vec![c(2), c(4)], 1),
+        ("opted out", vec![c(2), c(5)], 1),
+        ("excluded", vec![c(2), c(9)], 1),
+        ("the same major", vec![c(2), c(6)], 1),
+        ("twice", vec![c(2), c(2)], 1),
+        ("a wrong score", vec![wrong_score], 1),
+        (
+            "the important option missed, not reported",
+            vec![c(2), c(7)],
+            1,
+        ),
+        ("not best first", vec![c(3), c(2)], 1),
+        (
+            "two users the replica does not have",
+            vec![unknown(50), unknown(51)],
+            2,
+        ),
+    ] {
+        assert_eq!(count(cands), want, "{rule}");
+    }
 }
