@@ -202,6 +202,108 @@ mod tests {
     }
 
     #[test]
+    fn row_and_meta_read_failures_heal_and_other_library_errors_retry() {
+        let sq = |source| StoreError::Sqlite {
+            path: "x".into(),
+            source,
+        };
+        use rusqlite::types::Type;
+        let bad_bytes = [
+            rusqlite::Error::InvalidColumnType(0, "features".into(), Type::Integer),
+            rusqlite::Error::FromSqlConversionFailure(0, Type::Blob, "bad".into()),
+            rusqlite::Error::QueryReturnedNoRows,
+        ];
+        for e in bad_bytes {
+            let shown = e.to_string();
+            assert_eq!(classify(&sq(e)), Remedy::Heal, "{shown}");
+        }
+        assert_eq!(
+            classify(&sq(rusqlite::Error::InvalidPath("x".into()))),
+            Remedy::Retry
+        );
+        let io = |kind| StoreError::Io {
+            path: "x".into(),
+            source: std::io::Error::from(kind),
+        };
+        // An I/O error of our own file operations is always the machine's.
+        assert_eq!(
+            classify(&io(std::io::ErrorKind::InvalidData)),
+            Remedy::Retry
+        );
+        let sled_io = |kind| StoreError::Sled {
+            path: "x".into(),
+            source: sled::Error::Io(std::io::Error::from(kind)),
+        };
+        assert_eq!(
+            classify(&sled_io(std::io::ErrorKind::InvalidData)),
+            Remedy::Heal
+        );
+        assert_eq!(
+            classify(&sled_io(std::io::ErrorKind::StorageFull)),
+            Remedy::Retry
+        );
+    }
+
+    /// The date arithmetic against a walk over the calendar, day by day, from 1970 through
+    /// 2401 (century years 2100, 2200, 2300 are not leap years; 2000 and 2400 are).
+    #[test]
+    fn civil_dates_match_a_walk_over_the_calendar() {
+        let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let month_len = |y, m| match m {
+            2 if leap(y) => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        let (mut y, mut m, mut d) = (1970i64, 1u32, 1u32);
+        for days in 0..158_000i64 {
+            assert_eq!(civil_from_days(days), (y, m, d), "day {days}");
+            d += 1;
+            if d > month_len(y, m) {
+                d = 1;
+                m += 1;
+                if m > 12 {
+                    m = 1;
+                    y += 1;
+                }
+            }
+        }
+        assert!(y > 2400, "the walk reached {y}");
+    }
+
+    #[test]
+    fn each_part_of_the_time_is_in_the_name() {
+        // 2024-02-29 23:59:58.999: a leap day, the last hour, minute and second of a day.
+        assert_eq!(
+            damaged_name(1_709_251_198_999),
+            "replica.damaged-20240229T235958.999Z"
+        );
+        assert_eq!(
+            damaged_name(1_709_251_200_000),
+            "replica.damaged-20240301T000000.000Z"
+        );
+    }
+
+    #[test]
+    fn a_second_move_in_the_same_millisecond_gets_its_own_name() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("replica");
+        let mut moved = Vec::new();
+        for i in 0..2u8 {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("f"), [i]).unwrap();
+            moved.push(move_aside(&dir, 5_000).unwrap());
+        }
+        assert_eq!(moved[0], root.path().join(damaged_name(5_000)));
+        assert_eq!(
+            moved[1],
+            root.path().join(format!("{}-1", damaged_name(5_000)))
+        );
+        assert_eq!(std::fs::read(moved[0].join("f")).unwrap(), [0]);
+        assert_eq!(std::fs::read(moved[1].join("f")).unwrap(), [1]);
+    }
+
+    #[test]
     fn damaged_names_are_utc_and_sort_by_time() {
         assert_eq!(damaged_name(0), "replica.damaged-19700101T000000.000Z");
         assert_eq!(
