@@ -117,8 +117,8 @@ impl MatchEngine for ExactEngine {
                 relaxed.push(c);
                 &all
             }
-            Some(_) if !important.is_empty() => &important,
-            Some(_) => &all,
+            // Reached with `important` empty only when `all` is empty too: nobody to relax to.
+            Some(_) => &important,
             None => &all,
         };
         let k = usize::from(request.k).min(MAX_K);

@@ -38,6 +38,7 @@
 //! (they are the module docs of [`crate::engine`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use anndists::dist::Distance;
@@ -353,6 +354,17 @@ pub struct IndexStats {
     pub orphans: usize,
     pub rebuilds: usize,
     pub nonempty_keys: usize,
+    /// Planned queries answered from the graph's levels alone.
+    pub graph_answers: usize,
+    /// Planned queries whose graph walk fell short of `k` and were enumerated instead.
+    pub graph_fallbacks: usize,
+}
+
+/// How the planner's graph walks went (counted from `rank`, which takes `&self`).
+#[derive(Default)]
+struct WalkCounts {
+    answers: AtomicUsize,
+    fallbacks: AtomicUsize,
 }
 
 pub struct HnswEngine {
@@ -363,6 +375,7 @@ pub struct HnswEngine {
     majors: MajorTable,
     /// Features digest of every user in `at`.
     content: Digest,
+    walks: WalkCounts,
 }
 
 fn part_index(g: Gender) -> usize {
@@ -481,6 +494,7 @@ struct QueryCtx<'a> {
     ids: IdFilter,
     my_major: Option<u32>,
     k: usize,
+    walks: &'a WalkCounts,
 }
 
 impl QueryCtx<'_> {
@@ -548,8 +562,10 @@ impl QueryCtx<'_> {
                 let levels = self.graph_levels(g, cfg, important_only);
                 let out = self.fill(&levels, important_only, rng);
                 if out.len() >= self.k {
+                    self.walks.answers.fetch_add(1, Ordering::Relaxed);
                     return out;
                 }
+                self.walks.fallbacks.fetch_add(1, Ordering::Relaxed);
                 self.exact(important_only, rng)
             }
             _ => self.exact(important_only, rng),
@@ -565,6 +581,7 @@ impl HnswEngine {
             at: HashMap::new(),
             majors: MajorTable::default(),
             content: Digest::default(),
+            walks: WalkCounts::default(),
         }
     }
 
@@ -598,6 +615,8 @@ impl HnswEngine {
             s.rebuilds += p.rebuilds;
             s.nonempty_keys += p.buckets.iter().filter(|b| !b.is_empty()).count();
         }
+        s.graph_answers = self.walks.answers.load(Ordering::Relaxed);
+        s.graph_fallbacks = self.walks.fallbacks.load(Ordering::Relaxed);
         s
     }
 
@@ -722,6 +741,7 @@ impl MatchEngine for HnswEngine {
                 .then(|| self.majors.lookup(&me.major)),
             k: usize::from(request.k).min(MAX_K),
             scorer,
+            walks: &self.walks,
         };
         if let Some(c) = ctx.scorer.important {
             let out = ctx.planned(&self.cfg, true, rng);

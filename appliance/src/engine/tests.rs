@@ -697,3 +697,41 @@ fn the_violation_checker_sees_each_rule_broken_alone() {
         assert_eq!(count(cands), want, "{rule}");
     }
 }
+
+/// With a graph (forced on), most planned queries are answered from the levels the graph
+/// found; the rest fall back to enumeration, and both are counted. Without one (the default)
+/// nothing walks a graph.
+#[test]
+fn graph_walks_answer_most_queries_and_fallbacks_are_counted() {
+    let users = synth::population(3_000, 11);
+    let graph_cfg = HnswConfig {
+        graph_above_users: 0,
+        ..HnswConfig::default()
+    };
+    let graph = HnswEngine::from_users(users.iter().map(|(u, f)| (*u, f)), graph_cfg);
+    let planned = HnswEngine::from_users(users.iter().map(|(u, f)| (*u, f)), HnswConfig::default());
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for _ in 0..100 {
+        let req = synth::request(&mut rng, &users, 8);
+        graph.rank(&req, &mut rng);
+        planned.rank(&req, &mut rng);
+    }
+    let s = graph.stats();
+    let walks = s.graph_answers + s.graph_fallbacks;
+    assert!(walks >= 100, "every query plans at least once: {s:?}");
+    assert!(
+        s.graph_answers * 10 >= walks * 9,
+        "at least 90 % from the graph: {s:?}"
+    );
+    let p = planned.stats();
+    assert_eq!((p.graph_answers, p.graph_fallbacks), (0, 0), "{p:?}");
+    // Asking for more than the pool holds: the walk falls short and enumeration answers.
+    let few = &users[..20];
+    let small = HnswEngine::from_users(few.iter().map(|(u, f)| (*u, f)), graph_cfg);
+    let mut req = synth::request(&mut rng, few, 64);
+    req.options = MatchOptions::any();
+    let got = small.rank(&req, &mut rng);
+    assert!(got.candidates.len() < 64);
+    let s = small.stats();
+    assert_eq!((s.graph_answers, s.graph_fallbacks), (0, 1), "{s:?}");
+}
