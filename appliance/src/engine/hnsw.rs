@@ -781,6 +781,22 @@ mod tests {
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
+    /// Every coordinate is used by some key: the graph's distance work grows with `DIM`, so
+    /// a coordinate no key sets would be pure cost.
+    #[test]
+    fn every_coordinate_of_the_key_space_is_used() {
+        let mut used = vec![false; DIM];
+        for key in 0..KEYS as u32 {
+            let v = key_vector(key);
+            assert_eq!(v.len(), DIM);
+            for (u, x) in used.iter_mut().zip(&v) {
+                *u |= *x != 0.0;
+            }
+        }
+        assert!(used.iter().all(|&u| u), "unused coordinates: {used:?}");
+        assert_eq!(DIM, 40, "age 22, MBTI 8, hobbies 6, contact 3, padding 1");
+    }
+
     proptest! {
         #[test]
         fn query_dot_key_is_the_score(seed in any::<u64>(), key in 0u32..KEYS as u32) {

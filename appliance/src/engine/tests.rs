@@ -734,4 +734,23 @@ fn graph_walks_answer_most_queries_and_fallbacks_are_counted() {
     assert!(got.candidates.len() < 64);
     let s = small.stats();
     assert_eq!((s.graph_answers, s.graph_fallbacks), (0, 1), "{s:?}");
+
+    // An important option nobody meets: the walk for it finds no key and falls back (and the
+    // enumeration confirms nobody), then the relaxed walk is answered by the graph.
+    let women: Vec<(UserId, Features)> = (0..30)
+        .map(|i| {
+            let f = person(Gender::Female, 19 + i % 20, "ENFP", Hobby::Sports, "Art");
+            (synth::user_id(1_000 + i as u64), f)
+        })
+        .collect();
+    let e = HnswEngine::from_users(women.iter().map(|(u, f)| (*u, f)), graph_cfg);
+    let mut o = MatchOptions::any();
+    o.contact_frequency = ContactPreference::Frequency(ContactFrequency::Rare);
+    o.important = Important::ContactFrequency;
+    let me = person(Gender::Male, 25, "ISTJ", Hobby::Sports, "Law");
+    let got = e.rank(&request((synth::user_id(1), me), o, 8), &mut rng);
+    assert_eq!(got.candidates.len(), 8);
+    assert_eq!(got.relaxed, vec![Criterion::ContactFrequency]);
+    let s = e.stats();
+    assert_eq!((s.graph_answers, s.graph_fallbacks), (1, 1), "{s:?}");
 }
