@@ -281,7 +281,7 @@ impl Partition {
             .collect()
     }
 
-    fn on_filled(&mut self, key: u32, cfg: &HnswConfig) {
+    fn on_filled(&mut self, key: u32) {
         let g = &mut self.graph;
         if g.in_graph[key as usize] {
             g.dead -= 1;
@@ -289,8 +289,14 @@ impl Partition {
             h.insert_slice((&key_vector(key), key as usize));
             g.in_graph[key as usize] = true;
             g.points += 1;
-        } else if self.rebuild.is_none() && self.live > cfg.graph_above_users {
-            // The pool just became large enough to want a graph.
+        }
+    }
+
+    /// After a user joined: a pool that just grew past `graph_above_users` wants a graph,
+    /// whether or not that user filled a new key.
+    fn on_grown(&mut self, cfg: &HnswConfig) {
+        if self.graph.hnsw.is_none() && self.rebuild.is_none() && self.live > cfg.graph_above_users
+        {
             self.start_rebuild(*cfg);
         }
     }
@@ -698,10 +704,11 @@ impl MatchEngine for HnswEngine {
         {
             self.parts[g].on_emptied(key, &cfg);
         }
-        if let Some((g, key, was_empty)) = self.place(user, f)
-            && was_empty
-        {
-            self.parts[g].on_filled(key, &cfg);
+        if let Some((g, key, was_empty)) = self.place(user, f) {
+            if was_empty {
+                self.parts[g].on_filled(key);
+            }
+            self.parts[g].on_grown(&cfg);
         }
         for p in &mut self.parts {
             p.poll_rebuild(false);

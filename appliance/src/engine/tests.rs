@@ -754,3 +754,50 @@ fn graph_walks_answer_most_queries_and_fallbacks_are_counted() {
     let s = e.stats();
     assert_eq!((s.graph_answers, s.graph_fallbacks), (1, 1), "{s:?}");
 }
+
+/// `graph_above_users` is a strict bound: a pool of exactly that many is enumerated and gets
+/// no graph; one more builds the graph (at start or as the pool grows) and walks it; back at
+/// the bound, the graph is kept but not walked.
+#[test]
+fn the_graph_is_built_and_walked_only_above_its_threshold() {
+    let women: Vec<(UserId, Features)> = (0..21)
+        .map(|i| {
+            let f = person(Gender::Female, 19 + i % 20, "ENFP", Hobby::Sports, "Art");
+            (synth::user_id(1_000 + i as u64), f)
+        })
+        .collect();
+    let cfg = HnswConfig {
+        graph_above_users: 20,
+        ..HnswConfig::default()
+    };
+    let me = person(Gender::Male, 25, "ISTJ", Hobby::Sports, "Law");
+    let req = request((synth::user_id(1), me), MatchOptions::any(), 4);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut e = HnswEngine::from_users(women[..19].iter().map(|(u, f)| (*u, f)), cfg);
+    assert_eq!(e.config(), cfg);
+    e.upsert(women[19].0, &women[19].1); // 20: at the bound
+    e.finish_rebuilds();
+    e.rank(&req, &mut rng);
+    let s = e.stats();
+    assert_eq!(
+        (s.graph_points, s.graph_answers),
+        (0, 0),
+        "at the bound: {s:?}"
+    );
+    let built = HnswEngine::from_users(women.iter().map(|(u, f)| (*u, f)), cfg);
+    assert_eq!(
+        built.stats().graph_points,
+        20,
+        "above it at start (20 distinct keys)"
+    );
+    // Growing past the bound starts a build in the background, even by a user who joins a
+    // key that already has somebody (women[20] is as old as women[0]).
+    e.upsert(women[20].0, &women[20].1);
+    e.finish_rebuilds();
+    e.rank(&req, &mut rng);
+    let s = e.stats();
+    assert!(s.graph_points > 0 && s.graph_answers == 1, "above: {s:?}");
+    e.remove(women[20].0);
+    e.rank(&req, &mut rng);
+    assert_eq!(e.stats().graph_answers, 1, "back at the bound: not walked");
+}
