@@ -801,3 +801,34 @@ fn the_graph_is_built_and_walked_only_above_its_threshold() {
     e.rank(&req, &mut rng);
     assert_eq!(e.stats().graph_answers, 1, "back at the bound: not walked");
 }
+
+/// A degenerate graph (one link per point, hnsw_rs issue #37 at its worst) leaves most points
+/// unlinked: they are reported as orphans, and the planner still answers within the rules,
+/// because it expands every level it walks to all of that level's keys.
+#[test]
+fn orphans_are_reported_and_do_not_hide_users() {
+    let users = synth::population(3_000, 5);
+    let cfg = HnswConfig {
+        graph_above_users: 0,
+        max_nb_connection: 1,
+        ef_construction: 2,
+        ..HnswConfig::default()
+    };
+    let e = HnswEngine::from_users(users.iter().map(|(u, f)| (*u, f)), cfg);
+    let s = e.stats();
+    assert!(
+        s.orphans > s.graph_points / 2 && s.orphans < s.graph_points,
+        "{s:?}"
+    );
+    let live: HashMap<UserId, &Features> = users.iter().map(|(u, f)| (*u, f)).collect();
+    let oracle = ExactEngine::from_users(users.iter().map(|(u, f)| (*u, f)));
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    for _ in 0..30 {
+        let req = synth::request(&mut rng, &users, 8);
+        let got = e.rank(&req, &mut rng);
+        let want = oracle.rank(&req, &mut rng);
+        assert_eq!(filter_violations(&req, &got, |u| live.get(&u).copied()), 0);
+        assert!(never_better_than_exact(&got, &want));
+        assert_eq!(got.candidates.len(), want.candidates.len());
+    }
+}
