@@ -117,19 +117,11 @@ pub fn key_vector(key: u32) -> Vec<f32> {
     v
 }
 
-/// The query vector, scaled to the keys' norm (scaling keeps the ranking).
+/// The query vector: `query_vector(s) · key_vector(k) == s.score(k)` for every valid key.
+/// Every key vector has the same norm, so the squared L2 distance from it orders keys by
+/// descending score; it is not scaled to the keys' norm, as any positive scale gives the graph
+/// the same order.
 pub fn query_vector(s: &Scorer) -> Vec<f32> {
-    let mut q = raw_query_vector(s);
-    let norm = q.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        let scale = MAX_NORM2.sqrt() / norm;
-        q.iter_mut().for_each(|x| *x *= scale);
-    }
-    q
-}
-
-/// `raw_query_vector(s) · key_vector(k) == s.score(k)` for every valid key.
-pub fn raw_query_vector(s: &Scorer) -> Vec<f32> {
     let mut q = vec![0f32; DIM];
     // Hobby "any" is a constant; every key has exactly one age coordinate, so carry it there.
     let hobby_any = (1..HOBBY_SETS).all(|h| s.hobby[h] == s.hobby[1]);
@@ -814,7 +806,7 @@ mod tests {
             let k = ScoreKey::from_index(key);
             prop_assume!(k.hobbies != 0);
             let v = key_vector(key);
-            let dot: f32 = raw_query_vector(&s).iter().zip(&v).map(|(a, b)| a * b).sum();
+            let dot: f32 = query_vector(&s).iter().zip(&v).map(|(a, b)| a * b).sum();
             prop_assert!((dot - f32::from(s.score(k))).abs() < 1e-3, "{} vs {}", dot, s.score(k));
             prop_assert!((v.iter().map(|x| x * x).sum::<f32>() - MAX_NORM2).abs() < 1e-4);
         }
