@@ -13,9 +13,7 @@ pub(crate) fn top_k_fair<T: Copy>(
     k: usize,
     rng: &mut dyn RngCore,
 ) -> Vec<(u16, T)> {
-    if k == 0 || items.is_empty() {
-        return Vec::new();
-    }
+    // No special case for `k == 0` or no items: the threshold walk then picks nobody.
     let mut hist = vec![0usize; usize::from(SCALE) + 1];
     for &(s, _) in items {
         hist[usize::from(s)] += 1;

@@ -832,3 +832,20 @@ fn orphans_are_reported_and_do_not_hide_users() {
         assert_eq!(got.candidates.len(), want.candidates.len());
     }
 }
+
+#[test]
+fn top_k_takes_the_best_and_cuts_ties_at_exactly_k() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let items: Vec<(u16, u32)> = vec![(5, 1), (9, 2), (5, 3), (7, 4), (5, 5), (1, 6)];
+    assert!(select::top_k_fair(&items, 0, &mut rng).is_empty());
+    assert!(select::top_k_fair::<u32>(&[], 3, &mut rng).is_empty());
+    let all = select::top_k_fair(&items, 10, &mut rng);
+    let scores: Vec<u16> = all.iter().map(|x| x.0).collect();
+    assert_eq!(scores, vec![9, 7, 5, 5, 5, 1], "everything, best first");
+    for _ in 0..20 {
+        let three = select::top_k_fair(&items, 3, &mut rng);
+        assert_eq!(three.len(), 3);
+        assert_eq!((three[0], three[1]), ((9, 2), (7, 4)));
+        assert_eq!(three[2].0, 5, "one of the three tied at 5");
+    }
+}
