@@ -50,9 +50,6 @@ pub(crate) fn sample_level<'a, M>(
 ) -> Vec<&'a M> {
     let total: usize = buckets.iter().map(|b| b.len()).sum();
     let mut out = Vec::with_capacity(need);
-    if need == 0 || total == 0 {
-        return out;
-    }
     let enumerate_rest = |taken: &HashSet<usize>, out: &mut Vec<&'a M>, rng: &mut dyn RngCore| {
         let mut rest: Vec<&'a M> = Vec::new();
         let mut pos = 0usize;

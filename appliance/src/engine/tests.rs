@@ -849,3 +849,26 @@ fn top_k_takes_the_best_and_cuts_ties_at_exactly_k() {
         assert_eq!(three[2].0, 5, "one of the three tied at 5");
     }
 }
+
+/// A large level with few eligible members: rejection sampling runs out of attempts and the
+/// rest is enumerated, skipping what was already drawn. Each eligible member comes once, and
+/// never more than asked for.
+#[test]
+fn sampling_a_level_takes_exactly_what_is_needed_each_member_once() {
+    let a: Vec<u32> = (0..600).collect();
+    let b: Vec<u32> = (600..1_000).collect();
+    let buckets: Vec<&[u32]> = vec![&a, &b];
+    let eligible = |m: &u32| m % 20 == 0; // 50 of 1,000
+    for seed in 0..20 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for need in [0, 10, 50, 80] {
+            let got = select::sample_level(&buckets, need, eligible, &mut rng);
+            let distinct: HashSet<u32> = got.iter().map(|m| **m).collect();
+            assert_eq!(got.len(), need.min(50), "seed {seed}, need {need}");
+            assert_eq!(distinct.len(), got.len(), "seed {seed}: a member twice");
+            assert!(got.iter().all(|m| eligible(m)));
+        }
+    }
+    let none: Vec<&[u32]> = Vec::new();
+    assert!(select::sample_level(&none, 5, eligible, &mut ChaCha8Rng::seed_from_u64(1)).is_empty());
+}
