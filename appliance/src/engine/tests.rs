@@ -858,7 +858,7 @@ fn sampling_a_level_takes_exactly_what_is_needed_each_member_once() {
     let a: Vec<u32> = (0..600).collect();
     let b: Vec<u32> = (600..1_000).collect();
     let buckets: Vec<&[u32]> = vec![&a, &b];
-    let eligible = |m: &u32| m % 20 == 0; // 50 of 1,000
+    let eligible = |m: &u32| m.is_multiple_of(20); // 50 of 1,000
     for seed in 0..20 {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         for need in [0, 10, 50, 80] {
