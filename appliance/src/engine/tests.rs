@@ -872,3 +872,23 @@ fn sampling_a_level_takes_exactly_what_is_needed_each_member_once() {
     let none: Vec<&[u32]> = Vec::new();
     assert!(select::sample_level(&none, 5, eligible, &mut ChaCha8Rng::seed_from_u64(1)).is_empty());
 }
+
+/// Without a rebuild: a key emptied and filled again is live again in the graph, and a key
+/// the graph never had is inserted into it.
+#[test]
+fn hnsw_keys_refilled_or_new_are_live_in_the_graph() {
+    let (users, mut e) = sixteen_keys_in_a_graph();
+    e.remove(users[0].0);
+    assert_eq!(e.stats().tombstones, 1);
+    e.upsert(users[0].0, &users[0].1);
+    let s = e.stats();
+    assert_eq!((s.tombstones, s.graph_points), (0, 16), "{s:?}");
+    let newcomer = person(Gender::Female, 35, "ENFP", Hobby::Sports, "Art");
+    e.upsert(synth::user_id(100), &newcomer);
+    let s = e.stats();
+    assert_eq!(
+        (s.tombstones, s.graph_points, s.rebuilds),
+        (0, 17, 0),
+        "{s:?}"
+    );
+}
