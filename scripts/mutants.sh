@@ -52,7 +52,9 @@ summary() {
         python3 - "$name" "${files[@]}" <<'EOF'
 import json, sys
 name = sys.argv[1]
-exec(open("scripts/mutants-merge.py").read())
+sys.dont_write_bytecode = True
+sys.path.insert(0, "scripts")
+from mutants_merge import merge
 d = merge(sys.argv[2:])
 print(f"{name:9} caught {d.get('caught', 0):4}  missed {d.get('missed', 0):4}  "
       f"timeout {d.get('timeout', 0):3}  unviable {d.get('unviable', 0):4}  total {d.get('total_mutants', 0)}")
@@ -74,7 +76,9 @@ export_runs() {
             compgen -G "$OUT/$name.shard*/mutants.out/outcomes.json" >/dev/null || continue
         python3 - "docs/mutants/$name-after.json" "${files[@]}" <<'EOF'
 import json, sys
-exec(open("scripts/mutants-merge.py").read())
+sys.dont_write_bytecode = True
+sys.path.insert(0, "scripts")
+from mutants_merge import merge
 d = merge(sys.argv[2:])
 keys = ("total_mutants", "caught", "missed", "timeout", "unviable", "success")
 out = {"summary": {k: d.get(k, 0) for k in keys}, "complete": d.get("end_time") is not None,

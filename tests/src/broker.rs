@@ -219,3 +219,19 @@ impl BrokerSecurity {
         self.tls_key = Some(pki.join(format!("{name}.key")));
     }
 }
+
+/// The number of ready messages in `queue` (a passive declare). Panics when the queue does not
+/// exist: the callers look at queues the system under test must have declared.
+pub async fn queue_depth(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("queue {queue}: {e}"))
+    .message_count()
+}

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use comatching_protocol::{Envelope, Epoch, Message, SyncEvent, SyncOp, UserId};
 use comatching_tests::appliance::{ApplianceConfig, ApplianceProcess};
+use comatching_tests::broker::queue_depth;
 use comatching_tests::checker::{Checker, Classes, History, InFlight, Writes};
 use comatching_tests::population::Population;
 use comatching_tests::private_broker::{PrivateBroker, PrivateCluster};
@@ -1023,20 +1024,6 @@ async fn drain_dead_letters(ch: &Channel) -> Vec<(SyncEvent, String)> {
         }
     }
     out
-}
-
-async fn queue_depth(ch: &Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("queue exists")
-    .message_count()
 }
 
 /// F13: box-1's store refuses every write of one user (a trigger in its SQLite file), in the

@@ -5,6 +5,7 @@ use comatching_protocol::stages::{self, StageCounts};
 use std::sync::Arc;
 use std::time::Duration;
 
+use comatching_tests::broker::queue_depth;
 use comatching_tests::private_broker::PrivateBroker;
 use comatching_tests::world::{World, WorldOptions, drive_matches};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
@@ -184,19 +185,8 @@ async fn a_malformed_sync_message_is_dead_lettered_and_the_next_one_applies() {
     assert_eq!(pool.count, 15, "the queue kept flowing");
     let status = w.appliances[0].status().await.expect("status");
     assert_eq!(status["sync"]["dead_lettered"], 2, "{status}");
-    let dead = ch
-        .queue_declare(
-            "comatching.dead".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("dead-letter queue exists");
     assert!(
-        dead.message_count() >= 2,
+        queue_depth(&ch, "comatching.dead").await >= 2,
         "both garbage messages were dead-lettered"
     );
 }
@@ -812,16 +802,9 @@ async fn a_hello_answer_to_a_missing_queue_is_returned_and_counted() {
         )
         .await;
     }
-    let control = ch
-        .queue_declare(
-            "comatching.control".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("the control queue");
-    assert_eq!(control.message_count(), 0, "both hellos were acknowledged");
+    assert_eq!(
+        queue_depth(&ch, "comatching.control").await,
+        0,
+        "both hellos were acknowledged"
+    );
 }

@@ -536,15 +536,22 @@ fn engines_are_empty_exactly_when_they_hold_nobody() {
     }
 }
 
+/// `n` women alike but for their age, 19 + i mod 20 (so the first 20 each have a score key of
+/// their own), with ids from `first_id` on.
+fn women_by_age(n: u64, first_id: u64) -> Vec<(UserId, Features)> {
+    (0..n)
+        .map(|i| {
+            let age = 19 + (i % 20) as i64;
+            let f = person(Gender::Female, age, "ENFP", Hobby::Sports, "Art");
+            (synth::user_id(first_id + i), f)
+        })
+        .collect()
+}
+
 /// 16 women, each alone in her score key (ages 19..=34), in a graph engine that rebuilds once
 /// more than a quarter of its points are dead.
 fn sixteen_keys_in_a_graph() -> (Vec<(UserId, Features)>, HnswEngine) {
-    let users: Vec<(UserId, Features)> = (0..16)
-        .map(|i| {
-            let f = person(Gender::Female, 19 + i, "ENFP", Hobby::Sports, "Art");
-            (synth::user_id(i as u64 + 1), f)
-        })
-        .collect();
+    let users = women_by_age(16, 1);
     let cfg = HnswConfig {
         graph_above_users: 0,
         rebuild_min_dead: 1,
@@ -737,12 +744,7 @@ fn graph_walks_answer_most_queries_and_fallbacks_are_counted() {
 
     // An important option nobody meets: the walk for it finds no key and falls back (and the
     // enumeration confirms nobody), then the relaxed walk is answered by the graph.
-    let women: Vec<(UserId, Features)> = (0..30)
-        .map(|i| {
-            let f = person(Gender::Female, 19 + i % 20, "ENFP", Hobby::Sports, "Art");
-            (synth::user_id(1_000 + i as u64), f)
-        })
-        .collect();
+    let women = women_by_age(30, 1_000);
     let e = HnswEngine::from_users(women.iter().map(|(u, f)| (*u, f)), graph_cfg);
     let mut o = MatchOptions::any();
     o.contact_frequency = ContactPreference::Frequency(ContactFrequency::Rare);
@@ -760,12 +762,7 @@ fn graph_walks_answer_most_queries_and_fallbacks_are_counted() {
 /// the bound, the graph is kept but not walked.
 #[test]
 fn the_graph_is_built_and_walked_only_above_its_threshold() {
-    let women: Vec<(UserId, Features)> = (0..21)
-        .map(|i| {
-            let f = person(Gender::Female, 19 + i % 20, "ENFP", Hobby::Sports, "Art");
-            (synth::user_id(1_000 + i as u64), f)
-        })
-        .collect();
+    let women = women_by_age(21, 1_000);
     let cfg = HnswConfig {
         graph_above_users: 20,
         ..HnswConfig::default()

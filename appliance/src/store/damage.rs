@@ -139,6 +139,24 @@ pub fn move_aside(dir: &Path, unix_ms: u64) -> std::io::Result<PathBuf> {
 mod tests {
     use super::*;
 
+    fn io(kind: std::io::ErrorKind) -> StoreError {
+        StoreError::Io {
+            path: "x".into(),
+            source: std::io::Error::from(kind),
+        }
+    }
+
+    fn sled_err(source: sled::Error) -> StoreError {
+        StoreError::Sled {
+            path: "x".into(),
+            source,
+        }
+    }
+
+    fn sled_io(kind: std::io::ErrorKind) -> StoreError {
+        sled_err(sled::Error::Io(std::io::Error::from(kind)))
+    }
+
     fn sqlite(code: i32) -> StoreError {
         StoreError::Sqlite {
             path: "x".into(),
@@ -171,32 +189,20 @@ mod tests {
             what: "x".into(),
         };
         assert_eq!(classify(&row), Remedy::Heal);
-        let io = |kind| StoreError::Io {
-            path: "x".into(),
-            source: std::io::Error::from(kind),
-        };
         assert_eq!(
             classify(&io(std::io::ErrorKind::PermissionDenied)),
             Remedy::Retry
         );
-        let sled_err = |source| StoreError::Sled {
-            path: "x".into(),
-            source,
-        };
         assert_eq!(
             classify(&sled_err(sled::Error::Unsupported("x".into()))),
             Remedy::Heal
         );
         assert_eq!(
-            classify(&sled_err(sled::Error::Io(std::io::Error::from(
-                std::io::ErrorKind::PermissionDenied
-            )))),
+            classify(&sled_io(std::io::ErrorKind::PermissionDenied)),
             Remedy::Retry
         );
         assert_eq!(
-            classify(&sled_err(sled::Error::Io(std::io::Error::from(
-                std::io::ErrorKind::UnexpectedEof
-            )))),
+            classify(&sled_io(std::io::ErrorKind::UnexpectedEof)),
             Remedy::Heal
         );
     }
@@ -221,19 +227,11 @@ mod tests {
             classify(&sq(rusqlite::Error::InvalidPath("x".into()))),
             Remedy::Retry
         );
-        let io = |kind| StoreError::Io {
-            path: "x".into(),
-            source: std::io::Error::from(kind),
-        };
         // An I/O error of our own file operations is always the machine's.
         assert_eq!(
             classify(&io(std::io::ErrorKind::InvalidData)),
             Remedy::Retry
         );
-        let sled_io = |kind| StoreError::Sled {
-            path: "x".into(),
-            source: sled::Error::Io(std::io::Error::from(kind)),
-        };
         assert_eq!(
             classify(&sled_io(std::io::ErrorKind::InvalidData)),
             Remedy::Heal

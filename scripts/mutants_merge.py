@@ -1,4 +1,4 @@
-# Used by scripts/mutants.sh (exec'd into its inline Python): one module's outcomes.json files,
+# Used by scripts/mutants.sh (imported by its inline Python): one module's outcomes.json files,
 # from a whole run or from its shards (MUTANTS_SHARD), merged into one. Only files that exist
 # are read (an unmatched shell glob is passed through literally).
 import json
