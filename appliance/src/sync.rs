@@ -32,13 +32,6 @@ pub struct ReplicaCursor {
     pub applied_seq: u64,
 }
 
-/// What the replica currently holds for one user (live or tombstone).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StoredVersion {
-    pub version: u64,
-    pub tombstone: bool,
-}
-
 /// The state a user is left in by a change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UserState {
@@ -113,10 +106,12 @@ pub fn touched_users(events: &[SyncEvent]) -> Vec<UserId> {
 }
 
 /// Decides what a batch of events (any order, duplicates allowed) does to a replica at `cursor`
-/// whose stored versions for the touched users are `stored` (absent = never seen).
+/// whose stored versions for the touched users are `stored` (a tombstone's version included;
+/// absent = never seen). Whether a stored row is live does not matter: only a newer version
+/// changes anything.
 pub fn plan(
     cursor: ReplicaCursor,
-    stored: &HashMap<UserId, StoredVersion>,
+    stored: &HashMap<UserId, u64>,
     events: &[SyncEvent],
 ) -> SyncPlan {
     let mut out = SyncPlan {
@@ -184,7 +179,7 @@ pub fn plan(
         let current = working
             .get(&e.user_id)
             .copied()
-            .or_else(|| stored.get(&e.user_id).map(|s| s.version));
+            .or_else(|| stored.get(&e.user_id).copied());
         if current.is_some_and(|v| v >= e.version) {
             out.stale += 1;
             continue;
@@ -237,20 +232,17 @@ mod tests {
 
     impl Replica {
         fn apply(&mut self, events: &[SyncEvent]) -> SyncPlan {
-            let stored = self
-                .users
-                .iter()
-                .map(|(u, (v, f))| {
-                    (
-                        *u,
-                        StoredVersion {
-                            version: *v,
-                            tombstone: f.is_none(),
-                        },
-                    )
-                })
-                .collect();
+            let stored = self.users.iter().map(|(u, (v, _))| (*u, *v)).collect();
             let p = plan(self.cursor, &stored, events);
+            // What `store::apply_batch` relies on to write only when the cursor moves.
+            assert!(
+                p.changes.is_empty() || p.cursor != self.cursor,
+                "changes without the cursor moving"
+            );
+            assert!(
+                p.resync.is_none() || (p.changes.is_empty() && p.cursor == self.cursor),
+                "a resync that changes something"
+            );
             for c in &p.changes {
                 let f = match &c.state {
                     UserState::Live(f) => Some(f.clone()),

@@ -191,6 +191,21 @@ mod tests {
             variants.iter().map(|f| features_hash(uid(5), f)).collect();
         assert_eq!(hashes.len(), variants.len(), "a field is not hashed");
         assert_ne!(features_hash(uid(5), &base), features_hash(uid(6), &base));
+        // More pins, with majors of other lengths: how the length is mixed in (`^`, not `|`)
+        // shows only where the running hash has a bit of the length set.
+        let pinned: Vec<String> = ["Art", "Physics", "Law", "Mechanical Engineering"]
+            .into_iter()
+            .map(|m| format!("{:016x}", features_hash(uid(5), &features(m))))
+            .collect();
+        assert_eq!(
+            pinned,
+            [
+                "064cd304b12bdf33",
+                "66e990366a5c645d",
+                "6b10e641b75af27b",
+                "9d175615bf06276c"
+            ]
+        );
     }
 
     #[test]

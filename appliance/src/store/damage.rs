@@ -287,18 +287,19 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("replica");
         let mut moved = Vec::new();
-        for i in 0..2u8 {
+        for i in 0..3u8 {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("f"), [i]).unwrap();
             moved.push(move_aside(&dir, 5_000).unwrap());
         }
-        assert_eq!(moved[0], root.path().join(damaged_name(5_000)));
-        assert_eq!(
-            moved[1],
-            root.path().join(format!("{}-1", damaged_name(5_000)))
-        );
-        assert_eq!(std::fs::read(moved[0].join("f")).unwrap(), [0]);
+        let name = damaged_name(5_000);
+        assert_eq!(moved[0], root.path().join(&name));
+        assert_eq!(moved[1], root.path().join(format!("{name}-1")));
+        assert_eq!(moved[2], root.path().join(format!("{name}-2")));
+        // The third copy pruned the first (KEEP_DAMAGED = 2); the two newest are intact.
+        assert!(!moved[0].exists());
         assert_eq!(std::fs::read(moved[1].join("f")).unwrap(), [1]);
+        assert_eq!(std::fs::read(moved[2].join("f")).unwrap(), [2]);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use comatching_protocol::{Digest, Epoch, Features, SnapshotUser, SyncEvent, UserId};
 use serde::{Deserialize, Serialize};
 
-use crate::sync::{self, Change, ReplicaCursor, StoredVersion, SyncPlan, UserState};
+use crate::sync::{self, Change, ReplicaCursor, SyncPlan, UserState};
 
 pub use sled_store::SledStore;
 pub use sqlite_store::SqliteStore;
@@ -122,8 +122,8 @@ pub struct LiveUser {
 pub trait ReplicaStore: Send {
     fn backend(&self) -> StoreBackend;
     fn meta(&self) -> Result<ReplicaMeta, StoreError>;
-    /// Stored versions of the given users (absent = never seen).
-    fn versions(&self, users: &[UserId]) -> Result<HashMap<UserId, StoredVersion>, StoreError>;
+    /// Stored versions of the given users, tombstones included (absent = never seen).
+    fn versions(&self, users: &[UserId]) -> Result<HashMap<UserId, u64>, StoreError>;
     fn get(&self, user: UserId) -> Result<Option<StoredUser>, StoreError>;
     /// Writes `changes` and `cursor` atomically and durably, keeping count and digest in step.
     /// Each change must carry a version newer than the stored one (the sync plan guarantees it).
@@ -169,7 +169,11 @@ pub fn apply_batch(
     let cursor = store.meta()?.cursor;
     let stored = store.versions(&sync::touched_users(events))?;
     let plan = sync::plan(cursor, &stored, events);
-    if plan.resync.is_none() && (plan.cursor != cursor || !plan.changes.is_empty()) {
+    // Every change advances the cursor, and a plan that asks for a resync leaves it where it
+    // was with no changes: a batch that moves nothing writes nothing.
+    debug_assert!(plan.cursor != cursor || plan.changes.is_empty());
+    debug_assert!(plan.resync.is_none() || (plan.cursor == cursor && plan.changes.is_empty()));
+    if plan.cursor != cursor {
         store.commit(&plan.changes, plan.cursor)?;
     }
     Ok(plan)

@@ -16,7 +16,7 @@ use super::{
     LiveUser, ReplicaMeta, ReplicaStore, StoreBackend, StoreError, StoredUser, decode_row,
     encode_row, fold_summary, user_from_key, user_key,
 };
-use crate::sync::{Change, ReplicaCursor, StoredVersion, UserState};
+use crate::sync::{Change, ReplicaCursor, UserState};
 
 const ACTIVE: &[u8] = b"active";
 const META_KEY: &[u8] = &[0];
@@ -70,14 +70,17 @@ fn decode_meta(b: &[u8]) -> Result<ReplicaMeta, StoreError> {
 }
 
 /// How long `open` waits for the file lock of a handle that is closing.
-const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+pub(super) const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `sled::open`, waiting a little for the file lock: a dropped `sled::Db` releases it only when
 /// its background flusher thread has finished, a moment later, so an immediate reopen in the
 /// same process could fail with "could not acquire lock". Another live process holding the
-/// directory still fails, after [`LOCK_PATIENCE`].
-pub(super) fn open_waiting_for_lock(path: &Path) -> sled::Result<sled::Db> {
-    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+/// directory still fails, after `patience` ([`LOCK_PATIENCE`] for the store).
+pub(super) fn open_waiting_for_lock(
+    path: &Path,
+    patience: std::time::Duration,
+) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + patience;
     loop {
         match sled::open(path) {
             Err(sled::Error::Io(e))
@@ -97,7 +100,7 @@ impl SledStore {
             path: path.to_owned(),
             source,
         };
-        let db = open_waiting_for_lock(path).map_err(err)?;
+        let db = open_waiting_for_lock(path, LOCK_PATIENCE).map_err(err)?;
         let generation = match db.get(ACTIVE).map_err(err)? {
             Some(v) => {
                 u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::CorruptMeta {
@@ -161,17 +164,11 @@ impl ReplicaStore for SledStore {
         }
     }
 
-    fn versions(&self, users: &[UserId]) -> Result<HashMap<UserId, StoredVersion>, StoreError> {
+    fn versions(&self, users: &[UserId]) -> Result<HashMap<UserId, u64>, StoreError> {
         let mut out = HashMap::with_capacity(users.len());
         for &u in users {
             if let Some(row) = self.get(u)? {
-                out.insert(
-                    u,
-                    StoredVersion {
-                        version: row.version,
-                        tombstone: row.features.is_none(),
-                    },
-                );
+                out.insert(u, row.version);
             }
         }
         Ok(out)

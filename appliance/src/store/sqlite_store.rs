@@ -13,7 +13,7 @@ use super::{
     LiveUser, ReplicaMeta, ReplicaStore, StoreBackend, StoreError, StoredUser, fold_summary,
     user_from_key, user_key,
 };
-use crate::sync::{Change, ReplicaCursor, StoredVersion, UserState};
+use crate::sync::{Change, ReplicaCursor, UserState};
 
 /// A `users` row as read: (version, tombstone, features).
 type RawRow = (i64, i64, Option<Vec<u8>>);
@@ -193,25 +193,19 @@ impl ReplicaStore for SqliteStore {
         })
     }
 
-    fn versions(&self, users: &[UserId]) -> Result<HashMap<UserId, StoredVersion>, StoreError> {
+    fn versions(&self, users: &[UserId]) -> Result<HashMap<UserId, u64>, StoreError> {
         let mut out = HashMap::with_capacity(users.len());
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT version, tombstone FROM users WHERE user_id = ?1")
+            .prepare_cached("SELECT version FROM users WHERE user_id = ?1")
             .map_err(self.err())?;
         for &u in users {
-            let row: Option<(i64, i64)> = stmt
-                .query_row([&user_key(u)[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+            let version: Option<i64> = stmt
+                .query_row([&user_key(u)[..]], |r| r.get(0))
                 .optional()
                 .map_err(self.err())?;
-            if let Some((v, t)) = row {
-                out.insert(
-                    u,
-                    StoredVersion {
-                        version: v as u64,
-                        tombstone: t != 0,
-                    },
-                );
+            if let Some(v) = version {
+                out.insert(u, v as u64);
             }
         }
         Ok(out)
